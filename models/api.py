@@ -1,0 +1,64 @@
+"""The one interface between server/ and the engine: plain Python values, no MLX arrays."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None  # chat: rendered with the tokenizer's template
+    model: str | None = None
+    dtype: str | None = None  # canonical name or None for the startup default
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of generated text (may be empty while a stop string is being matched)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a generation."""
+
+    model: str
+    dtype: str
+    finish_reason: str  # "stop" or "length"
+    usage: Usage
+    time_to_first_token_s: float
+    total_s: float
+    decode_tokens_per_second: float
+    warnings: tuple[str, ...] = field(default=())
+
+
+class Engine(Protocol):
+    default_model: str
+    default_dtype: str
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def generate(self, params: GenerationParams) -> AsyncIterator[TextDelta | Finished]: ...
+    async def load(self, model: str | None, dtype: str | None) -> dict: ...
+    async def memory(self) -> dict: ...
+    def health(self) -> dict: ...
+    def model_names(self) -> list[str]: ...

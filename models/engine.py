@@ -1,0 +1,388 @@
+"""The engine: one worker thread owns every MLX call (load, cast, generate).
+
+HTTP handlers talk to it through `MLXEngine`'s async methods and receive plain Python values.
+Requests for the same variant decode together in an mlx-lm `BatchGenerator` (continuous
+batching); variants take turns, one decode step each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+
+from models.api import Finished, GenerationParams, TextDelta, Usage
+from models.blas import blas_info
+from models.catalog import ModelCatalog
+from models.dtypes import AUTO, normalize_dtype
+from models.errors import (
+    EngineError,
+    EngineUnavailableError,
+    GenerationFailedError,
+    InvalidRequestError,
+)
+from models.loader import LoadedModel, load_variant, resolve_auto
+from models.memory import device_info, floating_dtypes, process_memory
+from models.sampling import make_request_sampler
+from models.stop_strings import StopStringMatcher
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+@dataclass(eq=False)
+class _Job:
+    params: GenerationParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    done: bool = False
+    variant: _Variant | None = None
+    uid: int = -1
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    detokenizer: Any = None
+    matcher: StopStringMatcher | None = None
+
+    def emit(self, event: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass(eq=False)
+class _Variant:
+    loaded: LoadedModel
+    generator: BatchGenerator | None = None
+    jobs: dict[int, _Job] = field(default_factory=dict)
+    last_used: float = field(default_factory=time.time)
+    requests_served: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.loaded.name, self.loaded.dtype)
+
+
+class MLXEngine:
+    def __init__(self, catalog: ModelCatalog, default_model: str, default_dtype: str = AUTO, *,
+                 max_batch_size: int = 16, warmup: bool = True, trust_remote_code: bool = False) -> None:
+        self.catalog = catalog
+        self.default_model = default_model
+        self.default_dtype = normalize_dtype(default_dtype)
+        self.max_batch_size = max_batch_size
+        self.warmup = warmup
+        self.trust_remote_code = trust_remote_code
+        self._commands: queue.Queue = queue.Queue()
+        self._variants: dict[tuple[str, str], _Variant] = {}
+        self._auto: dict[str, str] = {}
+        self._state = "created"
+        self._failure: str | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the worker, load the default variant and warm it up; then report ready."""
+        self._state = "starting"
+        self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
+        self._thread.start()
+        try:
+            await self.load(self.default_model, self.default_dtype)
+            if self.warmup:
+                async for _ in self.generate(GenerationParams(prompt="1+1=", max_tokens=4)):
+                    pass
+        except Exception as e:
+            self._state, self._failure = "failed", str(e) or type(e).__name__
+            raise
+        self._state = "ready"
+
+    async def stop(self) -> None:
+        if self._thread and self._thread.is_alive():
+            self._state = "stopping"
+            self._commands.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 30)
+        self._state = "stopped"
+
+    def health(self) -> dict:
+        alive = bool(self._thread and self._thread.is_alive())
+        state = self._state if alive or self._state in ("created", "stopped") else "failed"
+        report = {"status": state, "ready": state == "ready" and alive, "worker_alive": alive,
+                  "default_model": self.default_model, "default_dtype": self.default_dtype}
+        if self._failure:
+            report["error"] = self._failure
+        return report
+
+    def model_names(self) -> list[str]:
+        return self.catalog.names()
+
+    # ---- requests ---------------------------------------------------------------------------
+    async def generate(self, params: GenerationParams) -> AsyncIterator[TextDelta | Finished]:
+        """Stream the events of one generation; leaving early cancels it within one step."""
+        self._ensure_alive()
+        job = _Job(params, asyncio.get_running_loop(), asyncio.Queue())
+        self._commands.put(("generate", job))
+        try:
+            while True:
+                event = await job.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            if not job.done:
+                job.cancelled = True
+                self._commands.put(("wake", None))
+
+    async def load(self, model: str | None, dtype: str | None) -> dict:
+        return await self._call(lambda: self._describe(self._ensure_variant(model, dtype)))
+
+    async def memory(self) -> dict:
+        return await self._call(self._memory_report)
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread and await its result."""
+        self._ensure_alive()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._commands.put(("call", (fn, loop, future)))
+        return await future
+
+    def _ensure_alive(self) -> None:
+        if not (self._thread and self._thread.is_alive()) or self._state in ("stopping", "stopped", "failed"):
+            raise EngineUnavailableError("the engine is not running")
+
+    # ---- worker thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                busy = any(v.jobs for v in self._variants.values())
+                try:
+                    command = self._commands.get(block=not busy)
+                except queue.Empty:
+                    command = None
+                while command is not None:
+                    if command is _STOP:
+                        self._fail_all(EngineUnavailableError("the engine stopped"))
+                        return
+                    self._handle(command)
+                    try:
+                        command = self._commands.get_nowait()
+                    except queue.Empty:
+                        command = None
+                self._step_all()
+        except BaseException as e:  # the worker must never die silently: health turns 503
+            log.exception("MLX worker died")
+            self._state = "failed"
+            self._fail_all(EngineUnavailableError(f"the engine worker failed: {type(e).__name__}"))
+
+    def _handle(self, command: tuple) -> None:
+        kind, payload = command
+        if kind == "generate":
+            try:
+                self._admit(payload)
+            except EngineError as e:
+                payload.done = True
+                payload.emit(e)
+        elif kind == "call":
+            fn, loop, future = payload
+            try:
+                result, error = fn(), None
+            except EngineError as e:
+                result, error = None, e
+            except Exception as e:
+                log.exception("engine call failed")
+                result, error = None, GenerationFailedError(f"internal error: {type(e).__name__}")
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _variant_key(self, model: str | None, dtype: str | None) -> tuple[str, str]:
+        name = model or self.default_model
+        folder = self.catalog.resolve(name)
+        dtype = normalize_dtype(dtype) if dtype else self.default_dtype
+        if dtype == AUTO:
+            if name not in self._auto:
+                self._auto[name] = resolve_auto(folder)
+            dtype = self._auto[name]
+        return name, dtype
+
+    def _ensure_variant(self, model: str | None, dtype: str | None) -> _Variant:
+        name, dtype = self._variant_key(model, dtype)
+        variant = self._variants.get((name, dtype))
+        if variant is None:
+            log.info("loading %s as %s", name, dtype)
+            loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code)
+            variant = _Variant(loaded)
+            self._variants[variant.key] = variant
+            log.info("loaded %s/%s: %d bytes, peak %.2fx final, %.2fs", name, dtype,
+                     loaded.stats.final_bytes, loaded.stats.peak_over_final, loaded.stats.load_seconds)
+        variant.last_used = time.time()
+        return variant
+
+    def _encode(self, variant: _Variant, params: GenerationParams) -> list[int]:
+        tokenizer = variant.loaded.tokenizer
+        if params.messages is not None:
+            text = tokenizer.apply_chat_template(list(params.messages), add_generation_prompt=True,
+                                                 tokenize=False)
+        else:
+            text = params.prompt or ""
+        bos = tokenizer.bos_token
+        tokens = tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+        if not tokens:
+            raise InvalidRequestError("the prompt is empty after tokenization")
+        return tokens
+
+    def _admit(self, job: _Job) -> None:
+        if job.cancelled:
+            job.done = True
+            return
+        params = job.params
+        variant = self._ensure_variant(params.model, params.dtype)
+        tokens = self._encode(variant, params)
+        context = variant.loaded.context_length
+        if len(tokens) + params.max_tokens > context:
+            raise InvalidRequestError(
+                f"prompt ({len(tokens)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length of {context} tokens")
+        if variant.generator is None:
+            tokenizer = variant.loaded.tokenizer
+            variant.generator = BatchGenerator(
+                variant.loaded.model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
+                completion_batch_size=self.max_batch_size,
+                prefill_batch_size=min(8, self.max_batch_size))
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        sampler = make_request_sampler(params.temperature, params.top_p, params.seed)
+        (job.uid,) = variant.generator.insert([tokens], max_tokens=[params.max_tokens], samplers=[sampler])
+        job.variant = variant
+        job.prompt_tokens = len(tokens)
+        job.detokenizer = variant.loaded.tokenizer.detokenizer
+        job.matcher = StopStringMatcher(params.stop)
+        variant.jobs[job.uid] = job
+
+    def _step_all(self) -> None:
+        for variant in list(self._variants.values()):
+            if not variant.jobs:
+                continue
+            gone = [uid for uid, job in variant.jobs.items() if job.cancelled]
+            if gone:
+                variant.generator.remove(gone)
+                for uid in gone:
+                    variant.jobs.pop(uid).done = True
+            if not variant.jobs:
+                continue
+            try:
+                _, responses = variant.generator.next()
+            except Exception as e:  # e.g. out of memory: fail this batch, keep the engine
+                log.exception("generation failed on %s/%s", *variant.key)
+                self._fail_variant(variant, GenerationFailedError(f"generation failed: {type(e).__name__}"))
+                continue
+            for response in responses:
+                job = variant.jobs.get(response.uid)
+                if job is not None:
+                    self._on_token(variant, job, response)
+            variant.last_used = time.time()
+
+    def _on_token(self, variant: _Variant, job: _Job, response: Any) -> None:
+        now = time.perf_counter()
+        if job.first_token_at is None:
+            job.first_token_at = now
+        job.completion_tokens += 1
+        finish = response.finish_reason
+        if finish != "stop":  # "stop" from the batch means an end-of-sequence token: no text
+            job.detokenizer.add_token(response.token)
+        if finish:
+            job.detokenizer.finalize()
+        text, hit = job.matcher.feed(job.detokenizer.last_segment)
+        if hit and finish is None:
+            variant.generator.remove([job.uid])
+        if hit:
+            finish = "stop"
+        elif finish:
+            text += job.matcher.flush()
+        if text:
+            job.emit(TextDelta(text))
+        if finish:
+            self._finish(variant, job, finish, now)
+
+    def _finish(self, variant: _Variant, job: _Job, reason: str, now: float) -> None:
+        variant.jobs.pop(job.uid, None)
+        variant.requests_served += 1
+        job.done = True
+        first = job.first_token_at or now
+        decode_s = now - first
+        rate = (job.completion_tokens - 1) / decode_s if decode_s > 0 and job.completion_tokens > 1 else 0.0
+        job.emit(Finished(
+            model=variant.loaded.name, dtype=variant.loaded.dtype, finish_reason=reason,
+            usage=Usage(job.prompt_tokens, job.completion_tokens),
+            time_to_first_token_s=first - job.arrival, total_s=now - job.arrival,
+            decode_tokens_per_second=rate))
+
+    def _fail_variant(self, variant: _Variant, error: EngineError) -> None:
+        for job in variant.jobs.values():
+            job.done = True
+            job.emit(error)
+        variant.jobs.clear()
+        variant.generator = None
+        gc.collect()
+        mx.clear_cache()
+
+    def _fail_all(self, error: EngineError) -> None:
+        for variant in self._variants.values():
+            for job in variant.jobs.values():
+                job.done = True
+                job.emit(error)
+            variant.jobs.clear()
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command is _STOP:
+                continue
+            kind, payload = command
+            if kind == "generate":
+                payload.done = True
+                payload.emit(error)
+            elif kind == "call":
+                _, loop, future = payload
+                loop.call_soon_threadsafe(_settle, future, None, error)
+
+    # ---- reports (worker thread) ------------------------------------------------------------
+    def _describe(self, variant: _Variant) -> dict:
+        loaded, stats = variant.loaded, variant.loaded.stats
+        return {
+            "model": loaded.name, "dtype": loaded.dtype,
+            "floating_dtypes": sorted(floating_dtypes(loaded.model)),
+            "bytes_by_dtype": stats.bytes_by_dtype, "total_bytes": stats.final_bytes,
+            "parameter_count": stats.parameter_count, "load_peak_bytes": stats.peak_bytes,
+            "final_over_peak": round(stats.final_bytes / stats.peak_bytes, 4) if stats.peak_bytes else None,
+            "load_seconds": round(stats.load_seconds, 4), "context_length": loaded.context_length,
+            "last_used": variant.last_used, "in_flight": len(variant.jobs),
+            "requests_served": variant.requests_served,
+        }
+
+    def _memory_report(self) -> dict:
+        variants = [self._describe(v) for v in self._variants.values()]
+        return {
+            "variants": variants,
+            "process": process_memory(),
+            "device": {**device_info(), "blas": blas_info().as_dict()},
+            "resident_bytes": sum(v["total_bytes"] for v in variants),
+        }
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

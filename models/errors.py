@@ -1,0 +1,36 @@
+"""Domain errors raised by models/ and mapped to HTTP statuses by server/errors.py."""
+
+from __future__ import annotations
+
+__all__ = [
+    "EngineError", "ModelNotFoundError", "ModelLoadError", "InvalidRequestError",
+    "EngineUnavailableError", "GenerationFailedError", "UnknownDtypeError",
+]
+
+
+class EngineError(Exception):
+    """Base of errors the engine reports to clients; the message is safe to show."""
+
+
+class ModelNotFoundError(EngineError):
+    """A model name outside the allow-list, or one whose folder does not exist."""
+
+
+class ModelLoadError(EngineError):
+    """A checkpoint that cannot be read: missing, corrupt or truncated files."""
+
+
+class InvalidRequestError(EngineError):
+    """A request the engine refuses before doing any work (e.g. prompt longer than the context)."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is not running (starting, stopping, or its worker died)."""
+
+
+class GenerationFailedError(EngineError):
+    """An error inside generation; the request fails, the engine goes on."""
+
+
+class UnknownDtypeError(EngineError, ValueError):
+    """A dtype name that is neither a valid name nor a documented alias."""

@@ -1,0 +1,121 @@
+"""Load a checkpoint lazily and cast it to a dtype parameter by parameter.
+
+Each source tensor is read, cast, evaluated and dropped before the next one, so the peak
+memory of a load is about the final size plus the largest source tensor.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import load_model as mlx_lm_load_model
+from mlx_lm.utils import load_tokenizer
+
+from models.checkpoint import checkpoint_tensors, read_config, stored_floating_dtype
+from models.dtypes import AUTO, dtype_name, mx_dtype, will_cast
+from models.errors import ModelLoadError
+from models.memory import bytes_by_dtype, parameter_count
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    load_seconds: float
+    peak_bytes: int
+    final_bytes: int
+    largest_source_bytes: int
+    bytes_by_dtype: dict[str, int]
+    parameter_count: int
+    source: str  # "checkpoint" or the dtype of the resident variant it was derived from
+
+    @property
+    def peak_over_final(self) -> float:
+        return self.peak_bytes / self.final_bytes if self.final_bytes else 0.0
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    dtype: str  # the concrete dtype of this variant's floating parameters, or "auto" if mixed
+    model: nn.Module
+    tokenizer: Any
+    config: dict
+    stats: LoadStats
+    context_length: int = field(default=0)
+
+
+def resolve_auto(folder: Path) -> str:
+    """The checkpoint's own floating dtype, read from the safetensors headers."""
+    return stored_floating_dtype(checkpoint_tensors(folder))
+
+
+def cast_parameters(model: nn.Module, dtype: str) -> int:
+    """Cast (set_dtype semantics + cast_predicate) and evaluate one parameter at a time.
+
+    Returns the largest source tensor in bytes. `dtype` "auto" evaluates without casting.
+    """
+    target = None if dtype == AUTO else mx_dtype(dtype)
+    predicate = getattr(model, "cast_predicate", None)
+    params = tree_flatten(model.parameters())
+    largest = 0
+    while params:
+        path, source = params.pop(0)
+        largest = max(largest, source.nbytes)
+        if target is not None and source.dtype != target and will_cast(path, dtype_name(source.dtype), predicate):
+            value = source.astype(target)
+        else:
+            value = source
+        # Swap into the model first and drop our handle, so the source is freed right after eval.
+        model.update(tree_unflatten([(path, value)]), strict=False)
+        del source
+        mx.eval(value)
+        del value
+    return largest
+
+
+def _context_length(config: dict) -> int:
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        value = config.get(key) or config.get("text_config", {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 4096
+
+
+def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = False) -> LoadedModel:
+    """Load `folder` with its floating parameters cast to `dtype` while loading."""
+    read_config(folder)  # clear errors for a missing or broken config before mlx-lm's own
+    concrete = resolve_auto(folder) if dtype == AUTO else dtype
+    gc.collect()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    try:
+        model, config = mlx_lm_load_model(folder, lazy=True, trust_remote_code=trust_remote_code)
+        largest = cast_parameters(model, concrete)
+        tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
+    except ModelLoadError:
+        raise
+    except Exception as e:  # mlx-lm and safetensors raise many types; name the folder, not the path
+        raise ModelLoadError(f"could not load model {name!r}: {type(e).__name__}: {_short(e)}") from None
+    seconds = time.perf_counter() - start
+    peak = max(mx.get_peak_memory() - base, 0)
+    by_dtype = bytes_by_dtype(model)
+    stats = LoadStats(
+        load_seconds=seconds, peak_bytes=peak, final_bytes=sum(by_dtype.values()),
+        largest_source_bytes=largest, bytes_by_dtype=by_dtype,
+        parameter_count=parameter_count(model), source="checkpoint",
+    )
+    return LoadedModel(name, folder, concrete, model, tokenizer, config, stats, _context_length(config))
+
+
+def _short(e: Exception) -> str:
+    """An exception message without filesystem paths."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return " ".join(w if "/" not in w else Path(w.strip("'\",")).name for w in text.split())[:300]

@@ -1,0 +1,48 @@
+"""Exact memory of loaded variants (summed from their arrays) and of the process/device."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from models.dtypes import dtype_name
+
+
+def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    totals: dict[str, int] = defaultdict(int)
+    for _, array in tree_flatten(model.parameters()):
+        totals[dtype_name(array.dtype)] += array.nbytes
+    return dict(sorted(totals.items()))
+
+
+def floating_dtypes(model: nn.Module) -> set[str]:
+    return {dtype_name(a.dtype) for _, a in tree_flatten(model.parameters())
+            if mx.issubdtype(a.dtype, mx.floating)}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(a.size for _, a in tree_flatten(model.parameters()))
+
+
+def device_info() -> dict:
+    """Name, backend and total memory of the device MLX computes on."""
+    info = mx.device_info()
+    device = mx.default_device()
+    backend = "cpu" if device.type == mx.cpu else ("cuda" if mx.cuda.is_available() else "metal")
+    total = (info.get("max_recommended_working_set_size") or info.get("memory_size")
+             or info.get("total_memory") or _system_memory())
+    return {"name": str(info.get("device_name") or info.get("architecture") or backend),
+            "backend": backend, "total_memory_bytes": int(total)}
+
+
+def _system_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def process_memory() -> dict:
+    return {"active_bytes": mx.get_active_memory(), "peak_bytes": mx.get_peak_memory(),
+            "cache_bytes": mx.get_cache_memory()}

@@ -1,0 +1,25 @@
+#!/bin/sh
+# Creates the virtual environment in $VENV (default .venv) and installs dtype-serve into it.
+# Used by `make serve`, `make test` and Dockerfile.macos alike. EXTRAS=test adds the test tools;
+# CUDA=1 installs MLX's CUDA 13 backend instead of the CPU one on Linux.
+set -eu
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-}
+# An optimized BLAS makes float32 on Linux CPUs 10-50x faster (models/blas.py loads it).
+if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && ! ldconfig -p 2>/dev/null | grep -q libopenblas; then
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends libopenblas0-pthread) >/dev/null 2>&1 \
+    || echo "note: could not install libopenblas0-pthread; float32 stays on the reference BLAS"
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+if [ "${CUDA:-0}" = 1 ]; then
+  EXTRAS=${EXTRAS:+$EXTRAS,}cuda
+fi
+"$VENV/bin/python" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+if [ "${CUDA:-0}" = 1 ]; then
+  # mlx-cpu and mlx-cuda-13 ship the same library file: keep only the CUDA one
+  "$VENV/bin/python" -m pip uninstall -q -y mlx-cpu
+  "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps "mlx-cuda-13==0.32.4"
+fi

@@ -1,0 +1,1 @@
+"""HTTP side of dtype-serve: FastAPI only; all MLX work goes through the engine interface."""

@@ -1,0 +1,37 @@
+"""`dtype-serve` command line: settings -> app -> uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pydantic import ValidationError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from server.settings import load_settings
+
+    try:
+        settings = load_settings(argv)
+    except ValidationError as e:
+        for err in e.errors():
+            print(f"dtype-serve: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from models.errors import EngineError
+    from server.app import create_app
+
+    try:
+        app = create_app(settings)
+    except EngineError as e:
+        print(f"dtype-serve: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

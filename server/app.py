@@ -1,0 +1,63 @@
+"""create_app(settings): the FastAPI application, its routes, error handlers and lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from models.api import Engine
+from server.errors import install_error_handlers
+from server.routes import generate, health, inventory
+from server.settings import Settings
+
+log = logging.getLogger("dtype_serve")
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The MLX engine for these settings. The BLAS is chosen before MLX is first imported."""
+    from models.blas import configure_blas
+
+    blas = configure_blas(settings.blas, settings.blas_threads)
+    log.info("BLAS: %s (%s, threads=%s) %s", blas.library, blas.vendor, blas.threads, blas.note)
+    from models.catalog import ModelCatalog, resolve_startup_model
+    from models.engine import MLXEngine
+
+    name, folder = resolve_startup_model(settings.model)
+    catalog = ModelCatalog({name: folder}, settings.model_dirs)
+    return MLXEngine(catalog, name, settings.dtype, max_batch_size=settings.max_batch_size,
+                     warmup=settings.warmup, trust_remote_code=settings.trust_remote_code)
+
+
+async def _start_engine(engine: Engine, settings: Settings) -> None:
+    try:
+        await engine.start()
+    except Exception as e:
+        log.error("the default model could not be loaded: %s", e)
+        return
+    log.info("ready: %s (%s) on http://%s:%s", engine.default_model, engine.default_dtype,
+             settings.host, settings.port)
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    engine = engine or build_engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load in the background so /health answers at once and readiness turns 200 when loaded.
+        app.state.start_task = asyncio.create_task(_start_engine(engine, settings))
+        yield
+        app.state.start_task.cancel()
+        await engine.stop()
+
+    app = FastAPI(title="dtype-serve", version="0.1.0", lifespan=lifespan,
+                  description="MLX models served in the dtype each request asks for.")
+    app.state.settings = settings
+    app.state.engine = engine
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(generate.router)
+    app.include_router(inventory.router)
+    return app

@@ -1,0 +1,28 @@
+"""Request-scoped access to the settings and the engine."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from models.api import Engine
+from models.errors import EngineUnavailableError
+from server.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def ready_engine(request: Request) -> Engine:
+    """The engine, or a 503 while the default model is still loading."""
+    engine: Engine = request.app.state.engine
+    health = engine.health()
+    if not health["ready"]:
+        if health["status"] in ("starting", "created"):
+            raise EngineUnavailableError("the server is starting: the default model is loading")
+        raise EngineUnavailableError("the engine is not available")
+    return engine

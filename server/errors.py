@@ -1,0 +1,96 @@
+"""One JSON error shape for every failure: {"error": {message, type, param, code, status}}.
+Messages never carry a stack trace or a server path."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.errors import (
+    EngineError,
+    EngineUnavailableError,
+    GenerationFailedError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotFoundError,
+    UnknownDtypeError,
+)
+
+log = logging.getLogger(__name__)
+
+# domain error -> (status, type)
+_ENGINE_ERRORS: list[tuple[type[EngineError], int, str]] = [
+    (UnknownDtypeError, 422, "invalid_request_error"),
+    (ModelNotFoundError, 404, "model_not_found"),
+    (InvalidRequestError, 400, "invalid_request_error"),
+    (ModelLoadError, 500, "model_load_error"),
+    (EngineUnavailableError, 503, "service_unavailable"),
+    (GenerationFailedError, 503, "generation_failed"),
+]
+
+
+def error_payload(status: int, type_: str, message: str, param: str | None = None,
+                  code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code, "status": status}}
+
+
+def error_response(status: int, type_: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_payload(status, type_, message, param), status_code=status, headers=headers)
+
+
+def engine_error_status(error: EngineError) -> tuple[int, str]:
+    for cls, status, type_ in _ENGINE_ERRORS:
+        if isinstance(error, cls):
+            return status, type_
+    return 500, "internal_error"
+
+
+def engine_error_payload(error: EngineError) -> tuple[int, dict[str, Any]]:
+    status, type_ = engine_error_status(error)
+    return status, error_payload(status, type_, str(error))
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        where = ".".join(loc) or "body"
+        param = param or (loc[0] if loc else None)
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts) or "invalid request", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "invalid_request_error", "request body is not valid JSON")
+        message, param = _validation_message(exc)
+        return error_response(422, "invalid_request_error", message, param)
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        status, payload = engine_error_payload(exc)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse(payload, status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return error_response(exc.status_code, type_, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal server error")

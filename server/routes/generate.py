@@ -1,0 +1,82 @@
+"""POST /generate: the native completion endpoint, JSON or server-sent events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, HTTPException
+from sse_starlette import EventSourceResponse
+
+from models.api import Engine, Finished, GenerationParams, TextDelta
+from models.errors import EngineError
+from server.deps import get_settings, ready_engine
+from server.errors import engine_error_payload
+from server.schemas import ErrorBody, GenerateRequest, GenerateResponse, Timings, UsageBody
+from server.settings import Settings
+
+router = APIRouter(tags=["generate"])
+
+
+def to_params(body: GenerateRequest, settings: Settings) -> GenerationParams:
+    """Apply the server's limits and defaults to a request."""
+    max_tokens = body.max_tokens or min(settings.default_max_tokens, settings.max_tokens_limit)
+    if max_tokens > settings.max_tokens_limit:
+        raise HTTPException(422, f"max_tokens: must be at most {settings.max_tokens_limit}")
+    stops = body.stop_strings()
+    if len(stops) > settings.max_stop_strings or any(len(s) > 256 or not s for s in stops):
+        raise HTTPException(422, f"stop: at most {settings.max_stop_strings} non-empty strings of up to 256 characters")
+    return GenerationParams(prompt=body.prompt, model=body.model, dtype=body.dtype, max_tokens=max_tokens,
+                            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stops)
+
+
+def finished_body(text: str, done: Finished) -> GenerateResponse:
+    return GenerateResponse(
+        text=text, model=done.model, dtype=done.dtype, finish_reason=done.finish_reason,
+        usage=UsageBody(prompt_tokens=done.usage.prompt_tokens, completion_tokens=done.usage.completion_tokens,
+                        total_tokens=done.usage.total_tokens),
+        timings=Timings(time_to_first_token_s=round(done.time_to_first_token_s, 6), total_s=round(done.total_s, 6),
+                        tokens_per_second=round(done.decode_tokens_per_second, 3)))
+
+
+async def _sse(first: TextDelta | Finished, events: AsyncIterator[TextDelta | Finished]) -> AsyncIterator[dict]:
+    """Deltas as {"text"}, then the final response with empty text, then [DONE]."""
+    try:
+        event = first
+        while True:
+            if isinstance(event, Finished):
+                yield {"data": finished_body("", event).model_dump_json()}
+                break
+            yield {"data": json.dumps({"text": event.text})}
+            event = await anext(events)
+    except EngineError as e:
+        yield {"event": "error", "data": json.dumps(engine_error_payload(e)[1])}
+    finally:
+        await events.aclose()
+    yield {"data": "[DONE]"}
+
+
+@router.post("/generate", response_model=GenerateResponse,
+             responses={422: {"model": ErrorBody}, 404: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+             summary="Generate text at the dtype the request names (default: the startup dtype)")
+async def generate(body: GenerateRequest, engine: Engine = Depends(ready_engine),
+                   settings: Settings = Depends(get_settings)):
+    params = to_params(body, settings)
+    events = engine.generate(params)
+    # The first event comes before the response starts, so early errors get a real status.
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+    if body.stream:
+        return EventSourceResponse(_sse(first, events), ping=15)
+    parts: list[str] = []
+    event = first
+    try:
+        while not isinstance(event, Finished):
+            parts.append(event.text)
+            event = await anext(events)
+    finally:
+        await events.aclose()
+    return finished_body("".join(parts), event)

@@ -1,0 +1,93 @@
+"""One frozen Settings object. Precedence: CLI flags > DTYPE_SERVE_* environment > config file
+(TOML, `--config` or DTYPE_SERVE_CONFIG) > defaults."""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from models.catalog import default_model_ref
+from models.dtypes import ALIASES, DTYPE_NAMES, normalize_dtype
+
+ENV_PREFIX = "DTYPE_SERVE_"
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    model: str = Field(default_factory=default_model_ref,
+                       description="model folder (mlx-lm layout) or Hugging Face id; default: the bundled model")
+    dtype: str = Field("auto", description=f"default dtype: {', '.join(DTYPE_NAMES)} "
+                       f"(aliases {', '.join(ALIASES)}); auto keeps the checkpoint's dtype")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    model_dirs: tuple[Path, ...] = Field((), description="folders whose model subfolders requests may load")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none")
+    max_batch_size: int = Field(16, ge=1, le=512, description="requests decoded together per variant")
+    max_stop_strings: int = Field(8, ge=0, description="most stop strings per request")
+    blas: str = Field("auto", description="BLAS under MLX on Linux: auto | none | PATH to a CBLAS library")
+    blas_threads: int | None = Field(None, ge=1, description="BLAS thread count (default: the library's)")
+    trust_remote_code: bool = Field(False, description="allow model folders that ship Python code")
+    warmup: bool = Field(True, description="run one short generation after loading the default variant")
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("dtype")
+    @classmethod
+    def _canonical_dtype(cls, value: str) -> str:
+        return normalize_dtype(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        config_file = _config_file.get() or os.environ.get(f"{ENV_PREFIX}CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def _cli_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dtype-serve",
+        description="Serve MLX language models in the dtype each request asks for.",
+        epilog=f"Every setting can also come from the environment ({ENV_PREFIX}<NAME>, e.g. "
+               f"{ENV_PREFIX}DTYPE=bfloat16) or a TOML config file (--config or {ENV_PREFIX}CONFIG). "
+               "Precedence: flags > environment > config file > defaults.")
+    parser.add_argument("--config", type=Path, help="TOML file with settings (keys as below, e.g. dtype = \"bfloat16\")")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+        elif name == "model_dirs":
+            parser.add_argument(flag, nargs="+", default=None, help=field.description)
+        else:
+            parser.add_argument(flag, default=None, help=field.description)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Build Settings from CLI arguments, the environment and an optional config file."""
+    args = vars(_cli_parser().parse_args(argv))
+    config = args.pop("config")
+    cli: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
+    token = _config_file.set(config)
+    try:
+        return Settings(**cli)
+    finally:
+        _config_file.reset(token)

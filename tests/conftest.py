@@ -1,0 +1,47 @@
+"""Shared fixtures. The BLAS is chosen before anything imports MLX, as the server does."""
+
+from __future__ import annotations
+
+from models.blas import configure_blas
+
+configure_blas("auto")
+
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+
+from models.catalog import default_model_ref  # noqa: E402
+from server.app import create_app  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+BUNDLED = Path(default_model_ref())
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_settings(**overrides) -> Settings:
+    return Settings(model=str(BUNDLED), **overrides)
+
+
+@pytest.fixture(scope="session")
+async def app():
+    """The real app on the bundled model, its engine started and warm."""
+    application = create_app(make_settings(model_dirs=()))
+    async with application.router.lifespan_context(application):
+        await application.state.start_task
+        assert application.state.engine.health()["ready"]
+        yield application
+
+
+@pytest.fixture(scope="session")
+async def client(app):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

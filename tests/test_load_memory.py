@@ -1,0 +1,48 @@
+"""Peak memory of a load: at most the final size plus the largest source tensor (plus slack).
+
+The checkpoint is a few hundred MB, generated here. The bound is asserted, not a time.
+"""
+
+import gc
+
+import mlx.core as mx
+import pytest
+
+from models.loader import load_variant
+from models.memory import floating_dtypes
+from models.synthetic import llama_config, make_llama_checkpoint
+
+SLACK = 8 * 1024 * 1024  # tokenizer, small temporaries
+
+
+@pytest.fixture(scope="module")
+def big_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big")
+    config = llama_config(hidden=1024, layers=6, vocab=4096, intermediate=2816)
+    f32 = make_llama_checkpoint(root / "f32", config, dtype="float32")
+    bf16 = make_llama_checkpoint(root / "bf16", config, dtype="bfloat16")
+    gc.collect()
+    mx.clear_cache()
+    return {"float32": f32, "bfloat16": bf16}
+
+
+@pytest.mark.parametrize("source,target", [("float32", "bfloat16"), ("bfloat16", "float32"),
+                                           ("bfloat16", "float16"), ("float32", "auto")])
+def test_peak_is_final_plus_largest_tensor(big_checkpoints, source, target):
+    gc.collect()
+    mx.clear_cache()
+    folder = big_checkpoints[source]
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    assert size > 200 * 1024 * 1024 if source == "float32" else size > 100 * 1024 * 1024
+    loaded = load_variant("big", folder, target)
+    stats = loaded.stats
+    expected_dtype = source if target == "auto" else target
+    assert floating_dtypes(loaded.model) == {expected_dtype}
+    assert stats.peak_bytes <= stats.final_bytes + stats.largest_source_bytes + SLACK, (
+        f"peak {stats.peak_bytes} > final {stats.final_bytes} + largest {stats.largest_source_bytes}")
+    # the naive way (load everything, then cast) peaks at source + final: make sure we are far below
+    if target != "auto" and source != target:
+        assert stats.peak_bytes < 0.8 * (size + stats.final_bytes)
+    del loaded
+    gc.collect()
+    mx.clear_cache()

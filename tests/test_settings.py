@@ -1,0 +1,71 @@
+"""Configuration precedence: CLI > environment > config file > defaults."""
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from server.settings import load_settings
+from tests.conftest import BUNDLED, ROOT
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "dtype-serve.toml"
+    path.write_text('dtype = "float16"\nport = 9100\nhost = "127.0.0.2"\nmax_batch_size = 3\n')
+    return path
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in ("DTYPE_SERVE_DTYPE", "DTYPE_SERVE_PORT", "DTYPE_SERVE_HOST", "DTYPE_SERVE_CONFIG",
+                "DTYPE_SERVE_MODEL", "DTYPE_SERVE_MAX_BATCH_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_defaults_serve_the_bundled_model_at_auto_on_loopback():
+    s = load_settings([])
+    assert (s.model, s.dtype, s.host, s.port) == (str(BUNDLED), "auto", "127.0.0.1", 8000)
+
+
+def test_file_over_defaults(config_file):
+    s = load_settings(["--config", str(config_file)])
+    assert (s.dtype, s.port, s.host, s.max_batch_size) == ("float16", 9100, "127.0.0.2", 3)
+
+
+def test_env_over_file_and_cli_over_env(config_file, monkeypatch):
+    monkeypatch.setenv("DTYPE_SERVE_DTYPE", "bfloat16")
+    monkeypatch.setenv("DTYPE_SERVE_PORT", "9200")
+    s = load_settings(["--config", str(config_file)])
+    assert (s.dtype, s.port, s.host) == ("bfloat16", 9200, "127.0.0.2")
+    s = load_settings(["--config", str(config_file), "--dtype", "fp32", "--port", "9300"])
+    assert (s.dtype, s.port, s.host) == ("float32", 9300, "127.0.0.2")
+
+
+def test_config_file_from_environment(config_file, monkeypatch):
+    monkeypatch.setenv("DTYPE_SERVE_CONFIG", str(config_file))
+    assert load_settings([]).dtype == "float16"
+
+
+def test_settings_are_frozen_and_validated():
+    s = load_settings([])
+    with pytest.raises(ValidationError):
+        s.port = 1  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="valid: auto, float32, float16, bfloat16"):
+        load_settings(["--dtype", "float8"])
+
+
+def test_help_explains_each_setting():
+    out = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    for flag in ("--model", "--dtype", "--host", "--port", "--config", "--max-tokens-limit", "--blas"):
+        assert flag in out
+    assert "DTYPE_SERVE_" in out
+
+
+def test_cli_rejects_bad_dtype_with_a_clear_message():
+    proc = subprocess.run([sys.executable, "-m", "server", "--dtype", "float8"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "unknown dtype 'float8'" in proc.stderr and "Traceback" not in proc.stderr
