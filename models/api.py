@@ -18,13 +18,34 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Started:
+    """The first event: the request was admitted to this variant (dtype resolved)."""
+
+    model: str
+    dtype: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    """A piece of generated text (may be empty while a stop string is being matched)."""
+    """A piece of generated text, with the logprobs of the tokens behind it when asked for."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,8 +78,10 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    def generate(self, params: GenerationParams) -> AsyncIterator[TextDelta | Finished]: ...
+    def generate(self, params: GenerationParams) -> AsyncIterator[Started | TextDelta | Finished]: ...
     async def load(self, model: str | None, dtype: str | None) -> dict: ...
+    async def unload(self, model: str, dtype: str) -> dict: ...
+    async def estimate(self, model: str | None, dtype: str | None) -> list[dict]: ...
     async def memory(self) -> dict: ...
     def health(self) -> dict: ...
     def model_names(self) -> list[str]: ...

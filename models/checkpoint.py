@@ -30,7 +30,7 @@ def read_config(folder: Path) -> dict:
     except FileNotFoundError:
         raise ModelLoadError(f"{folder.name}/config.json is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{folder.name}/config.json is not valid JSON: {e.msg if hasattr(e, 'msg') else e}") from None
+        raise ModelLoadError(f"{folder.name}/config.json is not valid JSON ({type(e).__name__})") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{folder.name}/config.json is not a JSON object")
     return config

@@ -19,19 +19,22 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_logits_processors
 
-from models.api import Finished, GenerationParams, TextDelta, Usage
+from models.api import Finished, GenerationParams, Started, TextDelta, TokenLogprob, Usage
 from models.blas import blas_info
 from models.catalog import ModelCatalog
-from models.dtypes import AUTO, normalize_dtype
+from models.dtypes import AUTO, FLOATING, normalize_dtype
 from models.errors import (
     EngineError,
     EngineUnavailableError,
     GenerationFailedError,
     InvalidRequestError,
+    QueueFullError,
 )
-from models.loader import LoadedModel, load_variant, resolve_auto
-from models.memory import device_info, floating_dtypes, process_memory
+from models.estimate import estimate_variant
+from models.memory import device_info, parse_budget, process_memory
+from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
 from models.stop_strings import StopStringMatcher
 
@@ -47,43 +50,36 @@ class _Job:
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     done: bool = False
-    variant: _Variant | None = None
+    variant: Variant | None = None
     uid: int = -1
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
     detokenizer: Any = None
     matcher: StopStringMatcher | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def emit(self, event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-@dataclass(eq=False)
-class _Variant:
-    loaded: LoadedModel
-    generator: BatchGenerator | None = None
-    jobs: dict[int, _Job] = field(default_factory=dict)
-    last_used: float = field(default_factory=time.time)
-    requests_served: int = 0
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.loaded.name, self.loaded.dtype)
-
-
 class MLXEngine:
     def __init__(self, catalog: ModelCatalog, default_model: str, default_dtype: str = AUTO, *,
-                 max_batch_size: int = 16, warmup: bool = True, trust_remote_code: bool = False) -> None:
+                 max_batch_size: int = 16, warmup: bool = True, trust_remote_code: bool = False,
+                 memory_budget: str | None = None, idle_unload_s: float | None = None,
+                 pin_default: bool = True, max_queue: int = 64) -> None:
         self.catalog = catalog
         self.default_model = default_model
         self.default_dtype = normalize_dtype(default_dtype)
         self.max_batch_size = max_batch_size
         self.warmup = warmup
-        self.trust_remote_code = trust_remote_code
+        self.pin_default = pin_default
+        self.max_queue = max_queue
+        self._open_jobs = 0  # admitted and not finished; only the event loop thread changes it
+        self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
+                                        trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s)
+        self._variants = self.registry.variants
         self._commands: queue.Queue = queue.Queue()
-        self._variants: dict[tuple[str, str], _Variant] = {}
-        self._auto: dict[str, str] = {}
         self._state = "created"
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
@@ -95,7 +91,9 @@ class MLXEngine:
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self._thread.start()
         try:
-            await self.load(self.default_model, self.default_dtype)
+            default = await self.load(self.default_model, self.default_dtype)
+            if self.pin_default:
+                await self._call(lambda: self.registry.pinned.add((default["model"], default["dtype"])))
             if self.warmup:
                 async for _ in self.generate(GenerationParams(prompt="1+1=", max_tokens=4)):
                     pass
@@ -124,10 +122,14 @@ class MLXEngine:
         return self.catalog.names()
 
     # ---- requests ---------------------------------------------------------------------------
-    async def generate(self, params: GenerationParams) -> AsyncIterator[TextDelta | Finished]:
+    async def generate(self, params: GenerationParams) -> AsyncIterator[Started | TextDelta | Finished]:
         """Stream the events of one generation; leaving early cancels it within one step."""
         self._ensure_alive()
+        if self._open_jobs >= self.max_batch_size + self.max_queue:
+            raise QueueFullError(f"the server is at capacity ({self.max_batch_size} running, "
+                                 f"{self.max_queue} queued); retry shortly")
         job = _Job(params, asyncio.get_running_loop(), asyncio.Queue())
+        self._open_jobs += 1
         self._commands.put(("generate", job))
         try:
             while True:
@@ -138,12 +140,27 @@ class MLXEngine:
                 if isinstance(event, Finished):
                     return
         finally:
+            self._open_jobs -= 1
             if not job.done:
                 job.cancelled = True
                 self._commands.put(("wake", None))
 
     async def load(self, model: str | None, dtype: str | None) -> dict:
-        return await self._call(lambda: self._describe(self._ensure_variant(model, dtype)))
+        return await self._call(lambda: self.registry.get(model or self.default_model, dtype).describe())
+
+    async def unload(self, model: str, dtype: str) -> dict:
+        return await self._call(lambda: self.registry.unload(model, dtype))
+
+    async def estimate(self, model: str | None, dtype: str | None) -> list[dict]:
+        """Bytes a variant would hold, from the safetensors headers (no weights read)."""
+        name = model or self.default_model
+
+        def run() -> list[dict]:
+            folder = self.catalog.resolve(name)
+            dtypes = [normalize_dtype(dtype)] if dtype else list(FLOATING)
+            return [{"model": name, **estimate_variant(folder, d)} for d in dtypes]
+
+        return await self._call(run)
 
     async def memory(self) -> dict:
         return await self._call(self._memory_report)
@@ -166,9 +183,12 @@ class MLXEngine:
             while True:
                 busy = any(v.jobs for v in self._variants.values())
                 try:
-                    command = self._commands.get(block=not busy)
+                    command = self._commands.get(block=not busy, timeout=None if busy else 1.0)
                 except queue.Empty:
                     command = None
+                    if not busy:
+                        self.registry.unload_idle(time.time())
+                        continue
                 while command is not None:
                     if command is _STOP:
                         self._fail_all(EngineUnavailableError("the engine stopped"))
@@ -192,6 +212,10 @@ class MLXEngine:
             except EngineError as e:
                 payload.done = True
                 payload.emit(e)
+            except Exception as e:  # a load that failed in an unexpected way: this request only
+                log.exception("admitting a request failed")
+                payload.done = True
+                payload.emit(GenerationFailedError(f"internal error: {type(e).__name__}"))
         elif kind == "call":
             fn, loop, future = payload
             try:
@@ -203,30 +227,7 @@ class MLXEngine:
                 result, error = None, GenerationFailedError(f"internal error: {type(e).__name__}")
             loop.call_soon_threadsafe(_settle, future, result, error)
 
-    def _variant_key(self, model: str | None, dtype: str | None) -> tuple[str, str]:
-        name = model or self.default_model
-        folder = self.catalog.resolve(name)
-        dtype = normalize_dtype(dtype) if dtype else self.default_dtype
-        if dtype == AUTO:
-            if name not in self._auto:
-                self._auto[name] = resolve_auto(folder)
-            dtype = self._auto[name]
-        return name, dtype
-
-    def _ensure_variant(self, model: str | None, dtype: str | None) -> _Variant:
-        name, dtype = self._variant_key(model, dtype)
-        variant = self._variants.get((name, dtype))
-        if variant is None:
-            log.info("loading %s as %s", name, dtype)
-            loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code)
-            variant = _Variant(loaded)
-            self._variants[variant.key] = variant
-            log.info("loaded %s/%s: %d bytes, peak %.2fx final, %.2fs", name, dtype,
-                     loaded.stats.final_bytes, loaded.stats.peak_over_final, loaded.stats.load_seconds)
-        variant.last_used = time.time()
-        return variant
-
-    def _encode(self, variant: _Variant, params: GenerationParams) -> list[int]:
+    def _encode(self, variant: Variant, params: GenerationParams) -> list[int]:
         tokenizer = variant.loaded.tokenizer
         if params.messages is not None:
             text = tokenizer.apply_chat_template(list(params.messages), add_generation_prompt=True,
@@ -244,13 +245,16 @@ class MLXEngine:
             job.done = True
             return
         params = job.params
-        variant = self._ensure_variant(params.model, params.dtype)
+        variant = self.registry.get(params.model or self.default_model, params.dtype)
         tokens = self._encode(variant, params)
         context = variant.loaded.context_length
         if len(tokens) + params.max_tokens > context:
             raise InvalidRequestError(
                 f"prompt ({len(tokens)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context length of {context} tokens")
+        vocab = variant.loaded.config.get("vocab_size") or len(variant.loaded.tokenizer.get_vocab())
+        if any(not 0 <= token < vocab for token, _ in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")
         if variant.generator is None:
             tokenizer = variant.loaded.tokenizer
             variant.generator = BatchGenerator(
@@ -260,12 +264,18 @@ class MLXEngine:
         if params.seed is not None:
             mx.random.seed(params.seed)
         sampler = make_request_sampler(params.temperature, params.top_p, params.seed)
-        (job.uid,) = variant.generator.insert([tokens], max_tokens=[params.max_tokens], samplers=[sampler])
+        processors = make_logits_processors(
+            logit_bias=dict(params.logit_bias) or None,
+            presence_penalty=params.presence_penalty or None,
+            frequency_penalty=params.frequency_penalty or None)
+        (job.uid,) = variant.generator.insert([tokens], max_tokens=[params.max_tokens], samplers=[sampler],
+                                              logits_processors=[processors])
         job.variant = variant
         job.prompt_tokens = len(tokens)
         job.detokenizer = variant.loaded.tokenizer.detokenizer
         job.matcher = StopStringMatcher(params.stop)
         variant.jobs[job.uid] = job
+        job.emit(Started(variant.loaded.name, variant.loaded.dtype, len(tokens)))
 
     def _step_all(self) -> None:
         for variant in list(self._variants.values()):
@@ -290,7 +300,7 @@ class MLXEngine:
                     self._on_token(variant, job, response)
             variant.last_used = time.time()
 
-    def _on_token(self, variant: _Variant, job: _Job, response: Any) -> None:
+    def _on_token(self, variant: Variant, job: _Job, response: Any) -> None:
         now = time.perf_counter()
         if job.first_token_at is None:
             job.first_token_at = now
@@ -298,6 +308,8 @@ class MLXEngine:
         finish = response.finish_reason
         if finish != "stop":  # "stop" from the batch means an end-of-sequence token: no text
             job.detokenizer.add_token(response.token)
+            if job.params.logprobs is not None:
+                job.pending_logprobs.append(self._token_logprob(variant, response, job.params.logprobs))
         if finish:
             job.detokenizer.finalize()
         text, hit = job.matcher.feed(job.detokenizer.last_segment)
@@ -307,12 +319,24 @@ class MLXEngine:
             finish = "stop"
         elif finish:
             text += job.matcher.flush()
-        if text:
-            job.emit(TextDelta(text))
+        if text or (finish and job.pending_logprobs):
+            job.emit(TextDelta(text, tuple(job.pending_logprobs)))
+            job.pending_logprobs.clear()
         if finish:
             self._finish(variant, job, finish, now)
 
-    def _finish(self, variant: _Variant, job: _Job, reason: str, now: float) -> None:
+    @staticmethod
+    def _token_logprob(variant: Variant, response: Any, top: int) -> TokenLogprob:
+        tokenizer = variant.loaded.tokenizer
+        logprobs = response.logprobs.astype(mx.float32)
+        best: tuple[tuple[str, float], ...] = ()
+        if top > 0:
+            ids = mx.argsort(-logprobs)[:top].tolist()
+            values = logprobs[mx.array(ids)].tolist()
+            best = tuple((tokenizer.decode([i]), v) for i, v in zip(ids, values, strict=True))
+        return TokenLogprob(tokenizer.decode([response.token]), logprobs[response.token].item(), best)
+
+    def _finish(self, variant: Variant, job: _Job, reason: str, now: float) -> None:
         variant.jobs.pop(job.uid, None)
         variant.requests_served += 1
         job.done = True
@@ -325,7 +349,7 @@ class MLXEngine:
             time_to_first_token_s=first - job.arrival, total_s=now - job.arrival,
             decode_tokens_per_second=rate))
 
-    def _fail_variant(self, variant: _Variant, error: EngineError) -> None:
+    def _fail_variant(self, variant: Variant, error: EngineError) -> None:
         for job in variant.jobs.values():
             job.done = True
             job.emit(error)
@@ -356,26 +380,12 @@ class MLXEngine:
                 loop.call_soon_threadsafe(_settle, future, None, error)
 
     # ---- reports (worker thread) ------------------------------------------------------------
-    def _describe(self, variant: _Variant) -> dict:
-        loaded, stats = variant.loaded, variant.loaded.stats
-        return {
-            "model": loaded.name, "dtype": loaded.dtype,
-            "floating_dtypes": sorted(floating_dtypes(loaded.model)),
-            "bytes_by_dtype": stats.bytes_by_dtype, "total_bytes": stats.final_bytes,
-            "parameter_count": stats.parameter_count, "load_peak_bytes": stats.peak_bytes,
-            "final_over_peak": round(stats.final_bytes / stats.peak_bytes, 4) if stats.peak_bytes else None,
-            "load_seconds": round(stats.load_seconds, 4), "context_length": loaded.context_length,
-            "last_used": variant.last_used, "in_flight": len(variant.jobs),
-            "requests_served": variant.requests_served,
-        }
-
     def _memory_report(self) -> dict:
-        variants = [self._describe(v) for v in self._variants.values()]
         return {
-            "variants": variants,
+            "variants": [v.describe() for v in self._variants.values()],
             "process": process_memory(),
             "device": {**device_info(), "blas": blas_info().as_dict()},
-            "resident_bytes": sum(v["total_bytes"] for v in variants),
+            "budget": self.registry.report(),
         }
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __all__ = [
     "EngineError", "ModelNotFoundError", "ModelLoadError", "InvalidRequestError",
-    "EngineUnavailableError", "GenerationFailedError", "UnknownDtypeError",
+    "EngineUnavailableError", "GenerationFailedError", "UnknownDtypeError", "MemoryBudgetError",
+    "QueueFullError",
 ]
 
 
@@ -34,3 +35,23 @@ class GenerationFailedError(EngineError):
 
 class UnknownDtypeError(EngineError, ValueError):
     """A dtype name that is neither a valid name nor a documented alias."""
+
+
+class QueueFullError(EngineError):
+    """More requests than capacity + queue: refused at once, the client may retry."""
+
+
+class MemoryBudgetError(EngineError):
+    """A variant that does not fit the memory budget; refused before anything is allocated."""
+
+    def __init__(self, message: str, *, required_bytes: int, available_bytes: int, dtype: str,
+                 retry: bool) -> None:
+        super().__init__(message)
+        self.required_bytes = required_bytes
+        self.available_bytes = available_bytes
+        self.dtype = dtype
+        self.retry = retry  # True when idle-able variants are busy now and it may fit later
+
+    def details(self) -> dict:
+        return {"required_bytes": self.required_bytes, "available_bytes": self.available_bytes,
+                "dtype": self.dtype}

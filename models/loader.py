@@ -119,3 +119,37 @@ def _short(e: Exception) -> str:
     """An exception message without filesystem paths."""
     text = str(e).splitlines()[0] if str(e) else ""
     return " ".join(w if "/" not in w else Path(w.strip("'\",")).name for w in text.split())[:300]
+
+
+def derive_variant(source: LoadedModel, dtype: str, trust_remote_code: bool = False) -> LoadedModel:
+    """A new dtype of a resident variant, cast from its arrays without reading the checkpoint.
+
+    Exact only when `source` holds the checkpoint's values exactly (its own dtype, or float32
+    for a 16-bit checkpoint); the registry only calls it then.
+    """
+    gc.collect()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    # The structure comes from the checkpoint lazily; its arrays are replaced, never read.
+    model, config = mlx_lm_load_model(source.path, lazy=True, trust_remote_code=trust_remote_code)
+    resident = dict(tree_flatten(source.model.parameters()))
+    target = mx_dtype(dtype)
+    predicate = getattr(model, "cast_predicate", None)
+    largest = 0
+    for path, _ in tree_flatten(model.parameters()):
+        value = resident[path]
+        largest = max(largest, value.nbytes)
+        if value.dtype != target and will_cast(path, dtype_name(value.dtype), predicate):
+            value = value.astype(target)
+        model.update(tree_unflatten([(path, value)]), strict=False)
+        mx.eval(value)
+    del resident
+    by_dtype = bytes_by_dtype(model)
+    stats = LoadStats(
+        load_seconds=time.perf_counter() - start, peak_bytes=max(mx.get_peak_memory() - base, 0),
+        final_bytes=sum(by_dtype.values()), largest_source_bytes=largest, bytes_by_dtype=by_dtype,
+        parameter_count=parameter_count(model), source=source.dtype,
+    )
+    return LoadedModel(source.name, source.path, dtype, model, source.tokenizer, config, stats,
+                       source.context_length)

@@ -46,3 +46,29 @@ def _system_memory() -> int:
 def process_memory() -> dict:
     return {"active_bytes": mx.get_active_memory(), "peak_bytes": mx.get_peak_memory(),
             "cache_bytes": mx.get_cache_memory()}
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+DEFAULT_BUDGET_SHARE = 0.75
+
+
+def parse_budget(value: str | None, total: int | None = None) -> int:
+    """Bytes from "12GiB", "500MB", "123456" or a fraction of the device memory ("0.5").
+
+    Default: three quarters of what the device reports.
+    """
+    total = total or device_info()["total_memory_bytes"]
+    if value is None or str(value).strip() == "":
+        return int(total * DEFAULT_BUDGET_SHARE)
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("kmgtib")
+    unit = text[len(number):]
+    if unit not in _UNITS:
+        raise ValueError(f"memory budget {value!r}: unknown unit")
+    amount = float(number)
+    if unit == "" and 0 < amount <= 1 and "." in number:
+        return int(total * amount)
+    if amount <= 0:
+        raise ValueError(f"memory budget {value!r} must be positive")
+    return int(amount * _UNITS[unit])

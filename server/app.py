@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from models.api import Engine
 from server.errors import install_error_handlers
-from server.routes import generate, health, inventory
+from server.routes import admin, generate, health, inventory, openai
 from server.settings import Settings
 
 log = logging.getLogger("dtype_serve")
@@ -28,7 +28,9 @@ def build_engine(settings: Settings) -> Engine:
     name, folder = resolve_startup_model(settings.model)
     catalog = ModelCatalog({name: folder}, settings.model_dirs)
     return MLXEngine(catalog, name, settings.dtype, max_batch_size=settings.max_batch_size,
-                     warmup=settings.warmup, trust_remote_code=settings.trust_remote_code)
+                     warmup=settings.warmup, trust_remote_code=settings.trust_remote_code,
+                     memory_budget=settings.memory_budget, idle_unload_s=settings.idle_unload_s,
+                     pin_default=settings.pin_default, max_queue=settings.max_queue)
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:
@@ -60,4 +62,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(inventory.router)
+    app.include_router(admin.router)
+    app.include_router(openai.router)
     return app

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from models.api import Engine
 from models.errors import EngineUnavailableError
@@ -26,3 +28,8 @@ def ready_engine(request: Request) -> Engine:
             raise EngineUnavailableError("the server is starting: the default model is loading")
         raise EngineUnavailableError("the engine is not available")
     return engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+ReadyEngine = Annotated[Engine, Depends(ready_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import (
@@ -16,16 +16,20 @@ from models.errors import (
     EngineUnavailableError,
     GenerationFailedError,
     InvalidRequestError,
+    MemoryBudgetError,
     ModelLoadError,
     ModelNotFoundError,
+    QueueFullError,
     UnknownDtypeError,
 )
+from server.streaming import ClientDisconnected
 
 log = logging.getLogger(__name__)
 
 # domain error -> (status, type)
 _ENGINE_ERRORS: list[tuple[type[EngineError], int, str]] = [
     (UnknownDtypeError, 422, "invalid_request_error"),
+    (QueueFullError, 429, "rate_limit_exceeded"),
     (ModelNotFoundError, 404, "model_not_found"),
     (InvalidRequestError, 400, "invalid_request_error"),
     (ModelLoadError, 500, "model_load_error"),
@@ -45,6 +49,8 @@ def error_response(status: int, type_: str, message: str, param: str | None = No
 
 
 def engine_error_status(error: EngineError) -> tuple[int, str]:
+    if isinstance(error, MemoryBudgetError):
+        return (503, "memory_budget_busy") if error.retry else (507, "memory_budget_exceeded")
     for cls, status, type_ in _ENGINE_ERRORS:
         if isinstance(error, cls):
             return status, type_
@@ -53,7 +59,10 @@ def engine_error_status(error: EngineError) -> tuple[int, str]:
 
 def engine_error_payload(error: EngineError) -> tuple[int, dict[str, Any]]:
     status, type_ = engine_error_status(error)
-    return status, error_payload(status, type_, str(error))
+    payload = error_payload(status, type_, str(error))
+    if isinstance(error, MemoryBudgetError):
+        payload["error"].update(error.details())
+    return status, payload
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -81,7 +90,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
         status, payload = engine_error_payload(exc)
-        headers = {"Retry-After": "1"} if status == 503 else None
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
         return JSONResponse(payload, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -89,6 +98,10 @@ def install_error_handlers(app: FastAPI) -> None:
         type_ = "not_found" if exc.status_code == 404 else "invalid_request_error"
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         return error_response(exc.status_code, type_, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

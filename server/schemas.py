@@ -19,7 +19,7 @@ class GenerateRequest(BaseModel):
     model_config = _STRICT
 
     prompt: str = Field(min_length=1, max_length=1_000_000, description="text to continue")
-    model: str | None = Field(None, max_length=256, description="a model name from GET /models; default: the startup model")
+    model: str | None = Field(None, max_length=256, description="a name from GET /models; default: the startup model")
     dtype: str | None = Field(None, description="auto, float32, float16, bfloat16 (or fp16, bf16, half, fp32, float)")
     max_tokens: StrictInt | None = Field(None, ge=1, description="tokens to generate at most")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")

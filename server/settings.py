@@ -37,7 +37,12 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none")
     max_batch_size: int = Field(16, ge=1, le=512, description="requests decoded together per variant")
+    max_queue: int = Field(64, ge=0, description="requests waiting beyond max_batch_size before 429s")
     max_stop_strings: int = Field(8, ge=0, description="most stop strings per request")
+    memory_budget: str | None = Field(None, description="bytes resident variants may hold: 12GiB, 500MB, "
+                                      "a byte count, or a fraction of device memory (0.5); default 0.75")
+    idle_unload_s: float | None = Field(None, gt=0, description="unload variants unused this long (seconds)")
+    pin_default: bool = Field(True, description="never evict the default variant")
     blas: str = Field("auto", description="BLAS under MLX on Linux: auto | none | PATH to a CBLAS library")
     blas_threads: int | None = Field(None, ge=1, description="BLAS thread count (default: the library's)")
     trust_remote_code: bool = Field(False, description="allow model folders that ship Python code")
@@ -69,7 +74,8 @@ def _cli_parser() -> argparse.ArgumentParser:
         epilog=f"Every setting can also come from the environment ({ENV_PREFIX}<NAME>, e.g. "
                f"{ENV_PREFIX}DTYPE=bfloat16) or a TOML config file (--config or {ENV_PREFIX}CONFIG). "
                "Precedence: flags > environment > config file > defaults.")
-    parser.add_argument("--config", type=Path, help="TOML file with settings (keys as below, e.g. dtype = \"bfloat16\")")
+    parser.add_argument("--config", type=Path,
+                        help="TOML file with settings (keys as below, e.g. dtype = \"bfloat16\")")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:

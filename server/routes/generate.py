@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from sse_starlette import EventSourceResponse
 
-from models.api import Engine, Finished, GenerationParams, TextDelta
+from models.api import Finished, GenerationParams, TextDelta
 from models.errors import EngineError
-from server.deps import get_settings, ready_engine
+from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
 from server.schemas import ErrorBody, GenerateRequest, GenerateResponse, Timings, UsageBody
 from server.settings import Settings
+from server.streaming import collect_unless_disconnected, first_event
 
 router = APIRouter(tags=["generate"])
 
@@ -39,16 +40,14 @@ def finished_body(text: str, done: Finished) -> GenerateResponse:
                         tokens_per_second=round(done.decode_tokens_per_second, 3)))
 
 
-async def _sse(first: TextDelta | Finished, events: AsyncIterator[TextDelta | Finished]) -> AsyncIterator[dict]:
+async def _sse(events: AsyncIterator[TextDelta | Finished]) -> AsyncIterator[dict]:
     """Deltas as {"text"}, then the final response with empty text, then [DONE]."""
     try:
-        event = first
-        while True:
+        async for event in events:
             if isinstance(event, Finished):
                 yield {"data": finished_body("", event).model_dump_json()}
                 break
             yield {"data": json.dumps({"text": event.text})}
-            event = await anext(events)
     except EngineError as e:
         yield {"event": "error", "data": json.dumps(engine_error_payload(e)[1])}
     finally:
@@ -59,24 +58,11 @@ async def _sse(first: TextDelta | Finished, events: AsyncIterator[TextDelta | Fi
 @router.post("/generate", response_model=GenerateResponse,
              responses={422: {"model": ErrorBody}, 404: {"model": ErrorBody}, 503: {"model": ErrorBody}},
              summary="Generate text at the dtype the request names (default: the startup dtype)")
-async def generate(body: GenerateRequest, engine: Engine = Depends(ready_engine),
-                   settings: Settings = Depends(get_settings)):
+async def generate(body: GenerateRequest, request: Request, engine: ReadyEngine, settings: SettingsDep):
     params = to_params(body, settings)
     events = engine.generate(params)
-    # The first event comes before the response starts, so early errors get a real status.
-    try:
-        first = await anext(events)
-    except BaseException:
-        await events.aclose()
-        raise
+    await first_event(events)  # errors before the first token get a real status
     if body.stream:
-        return EventSourceResponse(_sse(first, events), ping=15)
-    parts: list[str] = []
-    event = first
-    try:
-        while not isinstance(event, Finished):
-            parts.append(event.text)
-            event = await anext(events)
-    finally:
-        await events.aclose()
-    return finished_body("".join(parts), event)
+        return EventSourceResponse(_sse(events), ping=15)
+    text, _, done = await collect_unless_disconnected(request, events)
+    return finished_body(text, done)

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from models.api import Engine
 from models.dtypes import DTYPE_NAMES
-from server.deps import ready_engine
+from server.deps import ReadyEngine
+from server.schemas import canonical_dtype
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/models", summary="Models a request may name, the dtypes, and the resident variants")
-async def list_models(engine: Engine = Depends(ready_engine)) -> dict:
+async def list_models(engine: ReadyEngine) -> dict:
     memory = await engine.memory()
     return {"default": {"model": engine.default_model, "dtype": engine.default_dtype},
             "models": engine.model_names(), "dtypes": list(DTYPE_NAMES),
-            "resident": [{"model": v["model"], "dtype": v["dtype"]} for v in memory["variants"]]}
+            "resident": [{"model": v["model"], "dtype": v["dtype"], "total_bytes": v["total_bytes"],
+                          "in_flight": v["in_flight"]} for v in memory["variants"]],
+            "budget": memory["budget"]}
+
+
+@router.get("/memory/estimate", summary="Bytes a variant would hold, from the safetensors headers alone")
+async def estimate(engine: ReadyEngine, model: str | None = None, dtype: str | None = None) -> dict:
+    return {"estimates": await engine.estimate(model, canonical_dtype(dtype))}
 
 
 @router.get("/memory", summary="Exact bytes of each resident variant by parameter dtype; process and device")
-async def memory(engine: Engine = Depends(ready_engine)) -> dict:
+async def memory(engine: ReadyEngine) -> dict:
     return await engine.memory()

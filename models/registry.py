@@ -1,0 +1,169 @@
+"""Resident variants (model, dtype) under a byte budget, least recently used evicted first.
+
+Runs on the engine's worker thread only, so it needs no locks: a load in progress blocks the
+worker, and concurrent requests for the same variant find it resident when their turn comes.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from models.catalog import ModelCatalog
+from models.dtypes import AUTO, normalize_dtype
+from models.errors import InvalidRequestError, MemoryBudgetError
+from models.estimate import estimate_variant
+from models.loader import LoadedModel, derive_variant, load_variant, resolve_auto
+from models.memory import floating_dtypes
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+
+
+@dataclass(eq=False)
+class Variant:
+    loaded: LoadedModel
+    generator: Any = None  # mlx-lm BatchGenerator, created on first request
+    jobs: dict[int, Any] = field(default_factory=dict)
+    last_used: float = field(default_factory=time.time)
+    requests_served: int = 0
+
+    @property
+    def key(self) -> Key:
+        return (self.loaded.name, self.loaded.dtype)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.jobs)
+
+    def describe(self) -> dict:
+        loaded, stats = self.loaded, self.loaded.stats
+        return {
+            "model": loaded.name, "dtype": loaded.dtype,
+            "floating_dtypes": sorted(floating_dtypes(loaded.model)),
+            "bytes_by_dtype": stats.bytes_by_dtype, "total_bytes": stats.final_bytes,
+            "parameter_count": stats.parameter_count, "load_peak_bytes": stats.peak_bytes,
+            "final_over_peak": round(stats.final_bytes / stats.peak_bytes, 4) if stats.peak_bytes else None,
+            "load_seconds": round(stats.load_seconds, 4), "loaded_from": stats.source,
+            "context_length": loaded.context_length, "last_used": self.last_used,
+            "in_flight": len(self.jobs), "requests_served": self.requests_served,
+        }
+
+
+class VariantRegistry:
+    def __init__(self, catalog: ModelCatalog, default_dtype: str, budget_bytes: int, *,
+                 trust_remote_code: bool = False, idle_unload_s: float | None = None) -> None:
+        self.catalog = catalog
+        self.default_dtype = normalize_dtype(default_dtype)
+        self.budget_bytes = budget_bytes
+        self.trust_remote_code = trust_remote_code
+        self.idle_unload_s = idle_unload_s
+        self.variants: dict[Key, Variant] = {}
+        self.pinned: set[Key] = set()
+        self._auto: dict[str, str] = {}
+
+    # ---- names -------------------------------------------------------------------------------
+    def key(self, model: str, dtype: str | None) -> Key:
+        folder = self.catalog.resolve(model)
+        dtype = normalize_dtype(dtype) if dtype else self.default_dtype
+        if dtype == AUTO:
+            if model not in self._auto:
+                self._auto[model] = resolve_auto(folder)
+            dtype = self._auto[model]
+        return model, dtype
+
+    def used_bytes(self) -> int:
+        return sum(v.loaded.stats.final_bytes for v in self.variants.values())
+
+    # ---- loading -----------------------------------------------------------------------------
+    def get(self, model: str, dtype: str | None) -> Variant:
+        key = self.key(model, dtype)
+        variant = self.variants.get(key) or self._load(key)
+        variant.last_used = time.time()
+        return variant
+
+    def _exact_source(self, model: str, dtype: str) -> Variant | None:
+        """A resident variant that holds the checkpoint's values exactly."""
+        own = self.key(model, AUTO)[1]
+        for candidate in (own, "float32"):
+            variant = self.variants.get((model, candidate))
+            if variant is not None and candidate != dtype and (candidate == own or own in ("bfloat16", "float16")):
+                return variant
+        return None
+
+    def _load(self, key: Key) -> Variant:
+        name, dtype = key
+        required = estimate_variant(self.catalog.resolve(name), dtype)["total_bytes"]
+        self._make_room(required, dtype)
+        source = self._exact_source(name, dtype)
+        if source is not None:
+            loaded = derive_variant(source.loaded, dtype, self.trust_remote_code)
+        else:
+            loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code)
+        variant = Variant(loaded)
+        self.variants[key] = variant
+        stats = loaded.stats
+        log.info("loaded %s/%s from %s: %d bytes (estimated %d), peak %.3fx final, %.2fs", name, dtype,
+                 stats.source, stats.final_bytes, required, stats.peak_over_final, stats.load_seconds)
+        return variant
+
+    def _make_room(self, required: int, dtype: str) -> None:
+        """Evict idle, unpinned variants (least recently used first) until `required` fits."""
+        evictable = sorted((v for k, v in self.variants.items() if not v.busy and k not in self.pinned),
+                           key=lambda v: v.last_used)
+        free_now = self.budget_bytes - self.used_bytes()
+        reclaimable = sum(v.loaded.stats.final_bytes for v in evictable)
+        if required > free_now + reclaimable:
+            busy = sum(v.loaded.stats.final_bytes for k, v in self.variants.items()
+                       if v.busy and k not in self.pinned)
+            fits_later = required <= free_now + reclaimable + busy
+            raise MemoryBudgetError(
+                f"the {dtype} variant needs {required} bytes but only {free_now + reclaimable} of the "
+                f"{self.budget_bytes}-byte memory budget can be made free"
+                + (" now; retry when running requests finish" if fits_later else ""),
+                required_bytes=required, available_bytes=free_now + reclaimable, dtype=dtype,
+                retry=fits_later)
+        for variant in evictable:
+            if self.budget_bytes - self.used_bytes() >= required:
+                break
+            log.info("evicting %s/%s (least recently used)", *variant.key)
+            self._drop(variant.key)
+
+    # ---- unloading ---------------------------------------------------------------------------
+    def unload(self, model: str, dtype: str) -> dict:
+        key = self.key(model, dtype)
+        variant = self.variants.get(key)
+        if variant is None:
+            raise InvalidRequestError(f"{model}/{key[1]} is not resident")
+        if variant.busy:
+            raise InvalidRequestError(f"{model}/{key[1]} is serving {len(variant.jobs)} request(s)")
+        before = mx.get_active_memory()
+        self._drop(key)
+        self.pinned.discard(key)
+        return {"model": model, "dtype": key[1], "freed_bytes": before - mx.get_active_memory()}
+
+    def unload_idle(self, now: float) -> None:
+        if not self.idle_unload_s:
+            return
+        for key, variant in list(self.variants.items()):
+            if not variant.busy and key not in self.pinned and now - variant.last_used > self.idle_unload_s:
+                log.info("unloading %s/%s after %.0fs idle", *key, now - variant.last_used)
+                self._drop(key)
+
+    def _drop(self, key: Key) -> None:
+        variant = self.variants.pop(key)
+        variant.generator = None
+        variant.loaded = None  # type: ignore[assignment]
+        del variant
+        gc.collect()
+        mx.clear_cache()
+
+    def report(self) -> dict:
+        used = self.used_bytes()
+        return {"budget_bytes": self.budget_bytes, "used_bytes": used, "free_bytes": self.budget_bytes - used,
+                "pinned": [{"model": m, "dtype": d} for m, d in sorted(self.pinned)]}

@@ -1,0 +1,32 @@
+"""Administration of resident variants: load, unload."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.deps import ReadyEngine
+from server.schemas import ErrorBody, canonical_dtype
+
+router = APIRouter(tags=["models"])
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=256, description="a name from GET /models; default: the startup model")
+    dtype: str | None = Field(None, description="dtype to load; default: the startup dtype")
+
+    _normalize_dtype = field_validator("dtype", mode="before")(classmethod(lambda cls, v: canonical_dtype(v)))
+
+
+@router.post("/models/load", summary="Load a variant (model, dtype) under the memory budget",
+             responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}, 507: {"model": ErrorBody}})
+async def load(body: LoadRequest, engine: ReadyEngine) -> dict:
+    return await engine.load(body.model, body.dtype)
+
+
+@router.delete("/models/{model:path}/{dtype}", summary="Unload a resident variant and free its memory",
+               responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+async def unload(model: str, dtype: str, engine: ReadyEngine) -> dict:
+    return await engine.unload(model, canonical_dtype(dtype))

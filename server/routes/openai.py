@@ -1,0 +1,179 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, HTTPException, Request
+from sse_starlette import EventSourceResponse
+
+from models.api import Engine, Finished, GenerationParams, TokenLogprob
+from models.dtypes import DTYPE_NAMES, FLOATING, normalize_dtype
+from models.errors import EngineError
+from server.deps import ReadyEngine, SettingsDep
+from server.errors import engine_error_payload
+from server.openai_schemas import ChatCompletionRequest, CompletionRequest
+from server.schemas import ErrorBody
+from server.settings import Settings
+from server.streaming import collect_unless_disconnected, first_event
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+_ERRORS = {400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody},
+           429: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+
+
+def split_model_id(model: str | None, dtype: str | None) -> tuple[str | None, str | None]:
+    """`name:dtype` -> (name, dtype); the body's dtype must agree when both are given."""
+    if model and ":" in model:
+        name, _, suffix = model.rpartition(":")
+        if suffix.lower() in DTYPE_NAMES or suffix.lower() in ("fp16", "bf16", "fp32", "half", "float"):
+            named = normalize_dtype(suffix)
+            if dtype and dtype != named:
+                raise HTTPException(422, f"model: the id names dtype {named} but the body asks for {dtype}")
+            return name, named
+    return model, dtype
+
+
+def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: Settings, *,
+                    max_tokens: int | None, logprobs: int | None, prompt: str | None = None,
+                    messages: tuple[dict, ...] | None = None) -> GenerationParams:
+    model, dtype = split_model_id(body.model, body.dtype)
+    max_tokens = max_tokens or min(settings.default_max_tokens, settings.max_tokens_limit)
+    if max_tokens > settings.max_tokens_limit:
+        raise HTTPException(422, f"max_tokens: must be at most {settings.max_tokens_limit}")
+    stops = body.stop_strings()
+    if len(stops) > settings.max_stop_strings or any(not s or len(s) > 256 for s in stops):
+        raise HTTPException(422, f"stop: at most {settings.max_stop_strings} non-empty strings of up to 256 characters")
+    seed = None if body.seed is None else body.seed % (2**63)
+    bias = tuple((int(k), v) for k, v in (body.logit_bias or {}).items())
+    return GenerationParams(
+        prompt=prompt, messages=messages, model=model, dtype=dtype, max_tokens=max_tokens,
+        temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stops, logprobs=logprobs,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias)
+
+
+def variant_id(done: Finished) -> str:
+    return f"{done.model}:{done.dtype}"
+
+
+def usage_body(done: Finished) -> dict:
+    return {"prompt_tokens": done.usage.prompt_tokens, "completion_tokens": done.usage.completion_tokens,
+            "total_tokens": done.usage.total_tokens}
+
+
+# ---- logprobs in the two OpenAI formats --------------------------------------------------------
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
+    offsets, at = [], offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    def item(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+# ---- routes ------------------------------------------------------------------------------------
+@router.get("/models", summary="Models and their dtype variants, as OpenAI model objects")
+async def list_models(engine: ReadyEngine) -> dict:
+    created = int(time.time())
+    data = []
+    for name in engine.model_names():
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "dtype-serve"})
+        data += [{"id": f"{name}:{d}", "object": "model", "created": created, "owned_by": "dtype-serve",
+                  "parent": name} for d in FLOATING]
+    return {"object": "list", "data": data}
+
+
+@router.post("/completions", responses=_ERRORS, summary="OpenAI text completions")
+async def completions(body: CompletionRequest, request: Request, engine: ReadyEngine, settings: SettingsDep):
+    params = sampling_params(body, settings, max_tokens=body.max_tokens, logprobs=body.logprobs,
+                             prompt=body.prompt_text())
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    wants_logprobs = body.logprobs is not None
+
+    def chunk(model: str, text: str, finish: str | None, entries: list[TokenLogprob], offset: int) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                             "logprobs": completion_logprobs(entries, offset) if wants_logprobs else None}]}
+
+    return await _respond(engine, request, params, body.stream, include_usage, rid, created,
+                          chunk, lambda model, usage: {"id": rid, "object": "text_completion", "created": created,
+                                                       "model": model, "choices": [], "usage": usage})
+
+
+@router.post("/chat/completions", responses=_ERRORS, summary="OpenAI chat completions (the tokenizer's template)")
+async def chat_completions(body: ChatCompletionRequest, request: Request, engine: ReadyEngine,
+                           settings: SettingsDep):
+    messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
+    top = body.top_logprobs or 0
+    params = sampling_params(body, settings, max_tokens=body.max_completion_tokens or body.max_tokens,
+                             logprobs=top if body.logprobs else None, messages=messages)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    first_chunk = [True]
+
+    def chunk(model: str, text: str, finish: str | None, entries: list[TokenLogprob], _: int) -> dict:
+        delta: dict = {"content": text} if text or not finish else {}
+        if first_chunk[0]:
+            delta["role"] = "assistant"
+            first_chunk[0] = False
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                             "logprobs": chat_logprobs(entries) if body.logprobs else None}]}
+
+    return await _respond(engine, request, params, body.stream, include_usage, rid, created,
+                          chunk, lambda model, usage: {"id": rid, "object": "chat.completion.chunk",
+                                                       "created": created, "model": model, "choices": [],
+                                                       "usage": usage},
+                          chat=True, wants_logprobs=body.logprobs)
+
+
+async def _respond(engine: Engine, request: Request, params: GenerationParams, stream: bool, include_usage: bool,
+                   rid: str, created: int, chunk: Callable, usage_chunk: Callable, *, chat: bool = False,
+                   wants_logprobs: bool = False):
+    events = engine.generate(params)
+    started = await first_event(events)
+    if stream:
+        model_id = f"{started.model}:{started.dtype}"
+        return EventSourceResponse(_stream(events, chunk, usage_chunk, include_usage, model_id), ping=15)
+    text, entries, done = await collect_unless_disconnected(request, events)
+    if chat:
+        return {"id": rid, "object": "chat.completion", "created": created, "model": variant_id(done),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": done.finish_reason,
+                             "logprobs": chat_logprobs(entries) if wants_logprobs else None}],
+                "usage": usage_body(done)}
+    body = chunk(variant_id(done), text, done.finish_reason, entries, 0)
+    body["usage"] = usage_body(done)
+    return body
+
+
+async def _stream(events: AsyncIterator, chunk: Callable, usage_chunk: Callable,
+                  include_usage: bool, model_id: str) -> AsyncIterator[dict]:
+    """Chunks as the tokens come, a last chunk with the finish reason, usage if asked, then [DONE]."""
+    offset = 0
+    try:
+        async for event in events:
+            if isinstance(event, Finished):
+                yield {"data": json.dumps(chunk(model_id, "", event.finish_reason, [], offset))}
+                if include_usage:
+                    yield {"data": json.dumps(usage_chunk(model_id, usage_body(event)))}
+                break
+            yield {"data": json.dumps(chunk(model_id, event.text, None, list(event.logprobs), offset))}
+            offset += len(event.text)
+    except EngineError as e:
+        yield {"data": json.dumps(engine_error_payload(e)[1])}
+    finally:
+        await events.aclose()
+    yield {"data": "[DONE]"}
