@@ -13,7 +13,7 @@ class GenerationParams:
     messages: tuple[dict, ...] | None = None  # chat: rendered with the tokenizer's template
     model: str | None = None
     dtype: str | None = None  # canonical name or None for the startup default
-    max_tokens: int = 256
+    max_tokens: int | None = None  # None: the server default, capped by the context left
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -22,6 +22,7 @@ class GenerationParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    ignore_eos: bool = False  # generate max_tokens even past end-of-sequence (benchmarks, load tests)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import make_logits_processors
 
 from models.api import Finished, GenerationParams, Started, TextDelta, TokenLogprob, Usage
@@ -26,6 +26,7 @@ from models.blas import blas_info
 from models.catalog import ModelCatalog
 from models.dtypes import AUTO, FLOATING, normalize_dtype
 from models.errors import (
+    DtypeRefusedError,
     EngineError,
     EngineUnavailableError,
     GenerationFailedError,
@@ -58,6 +59,7 @@ class _Job:
     detokenizer: Any = None
     matcher: StopStringMatcher | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def emit(self, event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -67,7 +69,8 @@ class MLXEngine:
     def __init__(self, catalog: ModelCatalog, default_model: str, default_dtype: str = AUTO, *,
                  max_batch_size: int = 16, warmup: bool = True, trust_remote_code: bool = False,
                  memory_budget: str | None = None, idle_unload_s: float | None = None,
-                 pin_default: bool = True, max_queue: int = 64) -> None:
+                 pin_default: bool = True, max_queue: int = 64, default_max_tokens: int = 256,
+                 nonfinite_policy: str = "warn") -> None:
         self.catalog = catalog
         self.default_model = default_model
         self.default_dtype = normalize_dtype(default_dtype)
@@ -75,6 +78,8 @@ class MLXEngine:
         self.warmup = warmup
         self.pin_default = pin_default
         self.max_queue = max_queue
+        self.default_max_tokens = default_max_tokens
+        self.nonfinite_policy = nonfinite_policy
         self._open_jobs = 0  # admitted and not finished; only the event loop thread changes it
         self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s)
@@ -225,6 +230,9 @@ class MLXEngine:
             except Exception as e:
                 log.exception("engine call failed")
                 result, error = None, GenerationFailedError(f"internal error: {type(e).__name__}")
+            except BaseException:  # the worker is going down: answer the caller first
+                loop.call_soon_threadsafe(_settle, future, None, EngineUnavailableError("the engine worker failed"))
+                raise
             loop.call_soon_threadsafe(_settle, future, result, error)
 
     def _encode(self, variant: Variant, params: GenerationParams) -> list[int]:
@@ -248,9 +256,10 @@ class MLXEngine:
         variant = self.registry.get(params.model or self.default_model, params.dtype)
         tokens = self._encode(variant, params)
         context = variant.loaded.context_length
-        if len(tokens) + params.max_tokens > context:
+        max_tokens = params.max_tokens or min(self.default_max_tokens, context - len(tokens))
+        if len(tokens) + max_tokens > context or max_tokens < 1:
             raise InvalidRequestError(
-                f"prompt ({len(tokens)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
                 f"context length of {context} tokens")
         vocab = variant.loaded.config.get("vocab_size") or len(variant.loaded.tokenizer.get_vocab())
         if any(not 0 <= token < vocab for token, _ in params.logit_bias):
@@ -268,8 +277,9 @@ class MLXEngine:
             logit_bias=dict(params.logit_bias) or None,
             presence_penalty=params.presence_penalty or None,
             frequency_penalty=params.frequency_penalty or None)
-        (job.uid,) = variant.generator.insert([tokens], max_tokens=[params.max_tokens], samplers=[sampler],
-                                              logits_processors=[processors])
+        stops = [StopSequences(None)] if params.ignore_eos else None
+        (job.uid,) = variant.generator.insert([tokens], max_tokens=[max_tokens], samplers=[sampler],
+                                              logits_processors=[processors], stop_sequences=stops)
         job.variant = variant
         job.prompt_tokens = len(tokens)
         job.detokenizer = variant.loaded.tokenizer.detokenizer
@@ -294,11 +304,37 @@ class MLXEngine:
                 log.exception("generation failed on %s/%s", *variant.key)
                 self._fail_variant(variant, GenerationFailedError(f"generation failed: {type(e).__name__}"))
                 continue
+            self._guard_nonfinite(variant, responses)
             for response in responses:
                 job = variant.jobs.get(response.uid)
                 if job is not None:
                     self._on_token(variant, job, response)
             variant.last_used = time.time()
+
+    def _guard_nonfinite(self, variant: Variant, responses: list) -> None:
+        """Non-finite logits (float16 overflow): warn the request, or refuse the dtype by policy."""
+        if not responses:
+            return
+        finite = mx.isfinite(mx.stack([r.logprobs[r.token] for r in responses])).tolist()
+        if all(finite):
+            return
+        name, dtype = variant.key
+        message = f"{dtype} produced non-finite logits for {name}; its output is unreliable"
+        for response, ok in zip(responses, finite, strict=True):
+            job = variant.jobs.get(response.uid)
+            if job is None or ok:
+                continue
+            if message not in job.warnings:
+                job.warnings.append(message)
+        if self.nonfinite_policy == "refuse":
+            self.registry.refuse(variant.key, message + " (refused by the server's non-finite policy)")
+            for response, ok in zip(responses, finite, strict=True):
+                job = variant.jobs.get(response.uid)
+                if job is not None and not ok:
+                    variant.generator.remove([job.uid])
+                    variant.jobs.pop(job.uid, None)
+                    job.done = True
+                    job.emit(DtypeRefusedError(self.registry.refused[variant.key]))
 
     def _on_token(self, variant: Variant, job: _Job, response: Any) -> None:
         now = time.perf_counter()
@@ -347,7 +383,7 @@ class MLXEngine:
             model=variant.loaded.name, dtype=variant.loaded.dtype, finish_reason=reason,
             usage=Usage(job.prompt_tokens, job.completion_tokens),
             time_to_first_token_s=first - job.arrival, total_s=now - job.arrival,
-            decode_tokens_per_second=rate))
+            decode_tokens_per_second=rate, warnings=tuple(job.warnings)))
 
     def _fail_variant(self, variant: Variant, error: EngineError) -> None:
         for job in variant.jobs.values():

@@ -6,6 +6,7 @@ __all__ = [
     "EngineError", "ModelNotFoundError", "ModelLoadError", "InvalidRequestError",
     "EngineUnavailableError", "GenerationFailedError", "UnknownDtypeError", "MemoryBudgetError",
     "QueueFullError",
+    "DtypeRefusedError",
 ]
 
 
@@ -35,6 +36,10 @@ class GenerationFailedError(EngineError):
 
 class UnknownDtypeError(EngineError, ValueError):
     """A dtype name that is neither a valid name nor a documented alias."""
+
+
+class DtypeRefusedError(EngineError):
+    """A dtype refused for a model by the non-finite policy (e.g. float16 overflowing)."""
 
 
 class QueueFullError(EngineError):

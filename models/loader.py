@@ -90,7 +90,8 @@ def _context_length(config: dict) -> int:
 
 def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = False) -> LoadedModel:
     """Load `folder` with its floating parameters cast to `dtype` while loading."""
-    read_config(folder)  # clear errors for a missing or broken config before mlx-lm's own
+    read_config(folder)  # clear errors naming the broken file, before mlx-lm's own
+    checkpoint_tensors(folder)
     concrete = resolve_auto(folder) if dtype == AUTO else dtype
     gc.collect()
     base = mx.get_active_memory()

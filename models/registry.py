@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from models.catalog import ModelCatalog
 from models.dtypes import AUTO, normalize_dtype
-from models.errors import InvalidRequestError, MemoryBudgetError
+from models.errors import DtypeRefusedError, InvalidRequestError, MemoryBudgetError
 from models.estimate import estimate_variant
 from models.loader import LoadedModel, derive_variant, load_variant, resolve_auto
 from models.memory import floating_dtypes
@@ -65,6 +65,8 @@ class VariantRegistry:
         self.idle_unload_s = idle_unload_s
         self.variants: dict[Key, Variant] = {}
         self.pinned: set[Key] = set()
+        self.load_counts: dict[Key, int] = {}
+        self.refused: dict[Key, str] = {}  # variants the non-finite policy refuses, with the reason
         self._auto: dict[str, str] = {}
 
     # ---- names -------------------------------------------------------------------------------
@@ -83,6 +85,8 @@ class VariantRegistry:
     # ---- loading -----------------------------------------------------------------------------
     def get(self, model: str, dtype: str | None) -> Variant:
         key = self.key(model, dtype)
+        if key in self.refused:
+            raise DtypeRefusedError(self.refused[key])
         variant = self.variants.get(key) or self._load(key)
         variant.last_used = time.time()
         return variant
@@ -107,6 +111,7 @@ class VariantRegistry:
             loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code)
         variant = Variant(loaded)
         self.variants[key] = variant
+        self.load_counts[key] = self.load_counts.get(key, 0) + 1
         stats = loaded.stats
         log.info("loaded %s/%s from %s: %d bytes (estimated %d), peak %.3fx final, %.2fs", name, dtype,
                  stats.source, stats.final_bytes, required, stats.peak_over_final, stats.load_seconds)
@@ -163,7 +168,16 @@ class VariantRegistry:
         gc.collect()
         mx.clear_cache()
 
+    def refuse(self, key: Key, reason: str) -> None:
+        """Refuse this variant from now on; unload it once no request uses it."""
+        self.refused[key] = reason
+        variant = self.variants.get(key)
+        if variant is not None and not variant.busy and key not in self.pinned:
+            self._drop(key)
+
     def report(self) -> dict:
         used = self.used_bytes()
         return {"budget_bytes": self.budget_bytes, "used_bytes": used, "free_bytes": self.budget_bytes - used,
-                "pinned": [{"model": m, "dtype": d} for m, d in sorted(self.pinned)]}
+                "pinned": [{"model": m, "dtype": d} for m, d in sorted(self.pinned)],
+                "loads": [{"model": m, "dtype": d, "count": n} for (m, d), n in sorted(self.load_counts.items())],
+                "refused": [{"model": m, "dtype": d, "reason": r} for (m, d), r in sorted(self.refused.items())]}

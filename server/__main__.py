@@ -28,8 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as e:
         print(f"dtype-serve: {e}", file=sys.stderr)
         return 2
+    from sse_starlette.sse import AppStatus
+
+    # On SIGTERM let streams finish (bounded by the drain timeout) instead of cutting them at once.
+    AppStatus.disable_automatic_graceful_drain()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=settings.drain_timeout_s,
+                h11_max_incomplete_event_size=settings.max_header_bytes)
     return 0
 
 

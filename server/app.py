@@ -7,9 +7,11 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from models.api import Engine
 from server.errors import install_error_handlers
+from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from server.routes import admin, generate, health, inventory, openai
 from server.settings import Settings
 
@@ -30,7 +32,9 @@ def build_engine(settings: Settings) -> Engine:
     return MLXEngine(catalog, name, settings.dtype, max_batch_size=settings.max_batch_size,
                      warmup=settings.warmup, trust_remote_code=settings.trust_remote_code,
                      memory_budget=settings.memory_budget, idle_unload_s=settings.idle_unload_s,
-                     pin_default=settings.pin_default, max_queue=settings.max_queue)
+                     pin_default=settings.pin_default, max_queue=settings.max_queue,
+                     default_max_tokens=min(settings.default_max_tokens, settings.max_tokens_limit),
+                     nonfinite_policy=settings.nonfinite_policy)
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:
@@ -59,6 +63,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key)  # outermost: before anything else
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(inventory.router)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import (
+    DtypeRefusedError,
     EngineError,
     EngineUnavailableError,
     GenerationFailedError,
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 _ENGINE_ERRORS: list[tuple[type[EngineError], int, str]] = [
     (UnknownDtypeError, 422, "invalid_request_error"),
     (QueueFullError, 429, "rate_limit_exceeded"),
+    (DtypeRefusedError, 422, "dtype_refused"),
     (ModelNotFoundError, 404, "model_not_found"),
     (InvalidRequestError, 400, "invalid_request_error"),
     (ModelLoadError, 500, "model_load_error"),
@@ -71,7 +73,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         where = ".".join(loc) or "body"
         param = param or (loc[0] if loc else None)
-        msg = err.get("msg", "invalid value")
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
         parts.append(f"{where}: {msg}")

@@ -34,6 +34,7 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(None, max_length=300)
     user: str | None = Field(None, max_length=256)
+    ignore_eos: StrictBool = Field(False, description="extension: generate max_tokens even past end-of-sequence")
 
     _normalize_dtype = field_validator("dtype", mode="before")(classmethod(lambda cls, v: canonical_dtype(v)))
 

@@ -27,6 +27,7 @@ class GenerateRequest(BaseModel):
     seed: StrictInt | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = Field(None, description="stop strings, not included in the text")
     stream: StrictBool = Field(False, description="server-sent events when true")
+    ignore_eos: StrictBool = Field(False, description="keep generating past end-of-sequence, up to max_tokens")
 
     _normalize_dtype = field_validator("dtype", mode="before")(classmethod(lambda cls, v: canonical_dtype(v)))
 
@@ -55,6 +56,7 @@ class GenerateResponse(BaseModel):
     finish_reason: Literal["stop", "length"]
     usage: UsageBody
     timings: Timings
+    warnings: list[str] = Field(default_factory=list, description="e.g. non-finite logits at this dtype")
 
 
 class ErrorDetail(BaseModel):
@@ -67,3 +69,7 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+# Every route may answer with these; documented so clients and schema checks know the shape.
+ERROR_RESPONSES: dict = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 429, 500, 503, 507)}

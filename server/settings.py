@@ -7,11 +7,12 @@ import argparse
 import contextvars
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -45,9 +46,24 @@ class Settings(BaseSettings):
     pin_default: bool = Field(True, description="never evict the default variant")
     blas: str = Field("auto", description="BLAS under MLX on Linux: auto | none | PATH to a CBLAS library")
     blas_threads: int | None = Field(None, ge=1, description="BLAS thread count (default: the library's)")
+    api_key: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="API key(s) every route but /health needs (Bearer); several: comma-separated")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field((), description="origins allowed by CORS (off if none)")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body; larger is a 413")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request head (all headers)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    nonfinite_policy: Literal["warn", "refuse"] = Field(
+        "warn", description="when a dtype yields non-finite logits: warn in the response, or refuse that dtype")
     trust_remote_code: bool = Field(False, description="allow model folders that ship Python code")
     warmup: bool = Field(True, description="run one short generation after loading the default variant")
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("api_key", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
 
     @field_validator("dtype")
     @classmethod
@@ -80,7 +96,7 @@ def _cli_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
-        elif name == "model_dirs":
+        elif name in ("model_dirs", "api_key", "cors_origins"):
             parser.add_argument(flag, nargs="+", default=None, help=field.description)
         else:
             parser.add_argument(flag, default=None, help=field.description)

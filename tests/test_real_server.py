@@ -1,41 +1,18 @@
 """A real `dtype-serve` process on a free port, driven over TCP with httpx."""
 
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    env = {**os.environ, "DTYPE_SERVE_PORT": str(port), "DTYPE_SERVE_DTYPE": "float32"}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--log-level", "warning"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    ready = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            ready = httpx.get(f"{base}/health/ready", timeout=2).status_code == 200
-        except httpx.TransportError:
-            pass
-        if ready:
-            break
-        time.sleep(0.2)
-    if not ready:
-        proc.kill()
-        pytest.fail(f"server did not become ready: {proc.stdout.read()[-2000:]}")
+    proc, base = start_server(env={"DTYPE_SERVE_DTYPE": "float32"})
     yield proc, base
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    stop_server(proc)
 
 
 def test_serves_the_startup_dtype_from_the_environment(server):
@@ -56,6 +33,6 @@ def test_streams_over_tcp(server):
 
 
 def test_sigterm_exits_cleanly(server):
-    proc, base = server
+    proc, _ = server
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0

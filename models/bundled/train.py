@@ -49,7 +49,7 @@ ENGLISH_WINDOW = 64
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="models/bundled/tiny-arith")
-    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=256, help="arithmetic samples per step")
     p.add_argument("--english-batch", type=int, default=16, help="64-token English windows per English step")
     p.add_argument("--english-every", type=int, default=4, help="add an English batch every N steps")

@@ -6,9 +6,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.deps import ReadyEngine
-from server.schemas import ErrorBody, canonical_dtype
+from server.schemas import ERROR_RESPONSES, canonical_dtype
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
 
 class LoadRequest(BaseModel):
@@ -21,12 +21,11 @@ class LoadRequest(BaseModel):
 
 
 @router.post("/models/load", summary="Load a variant (model, dtype) under the memory budget",
-             responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}, 507: {"model": ErrorBody}})
+)
 async def load(body: LoadRequest, engine: ReadyEngine) -> dict:
     return await engine.load(body.model, body.dtype)
 
 
-@router.delete("/models/{model:path}/{dtype}", summary="Unload a resident variant and free its memory",
-               responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+@router.delete("/models/{model:path}/{dtype}", summary="Unload a resident variant and free its memory")
 async def unload(model: str, dtype: str, engine: ReadyEngine) -> dict:
     return await engine.unload(model, canonical_dtype(dtype))

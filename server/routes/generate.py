@@ -12,23 +12,24 @@ from models.api import Finished, GenerationParams, TextDelta
 from models.errors import EngineError
 from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
-from server.schemas import ErrorBody, GenerateRequest, GenerateResponse, Timings, UsageBody
+from server.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse, Timings, UsageBody
 from server.settings import Settings
 from server.streaming import collect_unless_disconnected, first_event
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], responses=ERROR_RESPONSES)
 
 
 def to_params(body: GenerateRequest, settings: Settings) -> GenerationParams:
     """Apply the server's limits and defaults to a request."""
-    max_tokens = body.max_tokens or min(settings.default_max_tokens, settings.max_tokens_limit)
-    if max_tokens > settings.max_tokens_limit:
+    max_tokens = body.max_tokens
+    if max_tokens is not None and max_tokens > settings.max_tokens_limit:
         raise HTTPException(422, f"max_tokens: must be at most {settings.max_tokens_limit}")
     stops = body.stop_strings()
     if len(stops) > settings.max_stop_strings or any(len(s) > 256 or not s for s in stops):
         raise HTTPException(422, f"stop: at most {settings.max_stop_strings} non-empty strings of up to 256 characters")
     return GenerationParams(prompt=body.prompt, model=body.model, dtype=body.dtype, max_tokens=max_tokens,
-                            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stops)
+                            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stops,
+                            ignore_eos=body.ignore_eos)
 
 
 def finished_body(text: str, done: Finished) -> GenerateResponse:
@@ -37,7 +38,8 @@ def finished_body(text: str, done: Finished) -> GenerateResponse:
         usage=UsageBody(prompt_tokens=done.usage.prompt_tokens, completion_tokens=done.usage.completion_tokens,
                         total_tokens=done.usage.total_tokens),
         timings=Timings(time_to_first_token_s=round(done.time_to_first_token_s, 6), total_s=round(done.total_s, 6),
-                        tokens_per_second=round(done.decode_tokens_per_second, 3)))
+                        tokens_per_second=round(done.decode_tokens_per_second, 3)),
+        warnings=list(done.warnings))
 
 
 async def _sse(events: AsyncIterator[TextDelta | Finished]) -> AsyncIterator[dict]:
@@ -56,7 +58,6 @@ async def _sse(events: AsyncIterator[TextDelta | Finished]) -> AsyncIterator[dic
 
 
 @router.post("/generate", response_model=GenerateResponse,
-             responses={422: {"model": ErrorBody}, 404: {"model": ErrorBody}, 503: {"model": ErrorBody}},
              summary="Generate text at the dtype the request names (default: the startup dtype)")
 async def generate(body: GenerateRequest, request: Request, engine: ReadyEngine, settings: SettingsDep):
     params = to_params(body, settings)

@@ -6,9 +6,9 @@ from fastapi import APIRouter
 
 from models.dtypes import DTYPE_NAMES
 from server.deps import ReadyEngine
-from server.schemas import canonical_dtype
+from server.schemas import ERROR_RESPONSES, canonical_dtype
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
 
 @router.get("/models", summary="Models a request may name, the dtypes, and the resident variants")

@@ -16,13 +16,11 @@ from models.errors import EngineError
 from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
 from server.openai_schemas import ChatCompletionRequest, CompletionRequest
-from server.schemas import ErrorBody
+from server.schemas import ERROR_RESPONSES
 from server.settings import Settings
 from server.streaming import collect_unless_disconnected, first_event
 
-router = APIRouter(prefix="/v1", tags=["openai"])
-_ERRORS = {400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody},
-           429: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 
 def split_model_id(model: str | None, dtype: str | None) -> tuple[str | None, str | None]:
@@ -41,8 +39,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: S
                     max_tokens: int | None, logprobs: int | None, prompt: str | None = None,
                     messages: tuple[dict, ...] | None = None) -> GenerationParams:
     model, dtype = split_model_id(body.model, body.dtype)
-    max_tokens = max_tokens or min(settings.default_max_tokens, settings.max_tokens_limit)
-    if max_tokens > settings.max_tokens_limit:
+    if max_tokens is not None and max_tokens > settings.max_tokens_limit:
         raise HTTPException(422, f"max_tokens: must be at most {settings.max_tokens_limit}")
     stops = body.stop_strings()
     if len(stops) > settings.max_stop_strings or any(not s or len(s) > 256 for s in stops):
@@ -52,11 +49,17 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: S
     return GenerationParams(
         prompt=prompt, messages=messages, model=model, dtype=dtype, max_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stops, logprobs=logprobs,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias)
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias,
+        ignore_eos=body.ignore_eos)
 
 
 def variant_id(done: Finished) -> str:
     return f"{done.model}:{done.dtype}"
+
+
+def warnings_body(done: Finished) -> dict:
+    """An extension field, present only when there is something to say."""
+    return {"warnings": list(done.warnings)} if done.warnings else {}
 
 
 def usage_body(done: Finished) -> dict:
@@ -94,7 +97,7 @@ async def list_models(engine: ReadyEngine) -> dict:
     return {"object": "list", "data": data}
 
 
-@router.post("/completions", responses=_ERRORS, summary="OpenAI text completions")
+@router.post("/completions", summary="OpenAI text completions")
 async def completions(body: CompletionRequest, request: Request, engine: ReadyEngine, settings: SettingsDep):
     params = sampling_params(body, settings, max_tokens=body.max_tokens, logprobs=body.logprobs,
                              prompt=body.prompt_text())
@@ -112,7 +115,7 @@ async def completions(body: CompletionRequest, request: Request, engine: ReadyEn
                                                        "model": model, "choices": [], "usage": usage})
 
 
-@router.post("/chat/completions", responses=_ERRORS, summary="OpenAI chat completions (the tokenizer's template)")
+@router.post("/chat/completions", summary="OpenAI chat completions (the tokenizer's template)")
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: ReadyEngine,
                            settings: SettingsDep):
     messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
@@ -153,9 +156,10 @@ async def _respond(engine: Engine, request: Request, params: GenerationParams, s
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": done.finish_reason,
                              "logprobs": chat_logprobs(entries) if wants_logprobs else None}],
-                "usage": usage_body(done)}
+                "usage": usage_body(done), **warnings_body(done)}
     body = chunk(variant_id(done), text, done.finish_reason, entries, 0)
     body["usage"] = usage_body(done)
+    body.update(warnings_body(done))
     return body
 
 

@@ -1,0 +1,166 @@
+"""Shared pieces of the benchmarks: generated models, servers started as processes, load clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "bench" / "models"
+RESULTS = ROOT / "bench" / "results"
+
+# llama shapes used across benchmarks (character vocabulary of the bundled tokenizer)
+SHAPES = {
+    "llama-25m": dict(hidden=512, layers=8, intermediate=1408),
+    "llama-50m": dict(hidden=512, layers=16, intermediate=1408),
+    "llama-100m": dict(hidden=1024, layers=8, intermediate=2816),
+    "llama-250m": dict(hidden=2048, layers=5, intermediate=5632),
+    "llama-500m": dict(hidden=2048, layers=10, intermediate=5632),
+    "llama-1b": dict(hidden=2048, layers=16, intermediate=5632),
+}
+
+
+def ensure_model(shape: str, dtype: str = "bfloat16", vocab: int = 100, context: int = 4096) -> Path:
+    """A random-weight llama in the mlx-lm layout, generated once under bench/models/."""
+    folder = MODELS / f"{shape}-{dtype}"
+    if (folder / "model.safetensors").exists():
+        return folder
+    code = ("from models.blas import configure_blas; configure_blas('auto');"
+            "import sys, json; from pathlib import Path;"
+            "from models.synthetic import llama_config, make_llama_checkpoint;"
+            "a = json.loads(sys.argv[1]);"
+            "make_llama_checkpoint(Path(a['folder']), llama_config(a['hidden'], a['layers'], a['vocab'],"
+            " a['intermediate'], context=a['context']), dtype=a['dtype'])")
+    args = {**SHAPES[shape], "folder": str(folder), "vocab": vocab, "dtype": dtype, "context": context}
+    subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=ROOT, check=True)
+    return folder
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "versions": {p: version(p) for p in ("mlx", "mlx-cpu", "mlx-cuda-13", "mlx-lm", "dtype-serve")}}
+
+
+def write_result(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"environment": environment(), **data}, indent=2))
+    return path
+
+
+@contextmanager
+def server(cmd: list[str], ready_url: str, env: dict | None = None, timeout: float = 600):
+    """Start a server process, wait until `ready_url` answers 200, stop it afterwards."""
+    log = open(RESULTS / f"server-{os.getpid()}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:3]} exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{cmd[:3]} not ready")
+            time.sleep(0.25)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RequestResult:
+    ttft: float
+    total: float
+    tokens: int
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
+    """One streamed /v1/completions request: time to first text, total time, completion tokens."""
+    start = time.perf_counter()
+    ttft, tokens, chunks = None, None, 0
+    async with client.stream("POST", url, json={**body, "stream": True,
+                                                 "stream_options": {"include_usage": True}}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+            for choice in data.get("choices") or []:
+                if choice.get("text"):
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+    total = time.perf_counter() - start
+    return RequestResult(ttft or total, total, tokens if tokens is not None else chunks)
+
+
+async def load_run(url: str, body: dict, clients: int, requests_per_client: int) -> dict:
+    """`clients` concurrent clients, each sending requests back to back."""
+    results: list[RequestResult] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for _ in range(requests_per_client):
+            results.append(await stream_completion(client, url, body))
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    ttfts = sorted(r.ttft for r in results)
+    tokens = sum(r.tokens for r in results)
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
+            "aggregate_tok_s": round(tokens / wall, 2),
+            "single_stream_tok_s": round(statistics.median(r.tokens / r.total for r in results), 2),
+            "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4)}
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = (len(sorted_values) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)

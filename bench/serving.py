@@ -1,0 +1,93 @@
+"""Serving speed side by side, in one run: dtype-serve vs mlx_lm.server vs stream_generate called directly.
+
+    python -m bench.serving --shape llama-25m --dtype bfloat16 --clients 1 4 8 16
+
+Each server is started by the benchmark on the same model folder and dtype. Single stream: end-to-end
+tokens/s of one client through HTTP vs stream_generate. Concurrency: aggregate tokens/s and TTFT
+percentiles per client count. Results: bench/results/serving-<shape>-<dtype>[-blas].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+
+from bench.common import ROOT, ensure_model, free_port, load_run, server, write_result
+from models.blas import _find_optimized
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
+
+
+def ours(folder, dtype: str, port: int, blas: str, batch: int):
+    cmd = [sys.executable, "-m", "server", "--model", str(folder), "--dtype", dtype, "--port", str(port),
+           "--blas", blas, "--max-batch-size", str(batch), "--max-queue", "256", "--log-level", "warning"]
+    return server(cmd, f"http://127.0.0.1:{port}/health/ready"), folder.name
+
+
+def mlx_lm_server(folder, port: int, blas: str):
+    # Same BLAS as ours, for a fair float32 comparison: preload it into the peer.
+    env = {}
+    lib = _find_optimized() if blas == "auto" else None
+    if lib and sys.platform == "linux":
+        env["LD_PRELOAD"] = lib
+    cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port), "--log-level", "WARNING"]
+    return server(cmd, f"http://127.0.0.1:{port}/v1/models", env=env), str(folder)
+
+
+def direct(folder, dtype: str, max_tokens: int, runs: int, blas: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.direct", str(folder), dtype, PROMPT, str(max_tokens),
+                          str(runs), "--blas", blas], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(ctx, model_id: str, port: int, clients: list[int], max_tokens: int, per_client: int) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    body = {"model": model_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    rows = []
+    with ctx:
+        asyncio.run(load_run(url, body, 1, 2))  # warm-up
+        for n in clients:
+            rows.append(asyncio.run(load_run(url, body, n, per_client)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-25m")
+    p.add_argument("--dtype", default="bfloat16", help="stored dtype of the generated model, served as is")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--peers", nargs="+", default=["ours", "mlx_lm"], choices=["ours", "mlx_lm"])
+    p.add_argument("--blas", default="auto")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--direct-runs", type=int, default=3)
+    a = p.parse_args(argv)
+    folder = ensure_model(a.shape, a.dtype)
+    result = {"shape": a.shape, "dtype": a.dtype, "blas": a.blas, "max_tokens": a.max_tokens,
+              "prompt_chars": len(PROMPT), "direct": direct(folder, a.dtype, a.max_tokens, a.direct_runs, a.blas)}
+    for peer in a.peers:
+        port = free_port()
+        ctx, model_id = ours(folder, a.dtype, port, a.blas, a.batch) if peer == "ours" else \
+            mlx_lm_server(folder, port, a.blas)
+        result[peer] = measure(ctx, model_id, port, a.clients, a.max_tokens, a.requests_per_client)
+    ratios = {}
+    if "ours" in result:
+        one = next(r for r in result["ours"] if r["clients"] == 1)
+        ratios["single_stream_vs_direct"] = round(one["single_stream_tok_s"] / result["direct"]["tok_s"], 3)
+        if "mlx_lm" in result:
+            for mine, theirs in zip(result["ours"], result["mlx_lm"], strict=True):
+                ratios[f"aggregate_vs_mlx_lm_at_{mine['clients']}"] = round(
+                    mine["aggregate_tok_s"] / theirs["aggregate_tok_s"], 3)
+    result["ratios"] = ratios
+    path = write_result(f"serving-{a.shape}-{a.dtype}-blas_{a.blas}", result)
+    print(json.dumps(result, indent=1))
+    print(f"wrote {path.relative_to(ROOT)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

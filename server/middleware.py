@@ -1,0 +1,112 @@
+"""Pure ASGI middleware: API keys and request body limits, before any routing or parsing."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+# Exact raw paths that need no key: liveness and readiness probes.
+OPEN_PATHS = frozenset({"/health", "/health/ready"})
+
+
+async def send_error(send: Send, status: int, type_: str, message: str, headers: list | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": None,
+                                 "status": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiKeyMiddleware:
+    """Every route but the probes needs `Authorization: Bearer <key>`, compared in constant time.
+
+    The check runs on the raw path before routing, so no spelling of a path (`//v1`, `/V1`,
+    `%2F`) reaches a route without a key; only the exact probe paths are open.
+    """
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = tuple(k.encode() for k in keys)
+
+    def _authorized(self, scope: Scope) -> bool:
+        supplied = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    supplied = token.strip()
+                break
+        ok = False
+        for key in self.keys:  # compare against every key, so timing says nothing about which
+            ok |= hmac.compare_digest(supplied, key)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw = scope.get("raw_path")
+        path = raw.split(b"?", 1)[0].decode("latin-1") if raw else scope.get("path", "")
+        if path in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        await send_error(send, 401, "authentication_error", "a valid API key is required "
+                         "(Authorization: Bearer <key>)", [(b"www-authenticate", b"Bearer")])
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies above `max_bytes` with 413, before the application reads them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await send_error(send, 400, "invalid_request_error", "invalid Content-Length")
+                    return
+                if declared > self.max_bytes:
+                    await send_error(send, 413, "request_too_large",
+                                     f"request body over the limit of {self.max_bytes} bytes")
+                    return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await send_error(send, 413, "request_too_large",
+                                 f"request body over the limit of {self.max_bytes} bytes")
+
+
+class _TooLarge(Exception):
+    pass

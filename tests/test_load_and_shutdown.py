@@ -1,0 +1,80 @@
+"""A bounded load on loopback and a graceful SIGTERM, against real server processes."""
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import start_server, stop_server
+
+CAPACITY, QUEUE = 2, 4
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    proc, base = start_server("--max-batch-size", str(CAPACITY), "--max-queue", str(QUEUE))
+    yield proc, base
+    stop_server(proc)
+
+
+async def test_beyond_capacity_and_queue_requests_get_429_at_once(small_server):
+    _, base = small_server
+    sent = CAPACITY + QUEUE + 20
+    finished_ok: list[float] = []
+    rejected_at: list[float] = []
+
+    async def one(client, i):
+        r = await client.post(f"{base}/generate", json={"prompt": "The cat", "max_tokens": 64, "ignore_eos": True})
+        now = time.monotonic()
+        if r.status_code == 200:
+            finished_ok.append(now)
+        else:
+            assert r.status_code == 429, r.text
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_exceeded"
+            rejected_at.append(now)
+        return r.status_code
+
+    limits = httpx.Limits(max_connections=sent + 5)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        statuses = await asyncio.gather(*(one(client, i) for i in range(sent)))
+        health = await client.get(f"{base}/health")
+    assert len(statuses) == sent  # no connection reset: every request got an answer
+    assert statuses.count(200) + statuses.count(429) == sent
+    assert statuses.count(200) >= CAPACITY + QUEUE and statuses.count(429) >= 1
+    assert max(rejected_at) < min(finished_ok)  # refusals come before any accepted request finishes
+    assert health.status_code == 200
+
+
+def test_sigterm_drains_streams_then_exits_zero():
+    proc, base = start_server("--drain-timeout-s", "60")
+    lines: list[str] = []
+    first_chunk = threading.Event()
+
+    def stream():
+        with httpx.stream("POST", f"{base}/generate", json={"prompt": "The cat", "stream": True, "max_tokens": 200,
+                                                                 "ignore_eos": True},
+                          timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                    first_chunk.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    try:
+        assert first_chunk.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):  # the listener is closed: new requests are refused
+            httpx.post(f"{base}/generate", json={"prompt": "1+1="}, timeout=5)
+        reader.join(120)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop_server(proc)
+    assert lines[-1] == "[DONE]"
+    final = json.loads(lines[-2])
+    assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 200
