@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # On SIGTERM let streams finish (bounded by the drain timeout) instead of cutting them at once.
     AppStatus.disable_automatic_graceful_drain()
+    # uvicorn re-raises SIGTERM after its graceful shutdown; a drained shutdown is a clean exit (0).
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 timeout_graceful_shutdown=settings.drain_timeout_s,
                 h11_max_incomplete_event_size=settings.max_header_bytes)

@@ -71,6 +71,8 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        too_large = f"request body over the limit of {self.max_bytes} bytes"
+        declared = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -78,35 +80,28 @@ class BodyLimitMiddleware:
                 except ValueError:
                     await send_error(send, 400, "invalid_request_error", "invalid Content-Length")
                     return
-                if declared > self.max_bytes:
-                    await send_error(send, 413, "request_too_large",
-                                     f"request body over the limit of {self.max_bytes} bytes")
-                    return
+        if declared is not None:
+            if declared > self.max_bytes:
+                await send_error(send, 413, "request_too_large", too_large)
+                return
+            await self.app(scope, receive, send)
+            return
+        # No length given (chunked): read up to the limit first, then replay it to the app.
+        messages: list[Message] = []
         received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge()
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                await send_error(send, 413, "request_too_large", too_large)
+                return
+            if not message.get("more_body", False):
+                break
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await send_error(send, 413, "request_too_large",
-                                 f"request body over the limit of {self.max_bytes} bytes")
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from server.schemas import canonical_dtype
+from server.schemas import Number, canonical_dtype
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -21,18 +21,19 @@ class _SamplingFields(BaseModel):
 
     model_config = _STRICT
 
-    model: str | None = Field(None, max_length=300, description="model id from /v1/models; `name:dtype` picks a dtype")
+    model: str | None = Field(None, min_length=1, max_length=300,
+                              description="model id from /v1/models; `name:dtype` picks a dtype")
     dtype: str | None = Field(None, description="dtype extension (extra_body={'dtype': ...})")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Number = Field(1.0, ge=0.0, le=2.0)
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
     n: StrictInt = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(None, max_length=300)
+    presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Number] | None = Field(None, max_length=300)
     user: str | None = Field(None, max_length=256)
     ignore_eos: StrictBool = Field(False, description="extension: generate max_tokens even past end-of-sequence")
 

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+)
 
 from models.dtypes import normalize_dtype
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _no_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+# A JSON number: ints and floats, but never true/false or a numeric string.
+Number = Annotated[StrictFloat | StrictInt, BeforeValidator(_no_bool), AfterValidator(float)]
 
 
 def canonical_dtype(value: object) -> str | None:
@@ -19,11 +39,12 @@ class GenerateRequest(BaseModel):
     model_config = _STRICT
 
     prompt: str = Field(min_length=1, max_length=1_000_000, description="text to continue")
-    model: str | None = Field(None, max_length=256, description="a name from GET /models; default: the startup model")
+    model: str | None = Field(None, min_length=1, max_length=256,
+                              description="a name from GET /models; default: the startup model")
     dtype: str | None = Field(None, description="auto, float32, float16, bfloat16 (or fp16, bf16, half, fp32, float)")
     max_tokens: StrictInt | None = Field(None, ge=1, description="tokens to generate at most")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Number = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
     seed: StrictInt | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = Field(None, description="stop strings, not included in the text")
     stream: StrictBool = Field(False, description="server-sent events when true")

@@ -18,7 +18,7 @@ def quantized(tmp_path_factory):
 def test_quantized_weights_stay_integer(quantized, dtype):
     reference = mx.load(str(quantized / "model.safetensors"))
     loaded = load_variant("q4", quantized, dtype)
-    target = {"auto": mx.float16}.get(dtype, getattr(mx, dtype))
+    target = mx.float16 if dtype == "auto" else getattr(mx, dtype)
     params = dict(tree_flatten(loaded.model.parameters()))
     packed = [k for k in params if k.endswith(".weight") and params[k].dtype == mx.uint32]
     assert packed, "the quantized layers keep uint32 weights"

@@ -141,9 +141,10 @@ def arithmetic_samples(rng: random.Random) -> Iterator[tuple[str, str]]:
 
 
 def training_corpus(seed: int = 0, n: int | None = None) -> Iterator[str]:
-    """Stream of raw training texts (without special tokens), as the trainer uses them.
+    """A mixed stream of raw training texts (without special tokens), ``n`` of them if given.
 
-    ``n`` bounds the stream; arithmetic texts are ``prompt + answer``.
+    Built from the same generators the trainer draws from (``arithmetic_samples`` and
+    ``english_text``); arithmetic texts are ``prompt + answer``.
     """
     rng = random.Random(seed)
     arith = arithmetic_samples(rng)
