@@ -92,6 +92,8 @@ class MLXEngine:
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Start the worker, load the default variant and warm it up; then report ready."""
+        if self._thread is not None:
+            raise RuntimeError("the engine was already started")
         self._state = "starting"
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self._thread.start()
@@ -257,7 +259,10 @@ class MLXEngine:
         tokens = self._encode(variant, params)
         context = variant.loaded.context_length
         max_tokens = params.max_tokens or min(self.default_max_tokens, context - len(tokens))
-        if len(tokens) + max_tokens > context or max_tokens < 1:
+        if len(tokens) >= context:
+            raise InvalidRequestError(f"the prompt ({len(tokens)} tokens) does not fit the context length "
+                                      f"of {context} tokens")
+        if len(tokens) + max_tokens > context:
             raise InvalidRequestError(
                 f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
                 f"context length of {context} tokens")

@@ -74,4 +74,24 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(inventory.router)
     app.include_router(admin.router)
     app.include_router(openai.router)
+    document_limits(app, settings)
     return app
+
+
+def document_limits(app: FastAPI, settings: Settings) -> None:
+    """Put the configured max_tokens cap into the OpenAPI schema, so clients see the real limit."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for component in schema.get("components", {}).get("schemas", {}).values():
+                for name in ("max_tokens", "max_completion_tokens"):
+                    field = component.get("properties", {}).get(name)
+                    for option in (field or {}).get("anyOf", [field] if field else []):
+                        if option.get("type") == "integer":
+                            option["maximum"] = settings.max_tokens_limit
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

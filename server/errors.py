@@ -76,6 +76,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
+        elif err.get("type") == "literal_error":
+            msg = f"{msg}; got {repr(err.get('input'))[:60]}"
         parts.append(f"{where}: {msg}")
     return "; ".join(parts) or "invalid request", param
 

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
-from server.schemas import Number, canonical_dtype
+from server.schemas import SEED_LIMIT, Dtype, StopStrings, numbers_only
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+Prompt = Annotated[str, Field(min_length=1, max_length=1_000_000)]
+_TOKEN_ID = r"^[0-9]{1,9}$"
+# Keys are token ids; the schema says so exactly (pydantic alone leaves other keys unconstrained).
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=_TOKEN_ID)], Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=300),
+    WithJsonSchema({"type": "object", "maxProperties": 300, "additionalProperties": False,
+                    "patternProperties": {_TOKEN_ID: {"type": "number", "minimum": -100, "maximum": 100}}}),
+]
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"] = Field(description="only plain text is supported")
 
 
 class StreamOptions(BaseModel):
@@ -23,31 +39,22 @@ class _SamplingFields(BaseModel):
 
     model: str | None = Field(None, min_length=1, max_length=300,
                               description="model id from /v1/models; `name:dtype` picks a dtype")
-    dtype: str | None = Field(None, description="dtype extension (extra_body={'dtype': ...})")
-    temperature: Number = Field(1.0, ge=0.0, le=2.0)
-    top_p: Number = Field(1.0, gt=0.0, le=1.0)
-    n: StrictInt = Field(1, ge=1, le=1, description="only 1 is supported")
+    dtype: Dtype | None = Field(None, description="dtype extension (extra_body={'dtype': ...})")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
-    presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, Number] | None = Field(None, max_length=300)
+    stop: StopStrings | None = None
+    seed: int | None = Field(None, ge=-SEED_LIMIT, le=SEED_LIMIT)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: LogitBias | None = Field(None, description="token id -> bias in [-100, 100]")
     user: str | None = Field(None, max_length=256)
     ignore_eos: StrictBool = Field(False, description="extension: generate max_tokens even past end-of-sequence")
 
-    _normalize_dtype = field_validator("dtype", mode="before")(classmethod(lambda cls, v: canonical_dtype(v)))
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not key.isdigit():
-                raise ValueError("keys must be token ids")
-            if not -100 <= bias <= 100:
-                raise ValueError("values must be in [-100, 100]")
-        return value
+    _numbers = numbers_only("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty")
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -56,29 +63,16 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] = Field(description="one prompt (a list of one string is accepted)")
-    max_tokens: StrictInt | None = Field(16, ge=1)
-    logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    echo: StrictBool = False
-    suffix: str | None = None
-    best_of: StrictInt | None = Field(None, ge=1, le=1)
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)] = Field(
+        description="one prompt (a list of one string is accepted)")
+    max_tokens: int | None = Field(None, ge=1, description="default: 16, as OpenAI's")
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: Literal[False] = Field(False, description="not supported")
+    suffix: None = Field(None, description="not supported")
+    best_of: int | None = Field(None, ge=1, le=1)
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt is supported")
-        text = value if isinstance(value, str) else value[0]
-        if not text:
-            raise ValueError("the prompt is empty")
-        return value
+    _completion_numbers = numbers_only("max_tokens", "logprobs", "best_of")
 
-    @field_validator("echo", "suffix")
-    @classmethod
-    def _unsupported(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("not supported")
-        return value
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -104,25 +98,14 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    response_format: dict | None = None
-    tools: list | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    _chat_numbers = numbers_only("max_tokens", "max_completion_tokens", "top_logprobs")
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list, Field(max_length=0, description="tool calling is not supported")] | None = None
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict | None) -> dict | None:
-        if value and value.get("type") not in (None, "text"):
-            raise ValueError("only {'type': 'text'} is supported")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list | None) -> list | None:
-        if value:
-            raise ValueError("tool calling is not supported")
-        return value

@@ -4,35 +4,37 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    field_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-from models.dtypes import normalize_dtype
+from models.dtypes import ALIASES, DTYPE_NAMES, normalize_dtype
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def _no_bool(value: object) -> object:
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
+def json_number(value: object) -> object:
+    """Numbers as JSON means them: 2.0 is an integer, but true and "2" are not numbers."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be a JSON number")
     return value
 
 
-# A JSON number: ints and floats, but never true/false or a numeric string.
-Number = Annotated[StrictFloat | StrictInt, BeforeValidator(_no_bool), AfterValidator(float)]
+def numbers_only(*fields: str) -> classmethod:
+    """A before-validator for numeric fields: pydantic's lax mode would take booleans and strings."""
+    return field_validator(*fields, mode="before")(classmethod(lambda cls, v: json_number(v)))
+
+
+MAX_STOP_STRINGS = 8
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+StopStrings = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
 def canonical_dtype(value: object) -> str | None:
     return None if value is None else normalize_dtype(value)
+
+
+# The names and documented aliases, as an enum in the schema; validated values are canonical.
+Dtype = Annotated[Literal[tuple(DTYPE_NAMES) + tuple(ALIASES)], AfterValidator(normalize_dtype)]  # type: ignore[misc]
+SEED_LIMIT = 2**53  # exactly representable in JSON numbers everywhere
 
 
 class GenerateRequest(BaseModel):
@@ -41,16 +43,16 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=1_000_000, description="text to continue")
     model: str | None = Field(None, min_length=1, max_length=256,
                               description="a name from GET /models; default: the startup model")
-    dtype: str | None = Field(None, description="auto, float32, float16, bfloat16 (or fp16, bf16, half, fp32, float)")
-    max_tokens: StrictInt | None = Field(None, ge=1, description="tokens to generate at most")
-    temperature: Number = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
-    top_p: Number = Field(1.0, gt=0.0, le=1.0)
-    seed: StrictInt | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = Field(None, description="stop strings, not included in the text")
+    dtype: Dtype | None = Field(None, description="auto (the checkpoint's), float32, float16, bfloat16, or an alias")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=SEED_LIMIT)
+    stop: StopStrings | None = Field(None, description="stop strings, not included in the text")
     stream: StrictBool = Field(False, description="server-sent events when true")
     ignore_eos: StrictBool = Field(False, description="keep generating past end-of-sequence, up to max_tokens")
 
-    _normalize_dtype = field_validator("dtype", mode="before")(classmethod(lambda cls, v: canonical_dtype(v)))
+    _numbers = numbers_only("max_tokens", "temperature", "top_p", "seed")
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -94,3 +96,6 @@ class ErrorBody(BaseModel):
 
 # Every route may answer with these; documented so clients and schema checks know the shape.
 ERROR_RESPONSES: dict = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 429, 500, 503, 507)}
+# Streaming endpoints answer 200 with server-sent events when the body asks for `stream`.
+STREAM_RESPONSE: dict = {200: {"content": {"text/event-stream": {"schema": {}}},
+                               "description": "JSON, or server-sent events when stream is true"}}

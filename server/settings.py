@@ -39,7 +39,6 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none")
     max_batch_size: int = Field(16, ge=1, le=512, description="requests decoded together per variant")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond max_batch_size before 429s")
-    max_stop_strings: int = Field(8, ge=0, description="most stop strings per request")
     memory_budget: str | None = Field(None, description="bytes resident variants may hold: 12GiB, 500MB, "
                                       "a byte count, or a fraction of device memory (0.5); default 0.75")
     idle_unload_s: float | None = Field(None, gt=0, description="unload variants unused this long (seconds)")

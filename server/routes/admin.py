@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.deps import ReadyEngine
-from server.schemas import ERROR_RESPONSES, canonical_dtype
+from server.schemas import ERROR_RESPONSES, Dtype
 
 router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
@@ -14,10 +14,9 @@ router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, max_length=256, description="a name from GET /models; default: the startup model")
-    dtype: str | None = Field(None, description="dtype to load; default: the startup dtype")
-
-    _normalize_dtype = field_validator("dtype", mode="before")(classmethod(lambda cls, v: canonical_dtype(v)))
+    model: str | None = Field(None, min_length=1, max_length=256,
+                              description="a name from GET /models; default: the startup model")
+    dtype: Dtype | None = Field(None, description="dtype to load; default: the startup dtype")
 
 
 @router.post("/models/load", summary="Load a variant (model, dtype) under the memory budget",
@@ -27,5 +26,5 @@ async def load(body: LoadRequest, engine: ReadyEngine) -> dict:
 
 
 @router.delete("/models/{model:path}/{dtype}", summary="Unload a resident variant and free its memory")
-async def unload(model: str, dtype: str, engine: ReadyEngine) -> dict:
-    return await engine.unload(model, canonical_dtype(dtype))
+async def unload(model: str, dtype: Dtype, engine: ReadyEngine) -> dict:
+    return await engine.unload(model, dtype)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from models.dtypes import DTYPE_NAMES
 from server.deps import ReadyEngine
-from server.schemas import ERROR_RESPONSES, canonical_dtype
+from server.schemas import ERROR_RESPONSES, Dtype
 
 router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
@@ -22,8 +24,9 @@ async def list_models(engine: ReadyEngine) -> dict:
 
 
 @router.get("/memory/estimate", summary="Bytes a variant would hold, from the safetensors headers alone")
-async def estimate(engine: ReadyEngine, model: str | None = None, dtype: str | None = None) -> dict:
-    return {"estimates": await engine.estimate(model, canonical_dtype(dtype))}
+async def estimate(engine: ReadyEngine, model: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+                   dtype: Dtype | None = None) -> dict:
+    return {"estimates": await engine.estimate(model, dtype)}
 
 
 @router.get("/memory", summary="Exact bytes of each resident variant by parameter dtype; process and device")

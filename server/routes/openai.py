@@ -16,7 +16,7 @@ from models.errors import EngineError
 from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
 from server.openai_schemas import ChatCompletionRequest, CompletionRequest
-from server.schemas import ERROR_RESPONSES
+from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE
 from server.settings import Settings
 from server.streaming import collect_unless_disconnected, first_event
 
@@ -42,8 +42,6 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: S
     if max_tokens is not None and max_tokens > settings.max_tokens_limit:
         raise HTTPException(422, f"max_tokens: must be at most {settings.max_tokens_limit}")
     stops = body.stop_strings()
-    if len(stops) > settings.max_stop_strings or any(not s or len(s) > 256 for s in stops):
-        raise HTTPException(422, f"stop: at most {settings.max_stop_strings} non-empty strings of up to 256 characters")
     seed = None if body.seed is None else body.seed % (2**63)
     bias = tuple((int(k), v) for k, v in (body.logit_bias or {}).items())
     return GenerationParams(
@@ -97,9 +95,10 @@ async def list_models(engine: ReadyEngine) -> dict:
     return {"object": "list", "data": data}
 
 
-@router.post("/completions", summary="OpenAI text completions")
+@router.post("/completions", responses=STREAM_RESPONSE, summary="OpenAI text completions")
 async def completions(body: CompletionRequest, request: Request, engine: ReadyEngine, settings: SettingsDep):
-    params = sampling_params(body, settings, max_tokens=body.max_tokens, logprobs=body.logprobs,
+    max_tokens = body.max_tokens or min(16, settings.max_tokens_limit)
+    params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=body.logprobs,
                              prompt=body.prompt_text())
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -115,7 +114,7 @@ async def completions(body: CompletionRequest, request: Request, engine: ReadyEn
                                                        "model": model, "choices": [], "usage": usage})
 
 
-@router.post("/chat/completions", summary="OpenAI chat completions (the tokenizer's template)")
+@router.post("/chat/completions", responses=STREAM_RESPONSE, summary="OpenAI chat completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: ReadyEngine,
                            settings: SettingsDep):
     messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
