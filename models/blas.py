@@ -140,6 +140,15 @@ def _default_library() -> str:
     return "reference" if _bundled_reference_blas() else "system"
 
 
+def blas_choice(argv: list[str] | tuple[str, ...]) -> str:
+    """The value of a `--blas` flag among command-line arguments (default auto)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--blas", default="auto")
+    return parser.parse_known_args(list(argv))[0].blas
+
+
 def blas_info() -> BlasInfo:
     """What configure_blas chose, or what MLX uses by default if it was never called."""
     return _state or BlasInfo(_default_library(), "unknown", None, "unset")

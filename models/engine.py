@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 import queue
 import threading
@@ -31,9 +32,11 @@ from models.errors import (
     EngineUnavailableError,
     GenerationFailedError,
     InvalidRequestError,
+    MemoryBudgetError,
     QueueFullError,
 )
 from models.estimate import estimate_variant
+from models.fidelity import DEFAULT_DTYPES, FidelityJob
 from models.memory import device_info, parse_budget, process_memory
 from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
@@ -84,6 +87,7 @@ class MLXEngine:
         self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s)
         self._variants = self.registry.variants
+        self._reports: dict[tuple, FidelityJob] = {}  # fidelity reports, cached per (model, dtypes, prompts)
         self._commands: queue.Queue = queue.Queue()
         self._state = "created"
         self._failure: str | None = None
@@ -188,7 +192,7 @@ class MLXEngine:
     def _run(self) -> None:
         try:
             while True:
-                busy = any(v.jobs for v in self._variants.values())
+                busy = any(v.jobs for v in self._variants.values()) or self._running_report() is not None
                 try:
                     command = self._commands.get(block=not busy, timeout=None if busy else 1.0)
                 except queue.Empty:
@@ -206,6 +210,7 @@ class MLXEngine:
                     except queue.Empty:
                         command = None
                 self._step_all()
+                self._step_report()
         except BaseException as e:  # the worker must never die silently: health turns 503
             log.exception("MLX worker died")
             self._state = "failed"
@@ -419,6 +424,62 @@ class MLXEngine:
             elif kind == "call":
                 _, loop, future = payload
                 loop.call_soon_threadsafe(_settle, future, None, error)
+
+    # ---- fidelity reports (worker thread, one unit of work between decode steps) ------------
+    async def report(self, model: str | None, dtypes: tuple[str, ...] | None,
+                     prompts: tuple[str, ...] | None) -> dict:
+        """Start (or look up) the fidelity report of a model; its status, with the result when done."""
+        return await self._call(lambda: self._report_status(self._get_report(model, dtypes, prompts)))
+
+    def _get_report(self, model: str | None, dtypes: tuple[str, ...] | None,
+                    prompts: tuple[str, ...] | None) -> FidelityJob:
+        name = model or self.default_model
+        folder = self.catalog.resolve(name)
+        wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or DEFAULT_DTYPES)}))
+        key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest())
+        job = self._reports.get(key)
+        if job is not None and job.error is None:
+            return job
+        # Its own float32 copy plus one other variant at a time must fit beside what is resident.
+        sizes = [estimate_variant(folder, d)["total_bytes"] for d in {"float32", *wanted}]
+        need = estimate_variant(folder, "float32")["total_bytes"] + max(sizes)
+        free = self.registry.budget_bytes - self.registry.used_bytes()
+        if need > free:
+            raise MemoryBudgetError(f"the report needs {need} bytes beside the resident variants; {free} are free",
+                                    required_bytes=need, available_bytes=free, dtype="float32", retry=False)
+        try:
+            job = FidelityJob(name, folder, wanted, list(prompts) if prompts else None,
+                              trust_remote_code=self.registry.trust_remote_code)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        while len(self._reports) >= 8:  # keep the newest reports only
+            self._reports.pop(next(iter(self._reports))).close()
+        self._reports[key] = job
+        return job
+
+    def _running_report(self) -> FidelityJob | None:
+        return next((j for j in self._reports.values() if not j.done and j.error is None), None)
+
+    def _step_report(self) -> None:
+        job = self._running_report()
+        if job is None:
+            return
+        try:
+            if job.step() and self.nonfinite_policy == "refuse":
+                for dtype, entry in job.result["dtypes"].items():
+                    if entry.get("nonfinite_share"):
+                        self.registry.refuse((job.name, dtype), f"{dtype} produced non-finite logits for "
+                                             f"{job.name} in its fidelity report (refused by policy)")
+        except Exception:
+            log.exception("fidelity report of %s failed", job.name)
+
+    @staticmethod
+    def _report_status(job: FidelityJob) -> dict:
+        state = "failed" if job.error else "done" if job.done else "running"
+        report = {**job.status(), "state": state, "dtypes": job.dtypes}
+        if job.done:
+            report["result"] = job.result
+        return report
 
     # ---- reports (worker thread) ------------------------------------------------------------
     def _memory_report(self) -> dict:

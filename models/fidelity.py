@@ -28,17 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.blas import blas_info, configure_blas
-
-
-def _blas_choice(argv: Sequence[str]) -> str:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--blas", default="auto")
-    return parser.parse_known_args(list(argv))[0].blas
-
+from models.blas import blas_choice, blas_info, configure_blas
 
 if __name__ == "__main__":  # `python -m models.fidelity`: the BLAS must be chosen before mlx is imported
-    configure_blas(_blas_choice(sys.argv[1:]))
+    configure_blas(blas_choice(sys.argv[1:]))
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
@@ -544,7 +537,7 @@ def run_report(folder: str | Path, dtypes: Iterable[str] = DEFAULT_DTYPES, promp
 def main(argv: Sequence[str] | None = None) -> int:
     from models.probes import load_prompt_file
 
-    p = argparse.ArgumentParser(prog="python -m models.fidelity", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dtype-serve compare", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=default_model_ref(), help="model folder (mlx-lm layout)")
     p.add_argument("--dtypes", nargs="+", default=list(DEFAULT_DTYPES))
     p.add_argument("--prompts", help="extra probe prompts: one per line, or JSONL with {\"prompt\": ...}")

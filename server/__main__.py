@@ -10,6 +10,14 @@ from pydantic import ValidationError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # `dtype-serve compare ...`: the fidelity report on the command line
+        from models.blas import blas_choice, configure_blas
+
+        configure_blas(blas_choice(argv[1:]))
+        from models.fidelity import main as compare
+
+        return compare(argv[1:])
     from server.settings import load_settings
 
     try:

@@ -1,0 +1,56 @@
+"""The dtype report: fidelity and speed of each dtype against float32, computed as a job."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.deps import ReadyEngine
+from server.schemas import ERROR_RESPONSES, Dtype
+
+router = APIRouter(prefix="/v1/dtypes", tags=["report"], responses=ERROR_RESPONSES)
+ModelQuery = Annotated[str | None, Query(min_length=1, max_length=256)]
+DtypesQuery = Annotated[list[Dtype] | None, Query(max_length=8, description="repeat: dtypes=bfloat16&dtypes=float16")]
+
+
+class ReportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, min_length=1, max_length=256)
+    dtypes: list[Dtype] | None = Field(None, max_length=8, description="float32 is always measured")
+    prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
+        None, max_length=256, description="probe prompts used instead of the bundled ones")
+
+
+def _answer(status: dict) -> JSONResponse:
+    """200 with the report when done; 202 with progress while it runs (poll again)."""
+    if status["state"] == "running":
+        return JSONResponse(status, status_code=202, headers={"Retry-After": "1"})
+    return JSONResponse(status)
+
+
+@router.get("/report", summary="Fidelity and speed of each dtype vs float32 (202 while computing, then 200)")
+async def get_report(engine: ReadyEngine, model: ModelQuery = None, dtypes: DtypesQuery = None) -> JSONResponse:
+    return _answer(await engine.report(model, tuple(dtypes) if dtypes else None, None))
+
+
+@router.post("/report", summary="The same report over your own probe prompts")
+async def post_report(body: ReportRequest, engine: ReadyEngine) -> JSONResponse:
+    prompts = tuple(body.prompts) if body.prompts else None
+    return _answer(await engine.report(body.model, tuple(body.dtypes) if body.dtypes else None, prompts))
+
+
+@router.get("/report/chart", summary="The report as a chart (memory vs speed vs fidelity per dtype)",
+            responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}}})
+async def chart(engine: ReadyEngine, model: ModelQuery = None, dtypes: DtypesQuery = None,
+                format: Literal["png", "svg"] = "svg") -> Response:
+    status = await engine.report(model, tuple(dtypes) if dtypes else None, None)
+    if status["state"] != "done":
+        return _answer(status)
+    from models.report_chart import render_bytes  # matplotlib, not MLX: fine off the worker
+
+    data = await asyncio.to_thread(render_bytes, status["result"], format)
+    return Response(data, media_type="image/png" if format == "png" else "image/svg+xml")
