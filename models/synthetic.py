@@ -60,4 +60,20 @@ def make_llama_checkpoint(folder: Path, config: dict, dtype: str = "float32", se
     for name in TOKENIZER_FILES:
         if (tokenizer_from / name).exists():
             shutil.copy(tokenizer_from / name, folder / name)
+    if config["vocab_size"] > _tokenizer_size(folder):
+        pad_tokenizer(folder, config["vocab_size"])
     return folder
+
+
+def _tokenizer_size(folder: Path) -> int:
+    return len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
+
+
+def pad_tokenizer(folder: Path, vocab_size: int) -> None:
+    """Grow the character tokenizer to `vocab_size` with placeholder tokens `<|tN|>`, so every id
+    a model with a larger vocabulary samples decodes to text (speed tests with real vocab sizes)."""
+    data = json.loads((folder / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<|t{i}|>"] = i
+    (folder / "tokenizer.json").write_text(json.dumps(data))

@@ -12,7 +12,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.deps import ReadyEngine
 from server.schemas import ERROR_RESPONSES, Dtype
 
-router = APIRouter(prefix="/v1/dtypes", tags=["report"], responses=ERROR_RESPONSES)
+
+class ReportStatus(BaseModel):
+    model: str
+    state: Literal["running", "done", "failed"]
+    stage: str
+    progress: float
+    done: bool
+    error: str | None = None
+    dtypes: list[str]
+    result: dict | None = Field(None, description="the report, once done")
+
+
+RUNNING = {202: {"model": ReportStatus, "description": "still computing: poll again (Retry-After)"}}
+router = APIRouter(prefix="/v1/dtypes", tags=["report"], responses={**ERROR_RESPONSES, **RUNNING})
 ModelQuery = Annotated[str | None, Query(min_length=1, max_length=256)]
 DtypesQuery = Annotated[list[Dtype] | None, Query(max_length=8, description="repeat: dtypes=bfloat16&dtypes=float16")]
 

@@ -1,0 +1,122 @@
+"""The serving benchmarks of one machine in one run (used on the H200; runs on a CPU too):
+
+    python -m bench.hardware --shape llama-1b --dtypes bfloat16 float16 float32 --clients 1 8 32
+
+Per dtype, side by side: batch-1 decode through the server vs stream_generate called directly;
+aggregate tokens/s at each client count vs mlx-lm's BatchGenerator driven directly at the same
+batch size; decode as a share of the memory-bandwidth limit; PyTorch + transformers `generate`
+(if torch with CUDA is there). Also: time to first token of the first request after startup vs
+the steady median, and the time until a second dtype is ready vs the first load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+from bench.common import ROOT, ensure_model, free_port, load_run, server, stream_completion, write_result
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
+
+
+def child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1][:300] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def first_and_steady(base: str, model: str, tokens: int) -> dict:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+
+    async def run() -> dict:
+        async with httpx.AsyncClient(timeout=600) as client:
+            first = await stream_completion(client, f"{base}/v1/completions", body)
+            steady = [await stream_completion(client, f"{base}/v1/completions", body) for _ in range(5)]
+        median = statistics.median(r.ttft for r in steady)
+        return {"first_ttft_s": round(first.ttft, 4), "steady_ttft_s": round(median, 4),
+                "first_over_steady": round(first.ttft / median, 3)}
+
+    return asyncio.run(run())
+
+
+def second_dtype(base: str, model: str, dtype: str, other: str) -> dict:
+    memory = httpx.get(f"{base}/memory", timeout=60).json()
+    first = next(v for v in memory["variants"] if v["dtype"] == dtype)
+    start = time.perf_counter()
+    r = httpx.post(f"{base}/models/load", json={"model": model, "dtype": other}, timeout=600)
+    r.raise_for_status()
+    wall = time.perf_counter() - start
+    return {"first": dtype, "first_load_s": first["load_seconds"], "second": other,
+            "second_ready_s": round(wall, 4), "second_loaded_from": r.json()["loaded_from"],
+            "first_over_second": round(first["load_seconds"] / wall, 3)}
+
+
+def serve_and_measure(folder, dtype: str, clients: list[int], tokens: int, batch: int, other: str | None) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "server", "--model", str(folder), "--dtype", dtype, "--port", str(port),
+           "--max-batch-size", str(batch), "--max-queue", "512", "--max-tokens-limit", str(tokens),
+           "--log-level", "warning"]
+    body = {"model": folder.name, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    out: dict = {}
+    with server(cmd, f"{base}/health/ready"):
+        out["first_request"] = first_and_steady(base, folder.name, tokens)
+        url = f"{base}/v1/completions"
+        out["clients"] = [asyncio.run(load_run(url, body, n, 2 if n > 1 else 3)) for n in clients]
+        memory = httpx.get(f"{base}/memory", timeout=60).json()
+        out["variant_bytes"] = next(v for v in memory["variants"] if v["dtype"] == dtype)["total_bytes"]
+        out["device"] = memory["device"]
+        if other:
+            out["second_dtype"] = second_dtype(base, folder.name, dtype, other)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-1b")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"])
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--bandwidth", type=float, default=4.8e12, help="device memory bandwidth, bytes/s")
+    p.add_argument("--torch", action="store_true", help="also PyTorch + transformers generate (CUDA)")
+    p.add_argument("--name", default="hardware")
+    a = p.parse_args(argv)
+    folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
+    result: dict = {"shape": a.shape, "vocab": a.vocab, "tokens": a.tokens, "stored": "bfloat16", "dtypes": {}}
+    for i, dtype in enumerate(a.dtypes):
+        other = a.dtypes[(i + 1) % len(a.dtypes)] if len(a.dtypes) > 1 else None
+        row: dict = {"direct_batch1": child("bench.direct", str(folder), dtype, PROMPT, str(a.tokens), "3")}
+        row["batchgen"] = {n: child("bench.batchgen", str(folder), dtype, str(n), str(a.tokens)) for n in a.clients}
+        row["server"] = serve_and_measure(folder, dtype, a.clients, a.tokens, max(a.clients), other)
+        if a.torch:
+            config = str(folder / "config.json")
+            row["torch"] = {n: child("bench.torch_generate", config, dtype, str(n), str(a.tokens))
+                            for n in sorted({1, max(a.clients)})}
+        one = next(c for c in row["server"]["clients"] if c["clients"] == 1)
+        direct = row["direct_batch1"].get("tok_s")
+        row["ratios"] = {
+            "server_batch1_vs_direct": round(one["single_stream_tok_s"] / direct, 3) if direct else None,
+            **{f"server_vs_batchgen_at_{c['clients']}": round(c["aggregate_tok_s"] / row["batchgen"][c["clients"]]
+                                                              ["tok_s"], 3)
+               for c in row["server"]["clients"] if "tok_s" in row["batchgen"].get(c["clients"], {})},
+            "batch1_share_of_bandwidth_limit": round(
+                one["single_stream_tok_s"] * row["server"]["variant_bytes"] / a.bandwidth, 4),
+        }
+        result["dtypes"][dtype] = row
+        print(json.dumps({dtype: row["ratios"]}), flush=True)
+    path = write_result(a.name, result)
+    print(f"wrote {path.relative_to(ROOT)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
