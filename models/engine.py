@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import itertools
 import logging
 import queue
 import threading
@@ -25,6 +26,7 @@ from mlx_lm.sample_utils import make_logits_processors
 from models.api import Finished, GenerationParams, Started, TextDelta, TokenLogprob, Usage
 from models.blas import blas_info
 from models.catalog import ModelCatalog
+from models.detokenizer import streaming_detokenizer
 from models.dtypes import AUTO, FLOATING, normalize_dtype
 from models.errors import (
     DtypeRefusedError,
@@ -40,6 +42,7 @@ from models.fidelity import DEFAULT_DTYPES, FidelityJob
 from models.memory import device_info, parse_budget, process_memory
 from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
+from models.single_stream import SingleStream
 from models.stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -62,10 +65,14 @@ class _Job:
     detokenizer: Any = None
     matcher: StopStringMatcher | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    sampler: Any = None
+    processors: list = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    outbox: list | None = None  # the engine's: events go out once per worker iteration
+
     def emit(self, event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.outbox.append((self, event))
 
 
 class MLXEngine:
@@ -73,7 +80,7 @@ class MLXEngine:
                  max_batch_size: int = 16, warmup: bool = True, trust_remote_code: bool = False,
                  memory_budget: str | None = None, idle_unload_s: float | None = None,
                  pin_default: bool = True, max_queue: int = 64, default_max_tokens: int = 256,
-                 nonfinite_policy: str = "warn") -> None:
+                 nonfinite_policy: str = "warn", single_stream: bool = True) -> None:
         self.catalog = catalog
         self.default_model = default_model
         self.default_dtype = normalize_dtype(default_dtype)
@@ -83,12 +90,16 @@ class MLXEngine:
         self.max_queue = max_queue
         self.default_max_tokens = default_max_tokens
         self.nonfinite_policy = nonfinite_policy
+        self.single_stream = single_stream  # a lone request decodes outside the batch (faster)
+        self._single_uids = itertools.count(-1, -1)
+        self.handoffs = 0  # lone sequences moved into a batch
         self._open_jobs = 0  # admitted and not finished; only the event loop thread changes it
         self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s)
         self._variants = self.registry.variants
         self._reports: dict[tuple, FidelityJob] = {}  # fidelity reports, cached per (model, dtypes, prompts)
         self._commands: queue.Queue = queue.Queue()
+        self._outbox: list[tuple[_Job, Any]] = []
         self._state = "created"
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
@@ -139,12 +150,20 @@ class MLXEngine:
         if self._open_jobs >= self.max_batch_size + self.max_queue:
             raise QueueFullError(f"the server is at capacity ({self.max_batch_size} running, "
                                  f"{self.max_queue} queued); retry shortly")
-        job = _Job(params, asyncio.get_running_loop(), asyncio.Queue())
+        job = _Job(params, asyncio.get_running_loop(), asyncio.Queue(), outbox=self._outbox)
         self._open_jobs += 1
         self._commands.put(("generate", job))
+        held = None  # an event read ahead while merging deltas
         try:
             while True:
-                event = await job.events.get()
+                event, held = held or await job.events.get(), None
+                # A slow reader gets the deltas that piled up as one event, not one per token.
+                while isinstance(event, TextDelta) and not job.events.empty():
+                    following = job.events.get_nowait()
+                    if not isinstance(following, TextDelta):
+                        held = following
+                        break
+                    event = TextDelta(event.text + following.text, event.logprobs + following.logprobs)
                 if isinstance(event, BaseException):
                     raise event
                 yield event
@@ -211,10 +230,27 @@ class MLXEngine:
                         command = None
                 self._step_all()
                 self._step_report()
+                self._flush()
         except BaseException as e:  # the worker must never die silently: health turns 503
             log.exception("MLX worker died")
             self._state = "failed"
             self._fail_all(EngineUnavailableError(f"the engine worker failed: {type(e).__name__}"))
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to their event loops: one wake-up per loop, not per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job.events, event))
+        self._outbox.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is waiting
+                pass
 
     def _handle(self, command: tuple) -> None:
         kind, payload = command
@@ -274,42 +310,79 @@ class MLXEngine:
         vocab = variant.loaded.config.get("vocab_size") or len(variant.loaded.tokenizer.get_vocab())
         if any(not 0 <= token < vocab for token, _ in params.logit_bias):
             raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        job.sampler = make_request_sampler(params.temperature, params.top_p, params.seed)
+        job.processors = make_logits_processors(
+            logit_bias=dict(params.logit_bias) or None,
+            presence_penalty=params.presence_penalty or None,
+            frequency_penalty=params.frequency_penalty or None)
+        job.variant = variant
+        job.prompt_tokens = len(tokens)
+        job.detokenizer = streaming_detokenizer(variant.loaded.tokenizer)
+        job.matcher = StopStringMatcher(params.stop)
+        if not variant.jobs and self.single_stream:
+            stop_ids = set() if params.ignore_eos else set(variant.loaded.tokenizer.eos_token_ids)
+            job.uid = next(self._single_uids)
+            variant.single = SingleStream(variant.loaded.model, tokens, max_tokens, job.sampler, job.processors,
+                                          stop_ids, job.uid)
+        else:
+            if variant.single is not None:
+                self._handoff(variant)
+            job.uid = self._batch(variant).insert(
+                [tokens], max_tokens=[max_tokens], samplers=[job.sampler], logits_processors=[job.processors],
+                stop_sequences=[StopSequences(None)] if params.ignore_eos else None)[0]
+        variant.jobs[job.uid] = job
+        job.emit(Started(variant.loaded.name, variant.loaded.dtype, len(tokens)))
+
+    def _batch(self, variant: Variant) -> BatchGenerator:
         if variant.generator is None:
             tokenizer = variant.loaded.tokenizer
             variant.generator = BatchGenerator(
                 variant.loaded.model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
                 completion_batch_size=self.max_batch_size,
                 prefill_batch_size=min(8, self.max_batch_size))
-        if params.seed is not None:
-            mx.random.seed(params.seed)
-        sampler = make_request_sampler(params.temperature, params.top_p, params.seed)
-        processors = make_logits_processors(
-            logit_bias=dict(params.logit_bias) or None,
-            presence_penalty=params.presence_penalty or None,
-            frequency_penalty=params.frequency_penalty or None)
-        stops = [StopSequences(None)] if params.ignore_eos else None
-        (job.uid,) = variant.generator.insert([tokens], max_tokens=[max_tokens], samplers=[sampler],
-                                              logits_processors=[processors], stop_sequences=stops)
-        job.variant = variant
-        job.prompt_tokens = len(tokens)
-        job.detokenizer = variant.loaded.tokenizer.detokenizer
-        job.matcher = StopStringMatcher(params.stop)
+        return variant.generator
+
+    def _handoff(self, variant: Variant) -> None:
+        """A second request arrived: move the lone sequence, KV cache and all, into the batch."""
+        single, variant.single = variant.single, None
+        self.handoffs += 1
+        job = variant.jobs[single.uid]
+        step, cache, context, left = single.handoff()
+        self._guard_nonfinite(variant, [step])
+        if single.uid in variant.jobs:
+            self._on_token(variant, job, step)
+        if job.done or single.uid not in variant.jobs:
+            return
+        del variant.jobs[single.uid]
+        job.uid = self._batch(variant).insert(
+            [[step.token]], max_tokens=[left], caches=[cache], all_tokens=[context], samplers=[job.sampler],
+            logits_processors=[job.processors],
+            stop_sequences=[StopSequences(None)] if job.params.ignore_eos else None)[0]
         variant.jobs[job.uid] = job
-        job.emit(Started(variant.loaded.name, variant.loaded.dtype, len(tokens)))
+
+    def _drop_sequence(self, variant: Variant, uid: int) -> None:
+        """Stop decoding one sequence, wherever it is decoded."""
+        if variant.single is not None and variant.single.uid == uid:
+            variant.single = None
+        elif variant.generator is not None:
+            variant.generator.remove([uid])
 
     def _step_all(self) -> None:
         for variant in list(self._variants.values()):
             if not variant.jobs:
                 continue
-            gone = [uid for uid, job in variant.jobs.items() if job.cancelled]
-            if gone:
-                variant.generator.remove(gone)
-                for uid in gone:
-                    variant.jobs.pop(uid).done = True
+            for uid in [uid for uid, job in variant.jobs.items() if job.cancelled]:
+                self._drop_sequence(variant, uid)
+                variant.jobs.pop(uid).done = True
             if not variant.jobs:
                 continue
             try:
-                _, responses = variant.generator.next()
+                if variant.single is not None:
+                    responses = [variant.single.step()]
+                else:
+                    _, responses = variant.generator.next()
             except Exception as e:  # e.g. out of memory: fail this batch, keep the engine
                 log.exception("generation failed on %s/%s", *variant.key)
                 self._fail_variant(variant, GenerationFailedError(f"generation failed: {type(e).__name__}"))
@@ -341,7 +414,7 @@ class MLXEngine:
             for response, ok in zip(responses, finite, strict=True):
                 job = variant.jobs.get(response.uid)
                 if job is not None and not ok:
-                    variant.generator.remove([job.uid])
+                    self._drop_sequence(variant, job.uid)
                     variant.jobs.pop(job.uid, None)
                     job.done = True
                     job.emit(DtypeRefusedError(self.registry.refused[variant.key]))
@@ -360,7 +433,7 @@ class MLXEngine:
             job.detokenizer.finalize()
         text, hit = job.matcher.feed(job.detokenizer.last_segment)
         if hit and finish is None:
-            variant.generator.remove([job.uid])
+            self._drop_sequence(variant, job.uid)
         if hit:
             finish = "stop"
         elif finish:
@@ -384,6 +457,8 @@ class MLXEngine:
 
     def _finish(self, variant: Variant, job: _Job, reason: str, now: float) -> None:
         variant.jobs.pop(job.uid, None)
+        if variant.single is not None and variant.single.uid == job.uid:
+            variant.single = None
         variant.requests_served += 1
         job.done = True
         first = job.first_token_at or now
@@ -400,7 +475,7 @@ class MLXEngine:
             job.done = True
             job.emit(error)
         variant.jobs.clear()
-        variant.generator = None
+        variant.generator = variant.single = None
         gc.collect()
         mx.clear_cache()
 
@@ -489,6 +564,11 @@ class MLXEngine:
             "device": {**device_info(), "blas": blas_info().as_dict()},
             "budget": self.registry.report(),
         }
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for events, event in items:
+        events.put_nowait(event)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -28,7 +28,8 @@ Key = tuple[str, str]
 @dataclass(eq=False)
 class Variant:
     loaded: LoadedModel
-    generator: Any = None  # mlx-lm BatchGenerator, created on first request
+    generator: Any = None  # mlx-lm BatchGenerator, created when two requests overlap
+    single: Any = None  # SingleStream: the one request, while it is alone
     jobs: dict[int, Any] = field(default_factory=dict)
     last_used: float = field(default_factory=time.time)
     requests_served: int = 0

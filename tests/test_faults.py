@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from models.errors import EngineUnavailableError
+from models.single_stream import SingleStream
 from server.app import create_app
 from tests.conftest import BUNDLED, make_settings
 
@@ -70,21 +71,19 @@ async def test_broken_checkpoints_are_clear_errors_and_nothing_else_breaks(clien
     await still_serving(c)
 
 
-async def test_an_error_inside_generation_fails_that_request_only(client):
-    app, c = client
-    engine = app.state.engine
+async def test_an_error_inside_generation_fails_that_request_only(client, monkeypatch):
+    _, c = client
     await still_serving(c)
-    variant = next(iter(engine.registry.variants.values()))
-    original = variant.generator.next
+    original = SingleStream.step
     calls = {"n": 0}
 
-    def failing_next():  # fault injection: the first step raises as an out-of-memory would
+    def failing_step(self):  # fault injection: the first step raises as an out-of-memory would
         calls["n"] += 1
         if calls["n"] == 1:
             raise MemoryError("simulated out of memory")
-        return original()
+        return original(self)
 
-    variant.generator.next = failing_next
+    monkeypatch.setattr(SingleStream, "step", failing_step)
     r = await c.post("/generate", json={"prompt": "1+2=", "max_tokens": 8})
     assert r.status_code == 503 and r.json()["error"]["type"] == "generation_failed"
     await still_serving(c)

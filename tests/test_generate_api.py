@@ -1,5 +1,6 @@
 """POST /generate against the real app and the real bundled model, in-process over ASGI."""
 
+import asyncio
 import json
 
 import pytest
@@ -156,3 +157,23 @@ async def test_prompt_beyond_the_context_is_a_400_before_prefill(client):
 
 async def test_unknown_route_is_json_404(client):
     assert_error(await client.get("/nope"), 404)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_requests_joining_midway_do_not_change_greedy_outputs(app, client, dtype):
+    """A lone request decodes outside the batch and moves into it when others arrive."""
+    handoffs = app.state.engine.handoffs
+    long = {"prompt": "The dog", "dtype": dtype, "max_tokens": 120, "ignore_eos": True}
+    sums = [{"prompt": f"{a}+{a + 3}=", "dtype": dtype, "max_tokens": 8} for a in (11, 23, 35)]
+    alone = (await generate(client, **long)).json()["text"]
+    expected = [(await generate(client, **s)).json()["text"] for s in sums]
+
+    async def later(body, delay):
+        await asyncio.sleep(delay)
+        return await generate(client, **body)
+
+    results = await asyncio.gather(generate(client, **long), *(later(s, 0.05 * (i + 1)) for i, s in enumerate(sums)))
+    assert results[0].json()["text"] == alone
+    assert results[0].json()["usage"]["completion_tokens"] == 120
+    assert [r.json()["text"] for r in results[1:]] == expected
+    assert app.state.engine.handoffs > handoffs

@@ -1,0 +1,85 @@
+"""One sequence decoded the way mlx_lm.stream_generate does it (a plain KV cache, the next step
+queued before the current token is read), for a variant that serves a single request.
+
+Batching has a price at batch size one (masks, padded caches, bookkeeping): on an H200 mlx-lm's
+BatchGenerator decodes a lone sequence at about half of stream_generate's speed. So a variant with
+one request decodes it here, and hands the sequence (KV cache and next token) to the batch as soon
+as a second request arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import generation_stream
+from mlx_lm.models.cache import make_prompt_cache
+
+
+@dataclass
+class TokenStep:
+    """One decoded token, shaped like a BatchGenerator response."""
+
+    uid: int
+    token: int
+    logprobs: mx.array
+    finish_reason: str | None = None
+
+
+class SingleStream:
+    def __init__(self, model: Any, prompt: list[int], max_tokens: int, sampler: Callable | None,
+                 processors: list, stop_tokens: set[int], uid: int, prefill_step: int = 2048) -> None:
+        self.model = model
+        self.uid = uid
+        self.max_tokens = max_tokens
+        self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+        self.processors = processors
+        self.stop_tokens = stop_tokens
+        self.cache = make_prompt_cache(model)
+        self.tokens = list(prompt)  # prompt and generated tokens: the context of logits processors
+        self.generated = 0
+        with mx.stream(generation_stream):
+            rest = mx.array(prompt)
+            while rest.size > 1:
+                n = min(prefill_step, rest.size - 1)
+                model(rest[:n][None], cache=self.cache)
+                mx.eval([c.state for c in self.cache])
+                rest = rest[n:]
+            self._next = self._forward(rest)
+        mx.async_eval(*self._next)
+
+    def _forward(self, inputs: mx.array) -> tuple[mx.array, mx.array]:
+        logits = self.model(inputs[None], cache=self.cache)[:, -1, :]
+        if self.processors:
+            context = mx.array(self.tokens)
+            for processor in self.processors:
+                logits = processor(context, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return self.sampler(logprobs), logprobs.squeeze(0)
+
+    def step(self) -> TokenStep:
+        """The next token; the step after it is already queued on the device."""
+        token_array, logprobs = self._next
+        self.generated += 1
+        last = self.generated >= self.max_tokens
+        if not last:
+            with mx.stream(generation_stream):
+                self._next = self._forward(token_array)
+            mx.async_eval(*self._next)
+        token = token_array.item()
+        self.tokens.append(token)
+        finish = "stop" if token in self.stop_tokens else "length" if last else None
+        return TokenStep(self.uid, token, logprobs, finish)
+
+    def handoff(self) -> tuple[TokenStep, list[Any], list[int], int]:
+        """The queued token, and (KV cache, token context, tokens left) for BatchGenerator.insert:
+        that token is the batch's first input, so the batch goes on where this stream stopped."""
+        token_array, logprobs = self._next
+        self.generated += 1
+        token = token_array.item()
+        self.tokens.append(token)
+        finish = "stop" if token in self.stop_tokens else "length" if self.generated >= self.max_tokens else None
+        return TokenStep(self.uid, token, logprobs, finish), self.cache, self.tokens[:-1], \
+            self.max_tokens - self.generated

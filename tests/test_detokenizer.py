@@ -1,0 +1,29 @@
+"""The incremental detokenizer gives exactly the text a full decode gives, token by token."""
+
+import pytest
+from mlx_lm import load
+
+from models.detokenizer import IncrementalDetokenizer, streaming_detokenizer
+from tests.conftest import BUNDLED
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load(str(BUNDLED))[1]
+
+
+@pytest.mark.parametrize("text", ["17+25=42", "The cat sleeps in the garden.\nHello, Leo!", "  spaces  ", "üñí"])
+def test_streamed_text_equals_the_full_decode(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer._tokenizer)
+    pieces = []
+    for token in ids:
+        detok.add_token(token)
+        pieces.append(detok.last_segment)
+    detok.finalize()
+    pieces.append(detok.last_segment)
+    assert "".join(pieces) == tokenizer.decode(ids)
+
+
+def test_the_naive_detokenizer_is_replaced(tokenizer):
+    assert isinstance(streaming_detokenizer(tokenizer), IncrementalDetokenizer)
