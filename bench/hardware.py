@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         result["dtypes"][dtype] = row
         print(json.dumps({dtype: row["ratios"]}), flush=True)
-    path = write_result(a.name, result)
+        path = write_result(a.name, result)  # after each dtype: a run cut short keeps what it measured
     print(f"wrote {path.relative_to(ROOT)}")
     return result
 

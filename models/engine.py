@@ -117,12 +117,26 @@ class MLXEngine:
             if self.pin_default:
                 await self._call(lambda: self.registry.pinned.add((default["model"], default["dtype"])))
             if self.warmup:
-                async for _ in self.generate(GenerationParams(prompt="1+1=", max_tokens=4)):
-                    pass
+                await self._warm_up()
         except Exception as e:
             self._state, self._failure = "failed", str(e) or type(e).__name__
             raise
         self._state = "ready"
+
+    async def _warm_up(self) -> None:
+        """Compile the kernels real traffic needs before reporting ready: a lone request with a
+        prompt of typical length, then overlapping ones (the batch path, short and long prompts)."""
+
+        async def run(prompt: str, tokens: int) -> None:
+            try:
+                async for _ in self.generate(GenerationParams(prompt=prompt, max_tokens=tokens, ignore_eos=True)):
+                    pass
+            except InvalidRequestError:  # a model with a very short context: skip that shape
+                pass
+
+        text = "The quick brown fox jumps over the lazy dog. " * 3
+        await run(text, 8)
+        await asyncio.gather(run(text, 16), run("1+1=", 8), run(text[:40], 8))
 
     async def stop(self) -> None:
         if self._thread and self._thread.is_alive():
