@@ -99,6 +99,9 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(400, "invalid_request_error", "request body is not valid JSON")
+        if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") in ("model_attributes_type", "dict_type")
+               for e in errors):
+            return error_response(400, "invalid_request_error", "request body must be a JSON object")
         message, param = _validation_message(exc)
         return error_response(422, "invalid_request_error", message, param)
 

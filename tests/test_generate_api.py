@@ -137,7 +137,11 @@ async def test_malformed_json_and_non_object_bodies(client):
     r = await client.post("/generate", content=b'{"prompt": ', headers={"content-type": "application/json"})
     assert_error(r, 400, ["JSON"])
     r = await client.post("/generate", content=b'["prompt"]', headers={"content-type": "application/json"})
-    assert r.status_code in (400, 422) and "error" in r.json()
+    assert_error(r, 400, ["JSON object"])
+    r = await client.post("/generate", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert_error(r, 400, ["JSON"])
+    r = await client.post("/generate", content=b'"just a string"', headers={"content-type": "application/json"})
+    assert_error(r, 400, ["JSON object"])
     r = await client.post("/generate", content=b'{"prompt": NaN}', headers={"content-type": "application/json"})
     assert r.status_code in (400, 422)
     r = await client.post("/generate", content=b'{"prompt": "1+1=", "temperature": NaN}',
