@@ -115,6 +115,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found" if exc.status_code == 404 else "invalid_request_error"
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if detail == "There was an error parsing the body":  # FastAPI's words for undecodable bytes
+            detail = "request body is not valid JSON (it must be UTF-8 encoded)"
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:  # Starlette names one route's methods; list every route's on this path
             headers = {"Allow": ", ".join(allowed_methods(app, request.url.path))}
