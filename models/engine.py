@@ -230,9 +230,6 @@ class MLXEngine:
                     command = self._commands.get(block=not busy, timeout=None if busy else 1.0)
                 except queue.Empty:
                     command = None
-                    if not busy:
-                        self.registry.unload_idle(time.time())
-                        continue
                 while command is not None:
                     if command is _STOP:
                         self._fail_all(EngineUnavailableError("the engine stopped"))
@@ -245,6 +242,8 @@ class MLXEngine:
                 self._step_all()
                 self._step_report()
                 self._flush()
+                if not busy:
+                    self.registry.unload_idle(time.time())
         except BaseException as e:  # the worker must never die silently: health turns 503
             log.exception("MLX worker died")
             self._state = "failed"

@@ -19,6 +19,15 @@ def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
+def unique_bytes(models) -> int:
+    """Bytes of the distinct arrays held by several models (shared arrays count once)."""
+    seen: dict[int, int] = {}
+    for model in models:
+        for _, array in tree_flatten(model.parameters()):
+            seen[id(array)] = array.nbytes
+    return sum(seen.values())
+
+
 def floating_dtypes(model: nn.Module) -> set[str]:
     return {dtype_name(a.dtype) for _, a in tree_flatten(model.parameters())
             if mx.issubdtype(a.dtype, mx.floating)}

@@ -19,7 +19,7 @@ from models.dtypes import AUTO, normalize_dtype
 from models.errors import DtypeRefusedError, InvalidRequestError, MemoryBudgetError
 from models.estimate import estimate_variant
 from models.loader import LoadedModel, derive_variant, load_variant, resolve_auto
-from models.memory import floating_dtypes
+from models.memory import floating_dtypes, unique_bytes
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -81,7 +81,9 @@ class VariantRegistry:
         return model, dtype
 
     def used_bytes(self) -> int:
-        return sum(v.loaded.stats.final_bytes for v in self.variants.values())
+        """Bytes held by resident variants. Variants cast from a resident one share the arrays the
+        cast leaves unchanged (e.g. quantized integer weights); those count once."""
+        return unique_bytes(v.loaded.model for v in self.variants.values())
 
     # ---- loading -----------------------------------------------------------------------------
     def get(self, model: str, dtype: str | None) -> Variant:

@@ -78,3 +78,52 @@ def test_sigterm_drains_streams_then_exits_zero():
     assert lines[-1] == "[DONE]"
     final = json.loads(lines[-2])
     assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 200
+
+
+def in_flight(base: str) -> int:
+    return sum(v["in_flight"] for v in httpx.get(f"{base}/memory", timeout=10).json()["variants"])
+
+
+def served(base: str) -> int:
+    """Requests that ran to their end (a cancelled one never counts)."""
+    return sum(v["requests_served"] for v in httpx.get(f"{base}/memory", timeout=10).json()["variants"])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_slot_within_a_second(small_server, stream):
+    _, base = small_server
+    body = {"prompt": "The cat", "max_tokens": 240, "ignore_eos": True, "stream": stream}
+    before = served(base)
+    with httpx.Client(timeout=60) as client:
+        if stream:
+            with client.stream("POST", f"{base}/generate", json=body) as r:
+                lines = r.iter_lines()
+                next(line for line in lines if line.startswith("data: "))
+                assert in_flight(base) == 1
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                client.post(f"{base}/generate", json=body, timeout=0.3)
+    deadline = time.monotonic() + 1.0
+    while in_flight(base) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert in_flight(base) == 0
+    assert served(base) == before  # cancelled, not run to the end
+
+
+def test_a_queued_request_whose_client_left_never_runs(small_server):
+    _, base = small_server
+    long = {"prompt": "The cat", "max_tokens": 200, "ignore_eos": True}
+    before = served(base)
+    results = []
+    runners = [threading.Thread(target=lambda: results.append(httpx.post(f"{base}/generate", json=long, timeout=60)))
+               for _ in range(CAPACITY)]
+    for t in runners:
+        t.start()
+    time.sleep(0.2)  # both slots are taken now
+    with pytest.raises(httpx.ReadTimeout):  # this one waits in the queue, then its client leaves
+        httpx.post(f"{base}/generate", json={**long, "max_tokens": 5}, timeout=0.3)
+    for t in runners:
+        t.join(60)
+    assert [r.status_code for r in results] == [200] * CAPACITY
+    time.sleep(0.3)
+    assert served(base) == before + CAPACITY and in_flight(base) == 0
