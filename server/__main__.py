@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
         from models.blas import blas_choice, configure_blas
 
         configure_blas(blas_choice(argv[1:]))
+        from models.compat import import_mlx_lm
+
+        import_mlx_lm()
         from models.fidelity import main as compare
 
         return compare(argv[1:])

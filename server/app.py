@@ -24,6 +24,9 @@ def build_engine(settings: Settings) -> Engine:
 
     blas = configure_blas(settings.blas, settings.blas_threads)
     log.info("BLAS: %s (%s, threads=%s) %s", blas.library, blas.vendor, blas.threads, blas.note)
+    from models.compat import import_mlx_lm
+
+    import_mlx_lm()
     from models.catalog import ModelCatalog, resolve_startup_model
     from models.engine import MLXEngine
 

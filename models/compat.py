@@ -1,0 +1,29 @@
+"""Work-arounds for the environment, applied before mlx-lm is first imported."""
+
+from __future__ import annotations
+
+import resource
+
+
+def import_mlx_lm() -> None:
+    """Import mlx-lm where the open-files hard limit is below 4096 (some containers and chroots).
+
+    mlx_lm.utils raises RLIMIT_NOFILE to (2048, 4096) at import and fails where the hard limit is
+    lower; clamp its request to the hard limit instead of crashing.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard >= 4096:
+        import mlx_lm.utils  # noqa: F401
+        return
+    original = resource.setrlimit
+
+    def clamped(kind: int, limits: tuple[int, int]) -> None:
+        if kind == resource.RLIMIT_NOFILE:
+            limits = (min(limits[0], hard), min(limits[1], hard))
+        original(kind, limits)
+
+    resource.setrlimit = clamped
+    try:
+        import mlx_lm.utils  # noqa: F401
+    finally:
+        resource.setrlimit = original
