@@ -154,6 +154,10 @@ class MLXEngine:
             report["error"] = self._failure
         return report
 
+    @property
+    def open_requests(self) -> int:
+        return self._open_jobs
+
     def model_names(self) -> list[str]:
         return self.catalog.names()
 
@@ -437,6 +441,7 @@ class MLXEngine:
         if job.first_token_at is None:
             job.first_token_at = now
         job.completion_tokens += 1
+        variant.tokens_generated += 1
         finish = response.finish_reason
         if finish != "stop":  # "stop" from the batch means an end-of-sequence token: no text
             job.detokenizer.add_token(response.token)

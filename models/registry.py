@@ -33,6 +33,7 @@ class Variant:
     jobs: dict[int, Any] = field(default_factory=dict)
     last_used: float = field(default_factory=time.time)
     requests_served: int = 0
+    tokens_generated: int = 0
 
     @property
     def key(self) -> Key:
@@ -53,6 +54,7 @@ class Variant:
             "load_seconds": round(stats.load_seconds, 4), "loaded_from": stats.source,
             "context_length": loaded.context_length, "last_used": self.last_used,
             "in_flight": len(self.jobs), "requests_served": self.requests_served,
+            "tokens_generated": self.tokens_generated,
         }
 
 

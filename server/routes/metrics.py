@@ -1,0 +1,56 @@
+"""GET /metrics: Prometheus text format, read from the engine at scrape time."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from server.deps import ReadyEngine
+
+router = APIRouter(tags=["metrics"])
+
+
+class _Snapshot:
+    """A collector over one /memory report, so every metric comes from the same instant."""
+
+    def __init__(self, report: dict, open_requests: int) -> None:
+        self.report = report
+        self.open_requests = open_requests
+
+    def collect(self):
+        labels = ["model", "dtype"]
+        param_bytes = GaugeMetricFamily("dtype_serve_variant_bytes", "Exact bytes of a resident variant's "
+                                        "parameters, by parameter dtype", labels=[*labels, "param_dtype"])
+        in_flight = GaugeMetricFamily("dtype_serve_variant_in_flight", "Requests decoding on a variant", labels=labels)
+        served = CounterMetricFamily("dtype_serve_variant_requests", "Requests a variant served to the end",
+                                     labels=labels)
+        tokens = CounterMetricFamily("dtype_serve_variant_generated_tokens", "Tokens a variant generated",
+                                     labels=labels)
+        for v in self.report["variants"]:
+            key = [v["model"], v["dtype"]]
+            for param_dtype, n in v["bytes_by_dtype"].items():
+                param_bytes.add_metric([*key, param_dtype], n)
+            in_flight.add_metric(key, v["in_flight"])
+            served.add_metric(key, v["requests_served"])
+            tokens.add_metric(key, v["tokens_generated"])
+        yield from (param_bytes, in_flight, served, tokens)
+        process, budget = self.report["process"], self.report["budget"]
+        for name, value, text in (
+            ("dtype_serve_mlx_active_bytes", process["active_bytes"], "MLX active memory"),
+            ("dtype_serve_mlx_peak_bytes", process["peak_bytes"], "MLX peak memory"),
+            ("dtype_serve_mlx_cache_bytes", process["cache_bytes"], "MLX buffer cache"),
+            ("dtype_serve_budget_bytes", budget["budget_bytes"], "Memory budget for resident variants"),
+            ("dtype_serve_budget_used_bytes", budget["used_bytes"], "Bytes resident variants hold"),
+            ("dtype_serve_open_requests", self.open_requests, "Requests admitted and not finished"),
+        ):
+            yield GaugeMetricFamily(name, text, value=value)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(engine: ReadyEngine) -> Response:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(await engine.memory(), getattr(engine, "open_requests", 0)))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
