@@ -56,11 +56,6 @@ class _SamplingFields(BaseModel):
 
     _numbers = numbers_only("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty")
 
-    def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
 
 class CompletionRequest(_SamplingFields):
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)] = Field(

@@ -25,7 +25,9 @@ def numbers_only(*fields: str) -> classmethod:
 
 MAX_STOP_STRINGS = 8
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
-StopStrings = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+# One string or a list, as OpenAI takes it; validated values are a tuple.
+StopStrings = Annotated[StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)],
+                        AfterValidator(lambda v: (v,) if isinstance(v, str) else tuple(v))]
 
 
 def canonical_dtype(value: object) -> str | None:
@@ -53,11 +55,6 @@ class GenerateRequest(BaseModel):
     ignore_eos: StrictBool = Field(False, description="keep generating past end-of-sequence, up to max_tokens")
 
     _numbers = numbers_only("max_tokens", "temperature", "top_p", "seed")
-
-    def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 class UsageBody(BaseModel):

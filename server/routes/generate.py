@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
 from models.api import Finished, GenerationParams, TextDelta
@@ -13,7 +13,7 @@ from models.errors import EngineError
 from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
 from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE, GenerateRequest, GenerateResponse, Timings, UsageBody
-from server.settings import Settings
+from server.settings import Settings, check_max_tokens
 from server.streaming import collect_unless_disconnected, first_event
 
 router = APIRouter(tags=["generate"], responses=ERROR_RESPONSES)
@@ -21,10 +21,8 @@ router = APIRouter(tags=["generate"], responses=ERROR_RESPONSES)
 
 def to_params(body: GenerateRequest, settings: Settings) -> GenerationParams:
     """Apply the server's limits and defaults to a request."""
-    max_tokens = body.max_tokens
-    if max_tokens is not None and max_tokens > settings.max_tokens_limit:
-        raise HTTPException(422, f"max_tokens: must be at most {settings.max_tokens_limit}")
-    stops = body.stop_strings()
+    max_tokens = check_max_tokens(body.max_tokens, settings)
+    stops = body.stop or ()
     return GenerationParams(prompt=body.prompt, model=body.model, dtype=body.dtype, max_tokens=max_tokens,
                             temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stops,
                             ignore_eos=body.ignore_eos)

@@ -17,7 +17,7 @@ from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
 from server.openai_schemas import ChatCompletionRequest, CompletionRequest
 from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE
-from server.settings import Settings
+from server.settings import Settings, check_max_tokens
 from server.streaming import collect_unless_disconnected, first_event
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
@@ -39,9 +39,8 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: S
                     max_tokens: int | None, logprobs: int | None, prompt: str | None = None,
                     messages: tuple[dict, ...] | None = None) -> GenerationParams:
     model, dtype = split_model_id(body.model, body.dtype)
-    if max_tokens is not None and max_tokens > settings.max_tokens_limit:
-        raise HTTPException(422, f"max_tokens: must be at most {settings.max_tokens_limit}")
-    stops = body.stop_strings()
+    check_max_tokens(max_tokens, settings)
+    stops = body.stop or ()
     seed = None if body.seed is None else body.seed % (2**63)
     bias = tuple((int(k), v) for k, v in (body.logit_bias or {}).items())
     return GenerationParams(
