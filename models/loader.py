@@ -65,8 +65,8 @@ def cast_parameters(model: nn.Module, dtype: str) -> int:
     predicate = getattr(model, "cast_predicate", None)
     params = tree_flatten(model.parameters())
     largest = 0
-    while params:
-        path, source = params.pop(0)
+    for i, (path, source) in enumerate(params):
+        params[i] = None  # our list must not keep the source alive either
         largest = max(largest, source.nbytes)
         if target is not None and source.dtype != target and will_cast(path, dtype_name(source.dtype), predicate):
             value = source.astype(target)
@@ -93,10 +93,7 @@ def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = 
     read_config(folder)  # clear errors naming the broken file, before mlx-lm's own
     checkpoint_tensors(folder)
     concrete = resolve_auto(folder) if dtype == AUTO else dtype
-    gc.collect()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    start = time.perf_counter()
+    base, start = _start_measuring()
     try:
         model, config = mlx_lm_load_model(folder, lazy=True, trust_remote_code=trust_remote_code)
         largest = cast_parameters(model, concrete)
@@ -105,15 +102,25 @@ def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = 
         raise
     except Exception as e:  # mlx-lm and safetensors raise many types; name the folder, not the path
         raise ModelLoadError(f"could not load model {name!r}: {type(e).__name__}: {_short(e)}") from None
-    seconds = time.perf_counter() - start
-    peak = max(mx.get_peak_memory() - base, 0)
-    by_dtype = bytes_by_dtype(model)
-    stats = LoadStats(
-        load_seconds=seconds, peak_bytes=peak, final_bytes=sum(by_dtype.values()),
-        largest_source_bytes=largest, bytes_by_dtype=by_dtype,
-        parameter_count=parameter_count(model), source="checkpoint",
-    )
+    stats = _load_stats(model, base, start, largest, source="checkpoint")
     return LoadedModel(name, folder, concrete, model, tokenizer, config, stats, _context_length(config))
+
+
+def _start_measuring() -> tuple[int, float]:
+    """Reset MLX's peak counter; (active bytes before the load, start time)."""
+    gc.collect()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    return base, time.perf_counter()
+
+
+def _load_stats(model: nn.Module, base: int, start: float, largest: int, source: str) -> LoadStats:
+    by_dtype = bytes_by_dtype(model)
+    return LoadStats(
+        load_seconds=time.perf_counter() - start, peak_bytes=max(mx.get_peak_memory() - base, 0),
+        final_bytes=sum(by_dtype.values()), largest_source_bytes=largest, bytes_by_dtype=by_dtype,
+        parameter_count=parameter_count(model), source=source,
+    )
 
 
 def _short(e: Exception) -> str:
@@ -128,29 +135,12 @@ def derive_variant(source: LoadedModel, dtype: str, trust_remote_code: bool = Fa
     Exact only when `source` holds the checkpoint's values exactly (its own dtype, or float32
     for a 16-bit checkpoint); the registry only calls it then.
     """
-    gc.collect()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    # The structure comes from the checkpoint lazily; its arrays are replaced, never read.
+    base, start = _start_measuring()
+    # The structure comes from the checkpoint lazily; its arrays are replaced by the resident
+    # ones (never read from the file), then cast like a load from the file.
     model, config = mlx_lm_load_model(source.path, lazy=True, trust_remote_code=trust_remote_code)
-    resident = dict(tree_flatten(source.model.parameters()))
-    target = mx_dtype(dtype)
-    predicate = getattr(model, "cast_predicate", None)
-    largest = 0
-    for path, _ in tree_flatten(model.parameters()):
-        value = resident[path]
-        largest = max(largest, value.nbytes)
-        if value.dtype != target and will_cast(path, dtype_name(value.dtype), predicate):
-            value = value.astype(target)
-        model.update(tree_unflatten([(path, value)]), strict=False)
-        mx.eval(value)
-    del resident
-    by_dtype = bytes_by_dtype(model)
-    stats = LoadStats(
-        load_seconds=time.perf_counter() - start, peak_bytes=max(mx.get_peak_memory() - base, 0),
-        final_bytes=sum(by_dtype.values()), largest_source_bytes=largest, bytes_by_dtype=by_dtype,
-        parameter_count=parameter_count(model), source=source.dtype,
-    )
+    model.update(source.model.parameters())
+    largest = cast_parameters(model, dtype)
+    stats = _load_stats(model, base, start, largest, source=source.dtype)
     return LoadedModel(source.name, source.path, dtype, model, source.tokenizer, config, stats,
                        source.context_length)
