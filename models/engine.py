@@ -488,21 +488,23 @@ class MLXEngine:
             time_to_first_token_s=first - job.arrival, total_s=now - job.arrival,
             decode_tokens_per_second=rate, warnings=tuple(job.warnings)))
 
-    def _fail_variant(self, variant: Variant, error: EngineError) -> None:
+    @staticmethod
+    def _fail_jobs(variant: Variant, error: EngineError) -> None:
         for job in variant.jobs.values():
             job.done = True
             job.emit(error)
         variant.jobs.clear()
+
+    def _fail_variant(self, variant: Variant, error: EngineError) -> None:
+        self._fail_jobs(variant, error)
         variant.generator = variant.single = None
         gc.collect()
         mx.clear_cache()
 
     def _fail_all(self, error: EngineError) -> None:
+        """The worker is going down: answer every request without touching MLX again."""
         for variant in self._variants.values():
-            for job in variant.jobs.values():
-                job.done = True
-                job.emit(error)
-            variant.jobs.clear()
+            self._fail_jobs(variant, error)
         while True:
             try:
                 command = self._commands.get_nowait()
