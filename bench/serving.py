@@ -1,10 +1,11 @@
-"""Serving speed side by side, in one run: dtype-serve vs mlx_lm.server vs stream_generate called directly.
+"""Serving speed side by side, in one run: dtype-serve vs mlx_lm.server (vs vllm-mlx) vs stream_generate.
 
     python -m bench.serving --shape llama-25m --dtype bfloat16 --clients 1 4 8 16
 
 Each server is started by the benchmark on the same model folder and dtype. Single stream: end-to-end
 tokens/s of one client through HTTP vs stream_generate. Concurrency: aggregate tokens/s and TTFT
 percentiles per client count. Results: bench/results/serving-<shape>-<dtype>[-blas].json.
+`--peers ours mlx_lm vllm_mlx` adds vllm-mlx, from its own venv (scripts/install-vllm-mlx.sh).
 """
 
 from __future__ import annotations
@@ -27,14 +28,26 @@ def ours(folder, dtype: str, port: int, blas: str, batch: int):
     return server(cmd, f"http://127.0.0.1:{port}/health/ready"), folder.name
 
 
-def mlx_lm_server(folder, port: int, blas: str):
+def blas_env(blas: str) -> dict:
     # Same BLAS as ours, for a fair float32 comparison: preload it into the peer.
-    env = {}
     lib = _find_optimized() if blas == "auto" else None
-    if lib and sys.platform == "linux":
-        env["LD_PRELOAD"] = lib
+    return {"LD_PRELOAD": lib} if lib and sys.platform == "linux" else {}
+
+
+def mlx_lm_server(folder, port: int, blas: str):
+    env = blas_env(blas)
     cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port), "--log-level", "WARNING"]
     return server(cmd, f"http://127.0.0.1:{port}/v1/models", env=env), str(folder)
+
+
+def vllm_mlx_server(folder, port: int, blas: str, batch: int):
+    # Its own venv (it pins an older mlx-lm); the model loads before /v1/models answers.
+    exe = ROOT / "bench" / ".venv-vllm-mlx" / "bin" / "vllm-mlx"
+    if not exe.exists():
+        raise SystemExit(f"{exe.relative_to(ROOT)} missing: run scripts/install-vllm-mlx.sh first")
+    cmd = [str(exe), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--offline",
+           "--continuous-batching", "--completion-batch-size", str(batch)]
+    return server(cmd, f"http://127.0.0.1:{port}/v1/models", env=blas_env(blas)), str(folder)
 
 
 def direct(folder, dtype: str, max_tokens: int, runs: int, blas: str) -> dict:
@@ -61,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-client", type=int, default=3)
-    p.add_argument("--peers", nargs="+", default=["ours", "mlx_lm"], choices=["ours", "mlx_lm"])
+    p.add_argument("--peers", nargs="+", default=["ours", "mlx_lm"], choices=["ours", "mlx_lm", "vllm_mlx"])
     p.add_argument("--blas", default="auto")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--direct-runs", type=int, default=3)
@@ -72,16 +85,20 @@ def main(argv: list[str] | None = None) -> dict:
     for peer in a.peers:
         port = free_port()
         ctx, model_id = ours(folder, a.dtype, port, a.blas, a.batch) if peer == "ours" else \
-            mlx_lm_server(folder, port, a.blas)
+            mlx_lm_server(folder, port, a.blas) if peer == "mlx_lm" else vllm_mlx_server(folder, port, a.blas, a.batch)
         result[peer] = measure(ctx, model_id, port, a.clients, a.max_tokens, a.requests_per_client)
     ratios = {}
     if "ours" in result:
         one = next(r for r in result["ours"] if r["clients"] == 1)
         ratios["single_stream_vs_direct"] = round(one["single_stream_tok_s"] / result["direct"]["tok_s"], 3)
-        if "mlx_lm" in result:
-            for mine, theirs in zip(result["ours"], result["mlx_lm"], strict=True):
-                ratios[f"aggregate_vs_mlx_lm_at_{mine['clients']}"] = round(
+        peers = [p for p in ("mlx_lm", "vllm_mlx") if p in result]
+        for peer in peers:
+            for mine, theirs in zip(result["ours"], result[peer], strict=True):
+                ratios[f"aggregate_vs_{peer}_at_{mine['clients']}"] = round(
                     mine["aggregate_tok_s"] / theirs["aggregate_tok_s"], 3)
+        for i, mine in enumerate(result["ours"] if peers else []):
+            best = max(result[peer][i]["aggregate_tok_s"] for peer in peers)
+            ratios[f"aggregate_vs_best_peer_at_{mine['clients']}"] = round(mine["aggregate_tok_s"] / best, 3)
     result["ratios"] = ratios
     path = write_result(f"serving-{a.shape}-{a.dtype}-blas_{a.blas}", result)
     print(json.dumps(result, indent=1))

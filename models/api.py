@@ -53,6 +53,7 @@ class TextDelta:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled again)
 
     @property
     def total_tokens(self) -> int:

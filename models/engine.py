@@ -60,6 +60,7 @@ class _Job:
     variant: Variant | None = None
     uid: int = -1
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     completion_tokens: int = 0
     first_token_at: float | None = None
     detokenizer: Any = None
@@ -80,7 +81,8 @@ class MLXEngine:
                  max_batch_size: int = 16, warmup: bool = True, trust_remote_code: bool = False,
                  memory_budget: str | None = None, idle_unload_s: float | None = None,
                  pin_default: bool = True, max_queue: int = 64, default_max_tokens: int = 256,
-                 nonfinite_policy: str = "warn", single_stream: bool = True) -> None:
+                 nonfinite_policy: str = "warn", single_stream: bool = True,
+                 prompt_cache_bytes: str | None = "0") -> None:
         self.catalog = catalog
         self.default_model = default_model
         self.default_dtype = normalize_dtype(default_dtype)
@@ -95,7 +97,8 @@ class MLXEngine:
         self.handoffs = 0  # lone sequences moved into a batch
         self._open_jobs = 0  # admitted and not finished; only the event loop thread changes it
         self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
-                                        trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s)
+                                        trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s,
+                                        prompt_cache_bytes=parse_budget(prompt_cache_bytes, allow_zero=True))
         self._variants = self.registry.variants
         self._reports: dict[tuple, FidelityJob] = {}  # fidelity reports, cached per (model, dtypes, prompts)
         self._commands: queue.Queue = queue.Queue()
@@ -338,16 +341,19 @@ class MLXEngine:
         job.prompt_tokens = len(tokens)
         job.detokenizer = streaming_detokenizer(variant.loaded.tokenizer)
         job.matcher = StopStringMatcher(params.stop)
+        cache, job.cached_tokens = variant.prefix.fetch(tokens)
         if not variant.jobs and self.single_stream:
             stop_ids = set() if params.ignore_eos else set(variant.loaded.tokenizer.eos_token_ids)
             job.uid = next(self._single_uids)
             variant.single = SingleStream(variant.loaded.model, tokens, max_tokens, job.sampler, job.processors,
-                                          stop_ids, job.uid)
+                                          stop_ids, job.uid, cache=cache, cached=job.cached_tokens)
         else:
             if variant.single is not None:
                 self._handoff(variant)
             job.uid = self._batch(variant).insert(
-                [tokens], max_tokens=[max_tokens], samplers=[job.sampler], logits_processors=[job.processors],
+                [tokens[job.cached_tokens:]], max_tokens=[max_tokens], caches=[cache],
+                all_tokens=[tokens[:job.cached_tokens]], samplers=[job.sampler],
+                logits_processors=[job.processors],
                 stop_sequences=[StopSequences(None)] if params.ignore_eos else None)[0]
         variant.jobs[job.uid] = job
         job.emit(Started(variant.loaded.name, variant.loaded.dtype, len(tokens)))
@@ -380,11 +386,17 @@ class MLXEngine:
         variant.jobs[job.uid] = job
 
     def _drop_sequence(self, variant: Variant, uid: int) -> None:
-        """Stop decoding one sequence, wherever it is decoded."""
+        """Stop decoding one sequence, wherever it is decoded; keep its KV cache for reuse."""
         if variant.single is not None and variant.single.uid == uid:
-            variant.single = None
+            self._retire_single(variant)
         elif variant.generator is not None:
-            variant.generator.remove([uid])
+            for cache, tokens in variant.generator.remove([uid], return_prompt_caches=True).values():
+                variant.prefix.store(tokens, cache)
+
+    @staticmethod
+    def _retire_single(variant: Variant) -> None:
+        single, variant.single = variant.single, None
+        variant.prefix.store(*single.cached_context())
 
     def _step_all(self) -> None:
         for variant in list(self._variants.values()):
@@ -409,13 +421,18 @@ class MLXEngine:
                 job = variant.jobs.get(response.uid)
                 if job is not None:
                     self._on_token(variant, job, response)
+                if getattr(response, "prompt_cache", None):  # a finished batch sequence
+                    variant.prefix.store(response.all_tokens, response.prompt_cache)
             variant.last_used = time.time()
 
     def _guard_nonfinite(self, variant: Variant, responses: list) -> None:
         """Non-finite logits (float16 overflow): warn the request, or refuse the dtype by policy."""
         if not responses:
             return
-        finite = mx.isfinite(mx.stack([r.logprobs[r.token] for r in responses])).tolist()
+        # Three ops for the whole batch (not one per row): this runs on every decode step.
+        chosen = mx.take_along_axis(mx.stack([r.logprobs for r in responses]),
+                                    mx.array([[r.token] for r in responses]), axis=1)
+        finite = mx.isfinite(chosen).reshape(-1).tolist()
         if all(finite):
             return
         name, dtype = variant.key
@@ -476,7 +493,7 @@ class MLXEngine:
     def _finish(self, variant: Variant, job: _Job, reason: str, now: float) -> None:
         variant.jobs.pop(job.uid, None)
         if variant.single is not None and variant.single.uid == job.uid:
-            variant.single = None
+            self._retire_single(variant)
         variant.requests_served += 1
         job.done = True
         first = job.first_token_at or now
@@ -484,7 +501,7 @@ class MLXEngine:
         rate = (job.completion_tokens - 1) / decode_s if decode_s > 0 and job.completion_tokens > 1 else 0.0
         job.emit(Finished(
             model=variant.loaded.name, dtype=variant.loaded.dtype, finish_reason=reason,
-            usage=Usage(job.prompt_tokens, job.completion_tokens),
+            usage=Usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens),
             time_to_first_token_s=first - job.arrival, total_s=now - job.arrival,
             decode_tokens_per_second=rate, warnings=tuple(job.warnings)))
 

@@ -62,7 +62,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 DEFAULT_BUDGET_SHARE = 0.75
 
 
-def parse_budget(value: str | None, total: int | None = None) -> int:
+def parse_budget(value: str | None, total: int | None = None, *, allow_zero: bool = False) -> int:
     """Bytes from "12GiB", "500MB", "123456" or a fraction of the device memory ("0.5").
 
     Default: three quarters of what the device reports.
@@ -78,6 +78,8 @@ def parse_budget(value: str | None, total: int | None = None) -> int:
     amount = float(number)
     if unit == "" and 0 < amount <= 1 and "." in number:
         return int(total * amount)
+    if amount == 0 and allow_zero:
+        return 0
     if amount <= 0:
         raise ValueError(f"memory budget {value!r} must be positive")
     return int(amount * _UNITS[unit])

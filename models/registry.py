@@ -20,6 +20,7 @@ from models.errors import DtypeRefusedError, InvalidRequestError, MemoryBudgetEr
 from models.estimate import estimate_variant
 from models.loader import LoadedModel, derive_variant, load_variant, resolve_auto
 from models.memory import floating_dtypes, unique_bytes
+from models.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -28,6 +29,7 @@ Key = tuple[str, str]
 @dataclass(eq=False)
 class Variant:
     loaded: LoadedModel
+    prefix: PrefixCache
     generator: Any = None  # mlx-lm BatchGenerator, created when two requests overlap
     single: Any = None  # SingleStream: the one request, while it is alone
     jobs: dict[int, Any] = field(default_factory=dict)
@@ -54,18 +56,20 @@ class Variant:
             "load_seconds": round(stats.load_seconds, 4), "loaded_from": stats.source,
             "context_length": loaded.context_length, "last_used": self.last_used,
             "in_flight": len(self.jobs), "requests_served": self.requests_served,
-            "tokens_generated": self.tokens_generated,
+            "tokens_generated": self.tokens_generated, "prompt_cache": self.prefix.describe(),
         }
 
 
 class VariantRegistry:
     def __init__(self, catalog: ModelCatalog, default_dtype: str, budget_bytes: int, *,
-                 trust_remote_code: bool = False, idle_unload_s: float | None = None) -> None:
+                 trust_remote_code: bool = False, idle_unload_s: float | None = None,
+                 prompt_cache_bytes: int = 0) -> None:
         self.catalog = catalog
         self.default_dtype = normalize_dtype(default_dtype)
         self.budget_bytes = budget_bytes
         self.trust_remote_code = trust_remote_code
         self.idle_unload_s = idle_unload_s
+        self.prompt_cache_bytes = prompt_cache_bytes  # per variant
         self.variants: dict[Key, Variant] = {}
         self.pinned: set[Key] = set()
         self.load_counts: dict[Key, int] = {}
@@ -85,7 +89,10 @@ class VariantRegistry:
     def used_bytes(self) -> int:
         """Bytes held by resident variants. Variants cast from a resident one share the arrays the
         cast leaves unchanged (e.g. quantized integer weights); those count once."""
-        return unique_bytes(v.loaded.model for v in self.variants.values())
+        return unique_bytes(v.loaded.model for v in self.variants.values()) + self.prompt_cache_used()
+
+    def prompt_cache_used(self) -> int:
+        return sum(v.prefix.nbytes for v in self.variants.values())
 
     # ---- loading -----------------------------------------------------------------------------
     def get(self, model: str, dtype: str | None) -> Variant:
@@ -114,7 +121,7 @@ class VariantRegistry:
             loaded = derive_variant(source.loaded, dtype, self.trust_remote_code)
         else:
             loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code)
-        variant = Variant(loaded)
+        variant = Variant(loaded, PrefixCache(self.prompt_cache_bytes))
         self.variants[key] = variant
         self.load_counts[key] = self.load_counts.get(key, 0) + 1
         stats = loaded.stats
@@ -124,6 +131,9 @@ class VariantRegistry:
 
     def _make_room(self, required: int, dtype: str) -> None:
         """Evict idle, unpinned variants (least recently used first) until `required` fits."""
+        if self.budget_bytes - self.used_bytes() < required:  # cached prompts go before any variant
+            for variant in self.variants.values():
+                variant.prefix.clear()
         evictable = sorted((v for k, v in self.variants.items() if not v.busy and k not in self.pinned),
                            key=lambda v: v.last_used)
         free_now = self.budget_bytes - self.used_bytes()
@@ -183,6 +193,7 @@ class VariantRegistry:
     def report(self) -> dict:
         used = self.used_bytes()
         return {"budget_bytes": self.budget_bytes, "used_bytes": used, "free_bytes": self.budget_bytes - used,
+                "prompt_cache_bytes": self.prompt_cache_used(),
                 "pinned": [{"model": m, "dtype": d} for m, d in sorted(self.pinned)],
                 "loads": [{"model": m, "dtype": d, "count": n} for (m, d), n in sorted(self.load_counts.items())],
                 "refused": [{"model": m, "dtype": d, "reason": r} for (m, d), r in sorted(self.refused.items())]}

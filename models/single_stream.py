@@ -30,18 +30,20 @@ class TokenStep:
 
 class SingleStream:
     def __init__(self, model: Any, prompt: list[int], max_tokens: int, sampler: Callable | None,
-                 processors: list, stop_tokens: set[int], uid: int, prefill_step: int = 2048) -> None:
+                 processors: list, stop_tokens: set[int], uid: int, prefill_step: int = 2048,
+                 cache: list[Any] | None = None, cached: int = 0) -> None:
+        """`cache`, if given, holds the keys and values of the first `cached` prompt tokens."""
         self.model = model
         self.uid = uid
         self.max_tokens = max_tokens
         self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
         self.processors = processors
         self.stop_tokens = stop_tokens
-        self.cache = make_prompt_cache(model)
+        self.cache = cache if cache is not None else make_prompt_cache(model)
         self.tokens = list(prompt)  # prompt and generated tokens: the context of logits processors
         self.generated = 0
         with mx.stream(generation_stream):
-            rest = mx.array(prompt)
+            rest = mx.array(prompt[cached:] if cache is not None else prompt)
             while rest.size > 1:
                 n = min(prefill_step, rest.size - 1)
                 model(rest[:n][None], cache=self.cache)
@@ -72,6 +74,11 @@ class SingleStream:
         self.tokens.append(token)
         finish = "stop" if token in self.stop_tokens else "length" if last else None
         return TokenStep(self.uid, token, logprobs, finish)
+
+    def cached_context(self) -> tuple[list[int], list[Any]]:
+        """(tokens, KV cache holding exactly those tokens), for the prefix cache."""
+        offset = getattr(self.cache[0], "offset", None) if self.cache else None
+        return (self.tokens[:offset], self.cache) if isinstance(offset, int) else ([], [])
 
     def handoff(self) -> tuple[TokenStep, list[Any], list[int], int]:
         """The queued token, and (KV cache, token context, tokens left) for BatchGenerator.insert:

@@ -37,7 +37,7 @@ def build_engine(settings: Settings) -> Engine:
                      memory_budget=settings.memory_budget, idle_unload_s=settings.idle_unload_s,
                      pin_default=settings.pin_default, max_queue=settings.max_queue,
                      default_max_tokens=min(settings.default_max_tokens, settings.max_tokens_limit),
-                     nonfinite_policy=settings.nonfinite_policy)
+                     nonfinite_policy=settings.nonfinite_policy, prompt_cache_bytes=settings.prompt_cache_bytes)
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 
+from models.api import Finished
 from models.dtypes import ALIASES, DTYPE_NAMES, normalize_dtype
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -57,10 +58,15 @@ class GenerateRequest(BaseModel):
     _numbers = numbers_only("max_tokens", "temperature", "top_p", "seed")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose KV cache was reused from an earlier request")
+
+
 class UsageBody(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class Timings(BaseModel):
@@ -96,3 +102,10 @@ ERROR_RESPONSES: dict = {status: {"model": ErrorBody} for status in (400, 401, 4
 # Streaming endpoints answer 200 with server-sent events when the body asks for `stream`.
 STREAM_RESPONSE: dict = {200: {"content": {"text/event-stream": {"schema": {}}},
                                "description": "JSON, or server-sent events when stream is true"}}
+
+
+def usage_body(done: Finished) -> dict:
+    """Token counts in the OpenAI shape, for both APIs."""
+    return {"prompt_tokens": done.usage.prompt_tokens, "completion_tokens": done.usage.completion_tokens,
+            "total_tokens": done.usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.usage.cached_tokens}}

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="requests waiting beyond max_batch_size before 429s")
     memory_budget: str | None = Field(None, description="bytes resident variants may hold: 12GiB, 500MB, "
                                       "a byte count, or a fraction of device memory (0.5); default 0.75")
+    prompt_cache_bytes: str = Field("0.05", description="per variant, KV cache kept to reuse shared prompt "
+                                    "prefixes: 1GiB, 500MB, a fraction of device memory (0.05), or 0 for none")
     idle_unload_s: float | None = Field(None, gt=0, description="unload variants unused this long (seconds)")
     pin_default: bool = Field(True, description="never evict the default variant")
     blas: str = Field("auto", description="BLAS under MLX on Linux: auto | none | PATH to a CBLAS library")

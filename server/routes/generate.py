@@ -12,7 +12,15 @@ from models.api import Finished, GenerationParams, TextDelta
 from models.errors import EngineError
 from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
-from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE, GenerateRequest, GenerateResponse, Timings, UsageBody
+from server.schemas import (
+    ERROR_RESPONSES,
+    STREAM_RESPONSE,
+    GenerateRequest,
+    GenerateResponse,
+    Timings,
+    UsageBody,
+    usage_body,
+)
 from server.settings import Settings, check_max_tokens
 from server.streaming import collect_unless_disconnected, first_event
 
@@ -31,8 +39,7 @@ def to_params(body: GenerateRequest, settings: Settings) -> GenerationParams:
 def finished_body(text: str, done: Finished) -> GenerateResponse:
     return GenerateResponse(
         text=text, model=done.model, dtype=done.dtype, finish_reason=done.finish_reason,
-        usage=UsageBody(prompt_tokens=done.usage.prompt_tokens, completion_tokens=done.usage.completion_tokens,
-                        total_tokens=done.usage.total_tokens),
+        usage=UsageBody(**usage_body(done)),
         timings=Timings(time_to_first_token_s=round(done.time_to_first_token_s, 6), total_s=round(done.total_s, 6),
                         tokens_per_second=round(done.decode_tokens_per_second, 3)),
         warnings=list(done.warnings))

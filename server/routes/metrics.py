@@ -28,6 +28,10 @@ class _Snapshot:
                                      labels=labels)
         tokens = CounterMetricFamily("dtype_serve_variant_generated_tokens", "Tokens a variant generated",
                                      labels=labels)
+        prompt_cache = GaugeMetricFamily("dtype_serve_prompt_cache_bytes", "KV cache a variant keeps to reuse "
+                                         "shared prompt prefixes", labels=labels)
+        cached_tokens = CounterMetricFamily("dtype_serve_prompt_cache_hit_tokens", "Prompt tokens served from "
+                                            "the prefix cache instead of prefilled", labels=labels)
         for v in self.report["variants"]:
             key = [v["model"], v["dtype"]]
             for param_dtype, n in v["bytes_by_dtype"].items():
@@ -35,14 +39,16 @@ class _Snapshot:
             in_flight.add_metric(key, v["in_flight"])
             served.add_metric(key, v["requests_served"])
             tokens.add_metric(key, v["tokens_generated"])
-        yield from (param_bytes, in_flight, served, tokens)
+            prompt_cache.add_metric(key, v["prompt_cache"]["bytes"])
+            cached_tokens.add_metric(key, v["prompt_cache"]["cached_tokens"])
+        yield from (param_bytes, in_flight, served, tokens, prompt_cache, cached_tokens)
         process, budget = self.report["process"], self.report["budget"]
         for name, value, text in (
             ("dtype_serve_mlx_active_bytes", process["active_bytes"], "MLX active memory"),
             ("dtype_serve_mlx_peak_bytes", process["peak_bytes"], "MLX peak memory"),
             ("dtype_serve_mlx_cache_bytes", process["cache_bytes"], "MLX buffer cache"),
             ("dtype_serve_budget_bytes", budget["budget_bytes"], "Memory budget for resident variants"),
-            ("dtype_serve_budget_used_bytes", budget["used_bytes"], "Bytes resident variants hold"),
+            ("dtype_serve_budget_used_bytes", budget["used_bytes"], "Bytes variants and prompt caches hold"),
             ("dtype_serve_open_requests", self.open_requests, "Requests admitted and not finished"),
         ):
             yield GaugeMetricFamily(name, text, value=value)

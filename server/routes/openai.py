@@ -16,7 +16,7 @@ from models.errors import EngineError
 from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
 from server.openai_schemas import ChatCompletionRequest, CompletionRequest
-from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE
+from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE, usage_body
 from server.settings import Settings, check_max_tokens
 from server.streaming import collect_unless_disconnected, first_event
 
@@ -57,11 +57,6 @@ def variant_id(done: Finished) -> str:
 def warnings_body(done: Finished) -> dict:
     """An extension field, present only when there is something to say."""
     return {"warnings": list(done.warnings)} if done.warnings else {}
-
-
-def usage_body(done: Finished) -> dict:
-    return {"prompt_tokens": done.usage.prompt_tokens, "completion_tokens": done.usage.completion_tokens,
-            "total_tokens": done.usage.total_tokens}
 
 
 # ---- logprobs in the two OpenAI formats --------------------------------------------------------
