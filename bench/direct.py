@@ -13,7 +13,9 @@ def main() -> None:
     folder, dtype, prompt, max_tokens, runs = sys.argv[1:6]
     blas = sys.argv[7] if len(sys.argv) > 7 and sys.argv[6] == "--blas" else "auto"
     from models.blas import configure_blas
+    from models.compat import configure_cuda_attention
 
+    configure_cuda_attention()  # the same attention kernels as the server
     configure_blas(blas)
     import statistics
     import time

@@ -21,7 +21,7 @@ import time
 
 import httpx
 
-from bench.common import ROOT, ensure_model, free_port, load_run, server, stream_completion, write_result
+from bench.common import ROOT, ensure_model, free_port, load_run, server, write_result
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
 
@@ -33,16 +33,42 @@ def child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+async def native_stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float]:
+    """One streamed POST /generate: (time to first text at the client, the server's own TTFT)."""
+    start, ttft, server_ttft = time.perf_counter(), None, None
+    async with client.stream("POST", url, json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("text") and ttft is None:
+                ttft = time.perf_counter() - start
+            if "timings" in data:
+                server_ttft = data["timings"]["time_to_first_token_s"]
+    return ttft or time.perf_counter() - start, server_ttft
+
+
 def first_and_steady(base: str, model: str, tokens: int) -> dict:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    """TTFT of the first request after startup vs the median of later ones. Every prompt differs from
+    its first character on, so none is served from the prefix cache; the server's own TTFT (arrival
+    at the engine to first token) tells engine time from HTTP time."""
+    body = {"model": model, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    prompts = [f"{i:02d} {PROMPT}" for i in range(6)]
 
     async def run() -> dict:
         async with httpx.AsyncClient(timeout=600) as client:
-            first = await stream_completion(client, f"{base}/v1/completions", body)
-            steady = [await stream_completion(client, f"{base}/v1/completions", body) for _ in range(5)]
-        median = statistics.median(r.ttft for r in steady)
-        return {"first_ttft_s": round(first.ttft, 4), "steady_ttft_s": round(median, 4),
-                "first_over_steady": round(first.ttft / median, 3)}
+            await client.get(f"{base}/health")  # the client's own first-use costs are not the server's
+            url = f"{base}/generate"
+            first = await native_stream(client, url, {**body, "prompt": prompts[0]})
+            steady = [await native_stream(client, url, {**body, "prompt": p}) for p in prompts[1:]]
+            longer = await native_stream(client, url, {**body, "prompt": "99 " + PROMPT * 2})
+        median = statistics.median(t for t, _ in steady)
+        server_median = statistics.median(s for _, s in steady)
+        return {"first_ttft_s": round(first[0], 4), "steady_ttft_s": round(median, 4),
+                "first_over_steady": round(first[0] / median, 3),
+                "server_first_ttft_s": first[1], "server_steady_ttft_s": server_median,
+                "new_length_ttft_s": round(longer[0], 4), "server_new_length_ttft_s": longer[1]}
 
     return asyncio.run(run())
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import resource
+
+# MLX's CUDA backend runs attention through cuDNN graphs built per shape: every new prompt length
+# (and batch size) stalls ~80 ms to build one. Its own kernels need no build; operators may set 1.
+CUDNN_ATTENTION = "MLX_CUDA_USE_CUDNN_SDPA"
+
+
+def configure_cuda_attention() -> None:
+    os.environ.setdefault(CUDNN_ATTENTION, "0")
 
 
 def import_mlx_lm() -> None:

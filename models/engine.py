@@ -71,6 +71,7 @@ class _Job:
     warnings: list[str] = field(default_factory=list)
 
     outbox: list | None = None  # the engine's: events go out once per worker iteration
+    text_sent: bool = False  # its first text went out (later deltas may wait for the stream interval)
 
     def emit(self, event: Any) -> None:
         self.outbox.append((self, event))
@@ -82,7 +83,7 @@ class MLXEngine:
                  memory_budget: str | None = None, idle_unload_s: float | None = None,
                  pin_default: bool = True, max_queue: int = 64, default_max_tokens: int = 256,
                  nonfinite_policy: str = "warn", single_stream: bool = True,
-                 prompt_cache_bytes: str | None = "0") -> None:
+                 prompt_cache_bytes: str | None = "0", stream_interval_s: float = 0.0) -> None:
         self.catalog = catalog
         self.default_model = default_model
         self.default_dtype = normalize_dtype(default_dtype)
@@ -103,6 +104,10 @@ class MLXEngine:
         self._reports: dict[tuple, FidelityJob] = {}  # fidelity reports, cached per (model, dtypes, prompts)
         self._commands: queue.Queue = queue.Queue()
         self._outbox: list[tuple[_Job, Any]] = []
+        # Text deltas wait up to this long and go out merged: one event-loop wake-up (and one SSE
+        # chunk) per stream per interval instead of per token, so HTTP work stays off the decode loop.
+        self.stream_interval_s = stream_interval_s
+        self._last_flush = 0.0
         self._state = "created"
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
@@ -248,7 +253,7 @@ class MLXEngine:
                         command = None
                 self._step_all()
                 self._step_report()
-                self._flush()
+                self._flush(force=not busy)
                 if not busy:
                     self.registry.unload_idle(time.time())
         except BaseException as e:  # the worker must never die silently: health turns 503
@@ -256,16 +261,30 @@ class MLXEngine:
             self._state = "failed"
             self._fail_all(EngineUnavailableError(f"the engine worker failed: {type(e).__name__}"))
         finally:
-            self._flush()
+            self._flush(force=True)
 
-    def _flush(self) -> None:
-        """Hand this iteration's events to their event loops: one wake-up per loop, not per token."""
+    def _flush(self, force: bool = False) -> None:
+        """Hand the pending events to their event loops: one wake-up per loop, deltas of one job
+        merged. Only deltas after a job's first text may wait, for the stream interval."""
         if not self._outbox:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        now = time.perf_counter()
+        if not force and now - self._last_flush < self.stream_interval_s and all(
+                isinstance(event, TextDelta) and job.text_sent for job, event in self._outbox):
+            return
+        self._last_flush = now
+        merged: dict[_Job, list] = {}
         for job, event in self._outbox:
-            by_loop.setdefault(job.loop, []).append((job.events, event))
+            events = merged.setdefault(job, [])
+            if events and isinstance(event, TextDelta) and isinstance(events[-1], TextDelta):
+                events[-1] = TextDelta(events[-1].text + event.text, events[-1].logprobs + event.logprobs)
+            else:
+                events.append(event)
+            job.text_sent = job.text_sent or isinstance(event, TextDelta)
         self._outbox.clear()
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, events in merged.items():
+            by_loop.setdefault(job.loop, []).extend((job.events, event) for event in events)
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)

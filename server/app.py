@@ -21,11 +21,11 @@ log = logging.getLogger("dtype_serve")
 def build_engine(settings: Settings) -> Engine:
     """The MLX engine for these settings. The BLAS is chosen before MLX is first imported."""
     from models.blas import configure_blas
+    from models.compat import configure_cuda_attention, import_mlx_lm
 
+    configure_cuda_attention()
     blas = configure_blas(settings.blas, settings.blas_threads)
     log.info("BLAS: %s (%s, threads=%s) %s", blas.library, blas.vendor, blas.threads, blas.note)
-    from models.compat import import_mlx_lm
-
     import_mlx_lm()
     from models.catalog import ModelCatalog, resolve_startup_model
     from models.engine import MLXEngine
@@ -37,7 +37,8 @@ def build_engine(settings: Settings) -> Engine:
                      memory_budget=settings.memory_budget, idle_unload_s=settings.idle_unload_s,
                      pin_default=settings.pin_default, max_queue=settings.max_queue,
                      default_max_tokens=min(settings.default_max_tokens, settings.max_tokens_limit),
-                     nonfinite_policy=settings.nonfinite_policy, prompt_cache_bytes=settings.prompt_cache_bytes)
+                     nonfinite_policy=settings.nonfinite_policy, prompt_cache_bytes=settings.prompt_cache_bytes,
+                     stream_interval_s=settings.stream_interval_s)
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none")
     max_batch_size: int = Field(16, ge=1, le=512, description="requests decoded together per variant")
+    stream_interval_s: float = Field(0.02, ge=0, le=1, description="streamed text goes out at most this often "
+                                     "per request, merged (the first text at once); 0: every token")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond max_batch_size before 429s")
     memory_budget: str | None = Field(None, description="bytes resident variants may hold: 12GiB, 500MB, "
                                       "a byte count, or a fraction of device memory (0.5); default 0.75")

@@ -95,3 +95,4 @@ async def test_cached_prompts_are_dropped_before_a_load_is_refused():
         assert (await complete(client, "17+25=", dtype="float32"))["choices"][0]["text"] == "42"
     finally:
         await close(ctx, client)
+

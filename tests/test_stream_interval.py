@@ -1,0 +1,29 @@
+"""Streamed text goes out merged at most once per stream interval: fewer chunks, same text."""
+
+import json
+
+from tests.test_registry import app_client, close
+
+
+async def streamed_chunks(client, max_tokens: int) -> list[str]:
+    body = {"prompt": "The cat", "stream": True, "max_tokens": max_tokens, "ignore_eos": True}
+    async with client.stream("POST", "/generate", json=body) as r:
+        lines = [x async for x in r.aiter_lines() if x.startswith("data: ") and x != "data: [DONE]"]
+    return [json.loads(x[6:])["text"] for x in lines][:-1]  # the last event is the summary
+
+
+async def test_the_stream_interval_merges_deltas_and_loses_nothing():
+    app, ctx, client = await app_client(stream_interval_s=0)
+    try:
+        every_token = await streamed_chunks(client, 120)
+    finally:
+        await close(ctx, client)
+    app, ctx, client = await app_client(stream_interval_s=0.2)
+    try:
+        merged = await streamed_chunks(client, 120)
+    finally:
+        await close(ctx, client)
+    assert "".join(merged) == "".join(every_token)
+    assert len(every_token) >= 100  # one chunk per token (a few tokens may be partial characters)
+    assert len(merged[0]) <= 2  # the first text is not held back
+    assert len(merged) < len(every_token) / 2
