@@ -6,8 +6,10 @@ import asyncio
 import json
 import os
 import platform
+import random
 import signal
 import statistics
+import string
 import subprocess
 import sys
 import time
@@ -137,13 +139,17 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> 
     return RequestResult(ttft or total, total, tokens if tokens is not None else chunks)
 
 
-async def load_run(url: str, body: dict, clients: int, requests_per_client: int) -> dict:
-    """`clients` concurrent clients, each sending requests back to back."""
+async def load_run(url: str, body: dict, clients: int, requests_per_client: int, distinct: bool = False) -> dict:
+    """`clients` concurrent clients, each sending requests back to back. `distinct`: every prompt
+    starts with its own random letters, so no request can reuse another's prompt (prefix) cache."""
     results: list[RequestResult] = []
+    rng = random.Random(clients)
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         for _ in range(requests_per_client):
-            results.append(await stream_completion(client, url, body))
+            sent = {**body, "prompt": "".join(rng.choices(string.ascii_letters, k=6)) + " " + body["prompt"]} \
+                if distinct else body
+            results.append(await stream_completion(client, url, sent))
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:

@@ -56,14 +56,15 @@ def direct(folder, dtype: str, max_tokens: int, runs: int, blas: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(ctx, model_id: str, port: int, clients: list[int], max_tokens: int, per_client: int) -> list[dict]:
+def measure(ctx, model_id: str, port: int, clients: list[int], max_tokens: int, per_client: int,
+            distinct: bool) -> list[dict]:
     url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": model_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
     rows = []
     with ctx:
-        asyncio.run(load_run(url, body, 1, 2))  # warm-up
+        asyncio.run(load_run(url, body, 1, 2, distinct))  # warm-up
         for n in clients:
-            rows.append(asyncio.run(load_run(url, body, n, per_client)))
+            rows.append(asyncio.run(load_run(url, body, n, per_client, distinct)))
     return rows
 
 
@@ -78,15 +79,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--blas", default="auto")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--direct-runs", type=int, default=3)
+    p.add_argument("--distinct-prompts", action="store_true",
+                   help="a different prompt per request: no server can reuse a cached prompt prefix")
     a = p.parse_args(argv)
     folder = ensure_model(a.shape, a.dtype)
     result = {"shape": a.shape, "dtype": a.dtype, "blas": a.blas, "max_tokens": a.max_tokens,
-              "prompt_chars": len(PROMPT), "direct": direct(folder, a.dtype, a.max_tokens, a.direct_runs, a.blas)}
+              "prompt_chars": len(PROMPT), "distinct_prompts": a.distinct_prompts,
+              "direct": direct(folder, a.dtype, a.max_tokens, a.direct_runs, a.blas)}
     for peer in a.peers:
         port = free_port()
         ctx, model_id = ours(folder, a.dtype, port, a.blas, a.batch) if peer == "ours" else \
             mlx_lm_server(folder, port, a.blas) if peer == "mlx_lm" else vllm_mlx_server(folder, port, a.blas, a.batch)
-        result[peer] = measure(ctx, model_id, port, a.clients, a.max_tokens, a.requests_per_client)
+        result[peer] = measure(ctx, model_id, port, a.clients, a.max_tokens, a.requests_per_client,
+                               a.distinct_prompts)
     ratios = {}
     if "ours" in result:
         one = next(r for r in result["ours"] if r["clients"] == 1)
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
             best = max(result[peer][i]["aggregate_tok_s"] for peer in peers)
             ratios[f"aggregate_vs_best_peer_at_{mine['clients']}"] = round(mine["aggregate_tok_s"] / best, 3)
     result["ratios"] = ratios
-    path = write_result(f"serving-{a.shape}-{a.dtype}-blas_{a.blas}", result)
+    path = write_result(f"serving-{a.shape}-{a.dtype}-blas_{a.blas}" + ("-distinct" if a.distinct_prompts else ""),
+                        result)
     print(json.dumps(result, indent=1))
     print(f"wrote {path.relative_to(ROOT)}")
     return result
