@@ -574,6 +574,7 @@ class MLXEngine:
         # Its own float32 copy plus one other variant at a time must fit beside what is resident.
         sizes = [estimate_variant(folder, d)["total_bytes"] for d in {"float32", *wanted}]
         need = estimate_variant(folder, "float32")["total_bytes"] + max(sizes)
+        self.registry.make_room_in_prompt_caches(need)
         free = self.registry.budget_bytes - self.registry.used_bytes()
         if need > free:
             raise MemoryBudgetError(f"the report needs {need} bytes beside the resident variants; {free} are free",

@@ -94,6 +94,12 @@ class VariantRegistry:
     def prompt_cache_used(self) -> int:
         return sum(v.prefix.nbytes for v in self.variants.values())
 
+    def make_room_in_prompt_caches(self, required: int) -> None:
+        """Cached prompts go first, before any variant, when `required` bytes do not fit."""
+        if self.budget_bytes - self.used_bytes() < required:
+            for variant in self.variants.values():
+                variant.prefix.clear()
+
     # ---- loading -----------------------------------------------------------------------------
     def get(self, model: str, dtype: str | None) -> Variant:
         key = self.key(model, dtype)
@@ -131,9 +137,7 @@ class VariantRegistry:
 
     def _make_room(self, required: int, dtype: str) -> None:
         """Evict idle, unpinned variants (least recently used first) until `required` fits."""
-        if self.budget_bytes - self.used_bytes() < required:  # cached prompts go before any variant
-            for variant in self.variants.values():
-                variant.prefix.clear()
+        self.make_room_in_prompt_caches(required)
         evictable = sorted((v for k, v in self.variants.items() if not v.busy and k not in self.pinned),
                            key=lambda v: v.last_used)
         free_now = self.budget_bytes - self.used_bytes()
