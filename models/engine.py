@@ -392,7 +392,8 @@ class MLXEngine:
         self.handoffs += 1
         job = variant.jobs[single.uid]
         step, cache, context, left = single.handoff()
-        self._guard_nonfinite(variant, [step])
+        self._check_finite(variant, [step])
+        self._read_check(variant)
         if single.uid in variant.jobs:
             self._on_token(variant, job, step)
         if job.done or single.uid not in variant.jobs:
@@ -435,7 +436,9 @@ class MLXEngine:
                 log.exception("generation failed on %s/%s", *variant.key)
                 self._fail_variant(variant, GenerationFailedError(f"generation failed: {type(e).__name__}"))
                 continue
-            self._guard_nonfinite(variant, responses)
+            self._check_finite(variant, responses)
+            if self.nonfinite_policy == "refuse":  # refuse before any of this step's text goes out
+                self._read_check(variant)
             for response in responses:
                 job = variant.jobs.get(response.uid)
                 if job is not None:
@@ -444,33 +447,45 @@ class MLXEngine:
                     variant.prefix.store(response.all_tokens, response.prompt_cache)
             variant.last_used = time.time()
 
-    def _guard_nonfinite(self, variant: Variant, responses: list) -> None:
-        """Non-finite logits (float16 overflow): warn the request, or refuse the dtype by policy."""
-        if not responses:
-            return
-        # Three ops for the whole batch (not one per row): this runs on every decode step.
-        chosen = mx.take_along_axis(mx.stack([r.logprobs for r in responses]),
-                                    mx.array([[r.token] for r in responses]), axis=1)
-        finite = mx.isfinite(chosen).reshape(-1).tolist()
-        if all(finite):
+    def _check_finite(self, variant: Variant, responses: list) -> None:
+        """Queue this step's non-finite check (float16 overflow) and read the previous one.
+
+        Three ops for the whole batch, evaluated with the next step rather than waited for now: the
+        decode loop does not stop for it. A request's last step is read before it finishes."""
+        previous = variant.pending_check
+        variant.pending_check = None
+        if responses:
+            chosen = mx.take_along_axis(mx.stack([r.logprobs for r in responses]),
+                                        mx.array([[r.token] for r in responses]), axis=1)
+            finite = mx.isfinite(chosen).reshape(-1)
+            mx.async_eval(finite)
+            variant.pending_check = ([r.uid for r in responses], finite)
+        if previous is not None:
+            self._apply_check(variant, *previous)
+
+    def _read_check(self, variant: Variant) -> None:
+        pending, variant.pending_check = variant.pending_check, None
+        if pending is not None:
+            self._apply_check(variant, *pending)
+
+    def _apply_check(self, variant: Variant, uids: list[int], finite: mx.array) -> None:
+        """Non-finite logits: warn the request, or refuse the dtype by policy."""
+        bad = [uid for uid, ok in zip(uids, finite.tolist(), strict=True) if not ok]
+        if not bad:
             return
         name, dtype = variant.key
         message = f"{dtype} produced non-finite logits for {name}; its output is unreliable"
-        for response, ok in zip(responses, finite, strict=True):
-            job = variant.jobs.get(response.uid)
-            if job is None or ok:
-                continue
+        jobs = [job for job in (variant.jobs.get(uid) for uid in bad) if job is not None]
+        for job in jobs:
             if message not in job.warnings:
                 job.warnings.append(message)
         if self.nonfinite_policy == "refuse":
             self.registry.refuse(variant.key, message + " (refused by the server's non-finite policy)")
-            for response, ok in zip(responses, finite, strict=True):
-                job = variant.jobs.get(response.uid)
-                if job is not None and not ok:
-                    self._drop_sequence(variant, job.uid)
-                    variant.jobs.pop(job.uid, None)
-                    job.done = True
-                    job.emit(DtypeRefusedError(self.registry.refused[variant.key]))
+            for job in jobs:
+                self._drop_sequence(variant, job.uid)
+                variant.jobs.pop(job.uid, None)
+                job.done = True
+                job.emit(DtypeRefusedError(self.registry.refused[variant.key]))
 
     def _on_token(self, variant: Variant, job: _Job, response: Any) -> None:
         now = time.perf_counter()
@@ -510,6 +525,7 @@ class MLXEngine:
         return TokenLogprob(tokenizer.decode([response.token]), logprobs[response.token].item(), best)
 
     def _finish(self, variant: Variant, job: _Job, reason: str, now: float) -> None:
+        self._read_check(variant)  # its last tokens' warning must be in Finished
         variant.jobs.pop(job.uid, None)
         if variant.single is not None and variant.single.uid == job.uid:
             self._retire_single(variant)
@@ -533,7 +549,7 @@ class MLXEngine:
 
     def _fail_variant(self, variant: Variant, error: EngineError) -> None:
         self._fail_jobs(variant, error)
-        variant.generator = variant.single = None
+        variant.generator = variant.single = variant.pending_check = None
         gc.collect()
         mx.clear_cache()
 

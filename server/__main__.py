@@ -52,5 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Leave without interpreter teardown: the server has drained and stopped its engine, and native
+    libraries' static destructors at exit (MLX's threads) can abort a clean shutdown."""
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run() -> None:
+    """The `dtype-serve` command."""
+    _exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
