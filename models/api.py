@@ -48,6 +48,10 @@ class TextDelta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
 
+    def then(self, following: TextDelta) -> TextDelta:
+        """This delta and the following one as one."""
+        return TextDelta(self.text + following.text, self.logprobs + following.logprobs)
+
 
 @dataclass(frozen=True)
 class Usage:

@@ -189,7 +189,7 @@ class MLXEngine:
                     if not isinstance(following, TextDelta):
                         held = following
                         break
-                    event = TextDelta(event.text + following.text, event.logprobs + following.logprobs)
+                    event = event.then(following)
                 if isinstance(event, BaseException):
                     raise event
                 yield event
@@ -277,7 +277,7 @@ class MLXEngine:
         for job, event in self._outbox:
             events = merged.setdefault(job, [])
             if events and isinstance(event, TextDelta) and isinstance(events[-1], TextDelta):
-                events[-1] = TextDelta(events[-1].text + event.text, events[-1].logprobs + event.logprobs)
+                events[-1] = events[-1].then(event)
             else:
                 events.append(event)
             job.text_sent = job.text_sent or isinstance(event, TextDelta)
@@ -369,13 +369,18 @@ class MLXEngine:
         else:
             if variant.single is not None:
                 self._handoff(variant)
-            job.uid = self._batch(variant).insert(
-                [tokens[job.cached_tokens:]], max_tokens=[max_tokens], caches=[cache],
-                all_tokens=[tokens[:job.cached_tokens]], samplers=[job.sampler],
-                logits_processors=[job.processors],
-                stop_sequences=[StopSequences(None)] if params.ignore_eos else None)[0]
+            job.uid = self._insert(variant, job, tokens[job.cached_tokens:], max_tokens, cache,
+                                   tokens[:job.cached_tokens])
         variant.jobs[job.uid] = job
         job.emit(Started(variant.loaded.name, variant.loaded.dtype, len(tokens)))
+
+    def _insert(self, variant: Variant, job: _Job, prompt: list[int], max_tokens: int, cache: list | None,
+                context: list[int]) -> int:
+        """Add a sequence to the variant's batch: `cache` holds the keys and values of `context`."""
+        return self._batch(variant).insert(
+            [prompt], max_tokens=[max_tokens], caches=[cache], all_tokens=[context], samplers=[job.sampler],
+            logits_processors=[job.processors],
+            stop_sequences=[StopSequences(None)] if job.params.ignore_eos else None)[0]
 
     def _batch(self, variant: Variant) -> BatchGenerator:
         if variant.generator is None:
@@ -399,10 +404,7 @@ class MLXEngine:
         if job.done or single.uid not in variant.jobs:
             return
         del variant.jobs[single.uid]
-        job.uid = self._batch(variant).insert(
-            [[step.token]], max_tokens=[left], caches=[cache], all_tokens=[context], samplers=[job.sampler],
-            logits_processors=[job.processors],
-            stop_sequences=[StopSequences(None)] if job.params.ignore_eos else None)[0]
+        job.uid = self._insert(variant, job, [step.token], left, cache, context)
         variant.jobs[job.uid] = job
 
     def _drop_sequence(self, variant: Variant, uid: int) -> None:
