@@ -97,10 +97,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-
-    _chat_numbers = numbers_only("max_tokens", "max_completion_tokens", "top_logprobs")
     response_format: ResponseFormat | None = None
     tools: Annotated[list, Field(max_length=0, description="tool calling is not supported")] | None = None
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
+
+    _chat_numbers = numbers_only("max_tokens", "max_completion_tokens", "top_logprobs")
 

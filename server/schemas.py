@@ -31,10 +31,6 @@ StopStrings = Annotated[StopString | Annotated[list[StopString], Field(max_lengt
                         AfterValidator(lambda v: (v,) if isinstance(v, str) else tuple(v))]
 
 
-def canonical_dtype(value: object) -> str | None:
-    return None if value is None else normalize_dtype(value)
-
-
 # The names and documented aliases, as an enum in the schema; validated values are canonical.
 Dtype = Annotated[Literal[tuple(DTYPE_NAMES) + tuple(ALIASES)], AfterValidator(normalize_dtype)]  # type: ignore[misc]
 SEED_LIMIT = 2**53  # exactly representable in JSON numbers everywhere
