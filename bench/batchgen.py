@@ -12,12 +12,10 @@ import sys
 
 def main() -> None:
     folder, dtype, batch, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    from models.blas import blas_choice, configure_blas
-    from models.compat import configure_cuda_attention
+    from models.blas import blas_choice
+    from models.compat import prepare_mlx
 
-    configure_cuda_attention()  # the same attention kernels as the server
-
-    configure_blas(blas_choice(sys.argv[5:]))
+    prepare_mlx(blas_choice(sys.argv[5:]))  # the same start-up as the server (BLAS, attention kernels)
     import time
 
     import mlx.core as mx

@@ -12,11 +12,9 @@ import sys
 def main() -> None:
     folder, dtype, prompt, max_tokens, runs = sys.argv[1:6]
     blas = sys.argv[7] if len(sys.argv) > 7 and sys.argv[6] == "--blas" else "auto"
-    from models.blas import configure_blas
-    from models.compat import configure_cuda_attention
+    from models.compat import prepare_mlx
 
-    configure_cuda_attention()  # the same attention kernels as the server
-    configure_blas(blas)
+    prepare_mlx(blas)  # the same start-up as the server (BLAS, attention kernels)
     import statistics
     import time
 

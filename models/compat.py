@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.blas import BlasInfo
 
 # MLX's CUDA backend runs attention through cuDNN graphs built per shape: every new prompt length
 # (and batch size) stalls ~80 ms to build one. Its own kernels need no build; operators may set 1.
@@ -36,3 +40,14 @@ def import_mlx_lm() -> None:
         import mlx_lm.utils  # noqa: F401
     finally:
         resource.setrlimit = original
+
+
+def prepare_mlx(blas: str = "auto", threads: int | None = None) -> BlasInfo:
+    """What must happen before MLX is first used, in order (server, `compare`, benchmark baselines):
+    the attention setting, the BLAS (before mlx is imported), then mlx-lm's import."""
+    from models.blas import configure_blas
+
+    configure_cuda_attention()
+    info = configure_blas(blas, threads)
+    import_mlx_lm()
+    return info

@@ -12,12 +12,10 @@ from pydantic import ValidationError
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:  # `dtype-serve compare ...`: the fidelity report on the command line
-        from models.blas import blas_choice, configure_blas
+        from models.blas import blas_choice
+        from models.compat import prepare_mlx
 
-        configure_blas(blas_choice(argv[1:]))
-        from models.compat import import_mlx_lm
-
-        import_mlx_lm()
+        prepare_mlx(blas_choice(argv[1:]))
         from models.fidelity import main as compare
 
         return compare(argv[1:])

@@ -20,13 +20,10 @@ log = logging.getLogger("dtype_serve")
 
 def build_engine(settings: Settings) -> Engine:
     """The MLX engine for these settings. The BLAS is chosen before MLX is first imported."""
-    from models.blas import configure_blas
-    from models.compat import configure_cuda_attention, import_mlx_lm
+    from models.compat import prepare_mlx
 
-    configure_cuda_attention()
-    blas = configure_blas(settings.blas, settings.blas_threads)
+    blas = prepare_mlx(settings.blas, settings.blas_threads)
     log.info("BLAS: %s (%s, threads=%s) %s", blas.library, blas.vendor, blas.threads, blas.note)
-    import_mlx_lm()
     from models.catalog import ModelCatalog, resolve_startup_model
     from models.engine import MLXEngine
 
