@@ -61,12 +61,12 @@ class SingleStream:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return self.sampler(logprobs), logprobs.squeeze(0)
 
-    def step(self) -> TokenStep:
-        """The next token; the step after it is already queued on the device."""
+    def step(self, queue_next: bool = True) -> TokenStep:
+        """The next token; the step after it is already queued on the device (unless told not to)."""
         token_array, logprobs = self._next
         self.generated += 1
         last = self.generated >= self.max_tokens
-        if not last:
+        if queue_next and not last:
             with mx.stream(generation_stream):
                 self._next = self._forward(token_array)
             mx.async_eval(*self._next)
@@ -83,10 +83,5 @@ class SingleStream:
     def handoff(self) -> tuple[TokenStep, list[Any], list[int], int]:
         """The queued token, and (KV cache, token context, tokens left) for BatchGenerator.insert:
         that token is the batch's first input, so the batch goes on where this stream stopped."""
-        token_array, logprobs = self._next
-        self.generated += 1
-        token = token_array.item()
-        self.tokens.append(token)
-        finish = "stop" if token in self.stop_tokens else "length" if self.generated >= self.max_tokens else None
-        return TokenStep(self.uid, token, logprobs, finish), self.cache, self.tokens[:-1], \
-            self.max_tokens - self.generated
+        step = self.step(queue_next=False)
+        return step, self.cache, self.tokens[:-1], self.max_tokens - self.generated
