@@ -26,6 +26,7 @@ RESULTS = ROOT / "bench" / "results"
 
 # llama shapes used across benchmarks (character vocabulary of the bundled tokenizer)
 SHAPES = {
+    "llama-tiny": dict(hidden=64, layers=2, intermediate=128),  # next to no compute: per-token overhead
     "llama-25m": dict(hidden=512, layers=8, intermediate=1408),
     "llama-50m": dict(hidden=512, layers=16, intermediate=1408),
     "llama-100m": dict(hidden=1024, layers=8, intermediate=2816),
