@@ -22,6 +22,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "bench" / "models"
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 2  # the benchmarks' shared prompt
 RESULTS = ROOT / "bench" / "results"
 
 # llama shapes used across benchmarks (character vocabulary of the bundled tokenizer)

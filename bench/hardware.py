@@ -4,7 +4,8 @@
 
 Per dtype, side by side: batch-1 decode through the server vs stream_generate called directly;
 aggregate tokens/s at each client count vs mlx-lm's BatchGenerator driven directly at the same
-batch size; decode as a share of the memory-bandwidth limit; PyTorch + transformers `generate`
+batch size (server and baselines loaded at once, their trials alternating; medians); decode as
+a share of the memory-bandwidth limit; PyTorch + transformers `generate`
 (if torch with CUDA is there). Also: time to first token of the first request after startup vs
 the steady median, and the time until a second dtype is ready vs the first load.
 """
@@ -21,9 +22,8 @@ import time
 
 import httpx
 
-from bench.common import ROOT, ensure_model, free_port, load_run, server, write_result
-
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
+from bench.baselines import BaselineProcess
+from bench.common import PROMPT, ROOT, ensure_model, free_port, load_run, server, write_result
 
 
 def child(*args: str) -> dict:
@@ -85,23 +85,46 @@ def second_dtype(base: str, model: str, dtype: str, other: str) -> dict:
             "first_over_second": round(first["load_seconds"] / wall, 3)}
 
 
-def serve_and_measure(folder, dtype: str, clients: list[int], tokens: int, batch: int, other: str | None) -> dict:
+def serve_and_measure(folder, dtype: str, clients: list[int], tokens: int, batch: int, other: str | None,
+                      trials: int) -> dict:
+    """The server and the direct baselines (in their own process) loaded side by side; after the
+    first-request figures, baseline and server trials alternate, and medians are compared."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "server", "--model", str(folder), "--dtype", dtype, "--port", str(port),
            "--max-batch-size", str(batch), "--max-queue", "512", "--max-tokens-limit", str(tokens),
            "--log-level", "warning"]
     body = {"model": folder.name, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    url = f"{base}/v1/completions"
     out: dict = {}
-    with server(cmd, f"{base}/health/ready"):
+    runs: dict[str, list] = {}
+    with BaselineProcess(str(folder), dtype) as baseline, server(cmd, f"{base}/health/ready"):
         out["first_request"] = first_and_steady(base, folder.name, tokens)
-        url = f"{base}/v1/completions"
-        out["clients"] = [asyncio.run(load_run(url, body, n, 2 if n > 1 else 3)) for n in clients]
+        for _ in range(trials + 1):  # trial 0 warms every path and batch size up
+            for n in clients:
+                if n == 1:
+                    runs.setdefault("direct", []).append(baseline.direct(PROMPT, tokens))
+                runs.setdefault(f"batchgen_{n}", []).append(baseline.batchgen(PROMPT, n, tokens))
+                runs.setdefault(f"server_{n}", []).append(asyncio.run(load_run(url, body, n, 1)))
         memory = httpx.get(f"{base}/memory", timeout=60).json()
         out["variant_bytes"] = next(v for v in memory["variants"] if v["dtype"] == dtype)["total_bytes"]
         out["device"] = memory["device"]
         if other:
             out["second_dtype"] = second_dtype(base, folder.name, dtype, other)
+    runs = {label: rows[1:] for label, rows in runs.items()}
+
+    def median(label: str, key: str) -> float:
+        return round(statistics.median(row[key] for row in runs[label]), 4)
+
+    if 1 in clients:
+        out["direct_batch1"] = {"tok_s": median("direct", "tok_s"), "ttft_s": median("direct", "ttft_s"),
+                                "trials_tok_s": [round(r["tok_s"], 1) for r in runs["direct"]]}
+    out["batchgen"] = {n: {"tok_s": median(f"batchgen_{n}", "tok_s"),
+                           "trials_tok_s": [round(r["tok_s"], 1) for r in runs[f"batchgen_{n}"]]} for n in clients}
+    out["clients"] = [{"clients": n, **{key: median(f"server_{n}", key) for key in
+                                        ("aggregate_tok_s", "single_stream_tok_s", "ttft_p50_s", "ttft_p99_s")},
+                       "trials_aggregate_tok_s": [r["aggregate_tok_s"] for r in runs[f"server_{n}"]]}
+                      for n in clients]
     return out
 
 
@@ -112,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--trials", type=int, default=5, help="alternating baseline / server trials per client count")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="device memory bandwidth, bytes/s")
     p.add_argument("--torch", action="store_true", help="also PyTorch + transformers generate (CUDA)")
     p.add_argument("--name", default="hardware")
@@ -120,9 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"shape": a.shape, "vocab": a.vocab, "tokens": a.tokens, "stored": "bfloat16", "dtypes": {}}
     for i, dtype in enumerate(a.dtypes):
         other = a.dtypes[(i + 1) % len(a.dtypes)] if len(a.dtypes) > 1 else None
-        row: dict = {"direct_batch1": child("bench.direct", str(folder), dtype, PROMPT, str(a.tokens), "3")}
-        row["batchgen"] = {n: child("bench.batchgen", str(folder), dtype, str(n), str(a.tokens)) for n in a.clients}
-        row["server"] = serve_and_measure(folder, dtype, a.clients, a.tokens, max(a.clients), other)
+        row: dict = {"server": serve_and_measure(folder, dtype, a.clients, a.tokens, max(a.clients), other,
+                                                 a.trials)}
+        row["direct_batch1"], row["batchgen"] = row["server"].pop("direct_batch1"), row["server"].pop("batchgen")
         if a.torch:
             config = str(folder / "config.json")
             row["torch"] = {n: child("bench.torch_generate", config, dtype, str(n), str(a.tokens))
@@ -132,8 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["ratios"] = {
             "server_batch1_vs_direct": round(one["single_stream_tok_s"] / direct, 3) if direct else None,
             **{f"server_vs_batchgen_at_{c['clients']}": round(c["aggregate_tok_s"] / row["batchgen"][c["clients"]]
-                                                              ["tok_s"], 3)
-               for c in row["server"]["clients"] if "tok_s" in row["batchgen"].get(c["clients"], {})},
+                                                              ["tok_s"], 3) for c in row["server"]["clients"]},
             "batch1_share_of_bandwidth_limit": round(
                 one["single_stream_tok_s"] * row["server"]["variant_bytes"] / a.bandwidth, 4),
         }

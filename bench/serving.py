@@ -16,10 +16,8 @@ import json
 import subprocess
 import sys
 
-from bench.common import ROOT, ensure_model, free_port, load_run, server, write_result
+from bench.common import PROMPT, ROOT, ensure_model, free_port, load_run, server, write_result
 from models.blas import _find_optimized
-
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
 
 
 def ours(folder, dtype: str, port: int, blas: str, batch: int):
