@@ -40,6 +40,7 @@ from models.errors import (
 from models.estimate import estimate_variant
 from models.fidelity import DEFAULT_DTYPES, FidelityJob
 from models.memory import device_info, parse_budget, process_memory
+from models.prefill import shapes_cost, warm_shapes
 from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
 from models.single_stream import SingleStream
@@ -83,7 +84,8 @@ class MLXEngine:
                  memory_budget: str | None = None, idle_unload_s: float | None = None,
                  pin_default: bool = True, max_queue: int = 64, default_max_tokens: int = 256,
                  nonfinite_policy: str = "warn", single_stream: bool = True,
-                 prompt_cache_bytes: str | None = "0", stream_interval_s: float = 0.0) -> None:
+                 prompt_cache_bytes: str | None = "0", stream_interval_s: float = 0.0,
+                 pad_prefill: bool | None = None) -> None:
         self.catalog = catalog
         self.default_model = default_model
         self.default_dtype = normalize_dtype(default_dtype)
@@ -94,6 +96,8 @@ class MLXEngine:
         self.default_max_tokens = default_max_tokens
         self.nonfinite_policy = nonfinite_policy
         self.single_stream = single_stream  # a lone request decodes outside the batch (faster)
+        # prefill in a few fixed shapes where new shapes cost set-up time (CUDA), warmed at start-up
+        self.pad_prefill = shapes_cost() if pad_prefill is None else pad_prefill
         self._single_uids = itertools.count(-1, -1)
         self.handoffs = 0  # lone sequences moved into a batch
         self._open_jobs = 0  # admitted and not finished; only the event loop thread changes it
@@ -145,6 +149,13 @@ class MLXEngine:
         text = "The quick brown fox jumps over the lazy dog. " * 3
         await run(text, 8)
         await asyncio.gather(run(text, 16), run("1+1=", 8), run(text[:40], 8))
+        if self.pad_prefill:
+            shapes = await self._call(self._warm_shapes)
+            log.info("warm-up: %d prefill and decode shapes set up", shapes)
+
+    def _warm_shapes(self) -> int:
+        variant = self.registry.get(self.default_model, self.default_dtype)
+        return warm_shapes(variant.loaded.model, variant.loaded.context_length, self.max_batch_size)
 
     async def stop(self) -> None:
         if self._thread and self._thread.is_alive():
@@ -365,7 +376,8 @@ class MLXEngine:
             stop_ids = set() if params.ignore_eos else set(variant.loaded.tokenizer.eos_token_ids)
             job.uid = next(self._single_uids)
             variant.single = SingleStream(variant.loaded.model, tokens, max_tokens, job.sampler, job.processors,
-                                          stop_ids, job.uid, cache=cache, cached=job.cached_tokens)
+                                          stop_ids, job.uid, cache=cache, cached=job.cached_tokens,
+                                          pad_prefill=self.pad_prefill)
         else:
             if variant.single is not None:
                 self._handoff(variant)

@@ -17,6 +17,8 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
+from models.prefill import prefill
+
 
 @dataclass
 class TokenStep:
@@ -30,9 +32,10 @@ class TokenStep:
 
 class SingleStream:
     def __init__(self, model: Any, prompt: list[int], max_tokens: int, sampler: Callable | None,
-                 processors: list, stop_tokens: set[int], uid: int, prefill_step: int = 2048,
-                 cache: list[Any] | None = None, cached: int = 0) -> None:
-        """`cache`, if given, holds the keys and values of the first `cached` prompt tokens."""
+                 processors: list, stop_tokens: set[int], uid: int, cache: list[Any] | None = None,
+                 cached: int = 0, pad_prefill: bool = False) -> None:
+        """`cache`, if given, holds the keys and values of the first `cached` prompt tokens;
+        `pad_prefill`: prefill in bucket shapes (see models.prefill)."""
         self.model = model
         self.uid = uid
         self.max_tokens = max_tokens
@@ -44,12 +47,8 @@ class SingleStream:
         self.generated = 0
         with mx.stream(generation_stream):
             rest = mx.array(prompt[cached:] if cache is not None else prompt)
-            while rest.size > 1:
-                n = min(prefill_step, rest.size - 1)
-                model(rest[:n][None], cache=self.cache)
-                mx.eval([c.state for c in self.cache])
-                rest = rest[n:]
-            self._next = self._forward(rest)
+            prefill(model, rest[:-1], self.cache, pad_prefill)  # the last token starts decoding
+            self._next = self._forward(rest[-1:])
         mx.async_eval(*self._next)
 
     def _forward(self, inputs: mx.array) -> tuple[mx.array, mx.array]:

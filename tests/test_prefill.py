@@ -1,0 +1,87 @@
+"""Bucket-shaped prefill (on by default on CUDA only): forced on here, it must change no answer."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+
+from models.api import Finished, GenerationParams, TextDelta
+from models.catalog import ModelCatalog
+from models.engine import MLXEngine
+from models.prefill import BUCKETS, bucket, prefill
+from models.single_stream import SingleStream
+from tests.conftest import BUNDLED
+
+
+@pytest.fixture(scope="module")
+def model():
+    loaded, _ = load(str(BUNDLED))
+    loaded.set_dtype(mx.float32)
+    return loaded
+
+
+def test_bucket_pads_to_the_next_bucket_and_no_more_than_half_again():
+    assert [bucket(n) for n in (1, 16, 17, 100, 2048)] == [16, 16, 24, 128, 2048]
+    assert bucket(3000) == 3000  # beyond the largest bucket: chunks of it, then the rest
+    assert all(bucket(n) <= max(16, 1.5 * n) for n in range(1, 2049))
+
+
+@pytest.mark.parametrize("length", [2, 17, 40, 130])
+def test_padded_prefill_leaves_the_same_cache_and_tokens(model, length):
+    prompt = [(7 * i + 3) % 90 + 5 for i in range(length)]
+    plain = SingleStream(model, prompt, 12, None, [], set(), uid=-1)
+    padded = SingleStream(model, prompt, 12, None, [], set(), uid=-1, pad_prefill=True)
+    assert [c.offset for c in padded.cache] == [c.offset for c in plain.cache] == [length] * len(model.layers)
+    steps = [(plain.step(), padded.step()) for _ in range(12)]
+    assert [a.token for a, _ in steps] == [b.token for _, b in steps]
+    for a, b in steps:
+        assert mx.allclose(a.logprobs, b.logprobs, atol=1e-4).item()
+
+
+def test_padded_prefill_after_a_cached_prefix(model):
+    prompt = [(5 * i + 1) % 90 + 5 for i in range(70)]
+    first = SingleStream(model, prompt[:50], 1, None, [], set(), uid=-1)
+    tokens, cache = first.cached_context()
+    assert len(tokens) == 50
+    resumed = SingleStream(model, prompt, 8, None, [], set(), uid=-2, cache=cache, cached=50, pad_prefill=True)
+    fresh = SingleStream(model, prompt, 8, None, [], set(), uid=-3)
+    assert [resumed.step().token for _ in range(8)] == [fresh.step().token for _ in range(8)]
+
+
+def test_chunks_longer_than_the_largest_bucket(model):
+    cache_plain = [type(c)() for c in SingleStream(model, [1, 2], 1, None, [], set(), uid=-1).cache]
+    cache_padded = [type(c)() for c in cache_plain]
+    tokens = mx.array([(3 * i) % 90 + 5 for i in range(BUCKETS[-1] + 37)])
+    prefill(model, tokens, cache_plain, pad=False)
+    prefill(model, tokens, cache_padded, pad=True)
+    assert cache_padded[0].offset == cache_plain[0].offset == tokens.size
+    for plain, padded in zip(cache_plain, cache_padded, strict=True):
+        assert mx.allclose(plain.keys[..., :tokens.size, :], padded.keys[..., :tokens.size, :], atol=1e-4).item()
+
+
+async def run(engine: MLXEngine, prompt: str) -> str:
+    text = ""
+    async for event in engine.generate(GenerationParams(prompt=prompt, max_tokens=6)):
+        if isinstance(event, TextDelta):
+            text += event.text
+        assert not isinstance(event, Finished) or event.finish_reason in ("stop", "length")
+    return text
+
+
+async def test_engine_answers_alike_with_padding_and_warms_each_shape():
+    catalog = ModelCatalog({BUNDLED.name: BUNDLED})
+    prompts = ["17+25=", "3+4=", "17+25=", "120+7="]  # the second "17+25=" hits the prefix cache
+    answers = {}
+    for pad in (False, True):
+        engine = MLXEngine(catalog, BUNDLED.name, "float32", max_batch_size=4, pad_prefill=pad,
+                           prompt_cache_bytes="0.05")
+        await engine.start()
+        try:
+            answers[pad] = [await run(engine, p) for p in prompts]
+            if pad:  # every bucket under the 256-token context, and decode batches of 1 to 4
+                assert await engine._call(engine._warm_shapes) == sum(b < 256 for b in BUCKETS) + 4
+        finally:
+            await engine.stop()
+    assert answers[True] == answers[False]
+    assert answers[True][0].startswith("42")
