@@ -56,6 +56,7 @@ def run(folder, target: str, method: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["0.1", "1"])
+    p.add_argument("--name", default="load_memory")
     a = p.parse_args(argv)
     rows = []
     for size in a.sizes:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["naive_over_ours_peak"] = round(naive["peak"] / ours["peak"], 3)
             rows.append(row)
             print(json.dumps(row))
-    path = write_result("load_memory", {"rows": rows})
+    path = write_result(a.name, {"rows": rows})
     print(f"wrote {path.relative_to(ROOT)}")
     return {"rows": rows}
 
