@@ -7,12 +7,13 @@ tokens[prefix:read] is the new text, the way vLLM streams detokenized text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
         self.tokens: list[int] = []
         self._prefix = 0  # start of the window that gives the next token its context
         self._read = 0  # tokens before this one are already in `text`
@@ -21,7 +22,7 @@ class IncrementalDetokenizer:
 
     def add_token(self, token: int) -> None:
         self.tokens.append(token)
-        decode = self._tokenizer.decode
+        decode = self._decode
         before = decode(self.tokens[self._prefix:self._read])
         after = decode(self.tokens[self._prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):  # wait out split characters
@@ -30,8 +31,8 @@ class IncrementalDetokenizer:
 
     def finalize(self) -> None:
         if self._read < len(self.tokens):
-            before = self._tokenizer.decode(self.tokens[self._prefix:self._read])
-            self.text += self._tokenizer.decode(self.tokens[self._prefix:])[len(before):]
+            before = self._decode(self.tokens[self._prefix:self._read])
+            self.text += self._decode(self.tokens[self._prefix:])[len(before):]
             self._prefix = self._read = len(self.tokens)
 
     @property
@@ -47,5 +48,14 @@ def streaming_detokenizer(tokenizer: Any) -> Any:
 
     detokenizer = tokenizer.detokenizer
     if isinstance(detokenizer, NaiveStreamingDetokenizer):
-        return IncrementalDetokenizer(tokenizer._tokenizer if hasattr(tokenizer, "_tokenizer") else tokenizer)
+        return IncrementalDetokenizer(fast_decode(getattr(tokenizer, "_tokenizer", tokenizer)))
     return detokenizer
+
+
+def fast_decode(tokenizer: Any) -> Callable[[list[int]], str]:
+    """The tokenizer's decode, straight from its Rust backend where that gives the same text (no
+    clean-up of spaces configured): a quarter of the cost per call, twice per streamed token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer.decode
+    return lambda ids: backend.decode(ids, skip_special_tokens=False)

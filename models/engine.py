@@ -464,14 +464,13 @@ class MLXEngine:
     def _check_finite(self, variant: Variant, responses: list) -> None:
         """Queue this step's non-finite check (float16 overflow) and read the previous one.
 
-        Three ops for the whole batch, evaluated with the next step rather than waited for now: the
-        decode loop does not stop for it. A request's last step is read before it finishes."""
+        The chosen tokens' logprobs, gathered and checked in one go (no copy of the batch's rows),
+        evaluated with the next step rather than waited for now: the decode loop does not stop for
+        it. A request's last step is read before it finishes."""
         previous = variant.pending_check
         variant.pending_check = None
         if responses:
-            chosen = mx.take_along_axis(mx.stack([r.logprobs for r in responses]),
-                                        mx.array([[r.token] for r in responses]), axis=1)
-            finite = mx.isfinite(chosen).reshape(-1)
+            finite = mx.isfinite(mx.stack([r.logprobs[r.token] for r in responses]))
             mx.async_eval(finite)
             variant.pending_check = ([r.uid for r in responses], finite)
         if previous is not None:

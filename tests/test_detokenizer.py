@@ -3,7 +3,7 @@
 import pytest
 from mlx_lm import load
 
-from models.detokenizer import IncrementalDetokenizer, streaming_detokenizer
+from models.detokenizer import IncrementalDetokenizer, fast_decode, streaming_detokenizer
 from tests.conftest import BUNDLED
 
 
@@ -12,10 +12,13 @@ def tokenizer():
     return load(str(BUNDLED))[1]
 
 
+@pytest.mark.parametrize("special", [False, True])  # with a leading <bos>: special tokens stay in the text
+@pytest.mark.parametrize("decode", ["backend", "transformers"])
 @pytest.mark.parametrize("text", ["17+25=42", "The cat sleeps in the garden.\nHello, Leo!", "  spaces  ", "üñí"])
-def test_streamed_text_equals_the_full_decode(tokenizer, text):
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    detok = IncrementalDetokenizer(tokenizer._tokenizer)
+def test_streamed_text_equals_the_full_decode(tokenizer, text, decode, special):
+    ids = tokenizer.encode(text, add_special_tokens=special)
+    detok = streaming_detokenizer(tokenizer) if decode == "backend" else \
+        IncrementalDetokenizer(tokenizer._tokenizer.decode)
     pieces = []
     for token in ids:
         detok.add_token(token)
@@ -25,5 +28,6 @@ def test_streamed_text_equals_the_full_decode(tokenizer, text):
     assert "".join(pieces) == tokenizer.decode(ids)
 
 
-def test_the_naive_detokenizer_is_replaced(tokenizer):
+def test_the_naive_detokenizer_is_replaced_and_decodes_in_the_backend(tokenizer):
     assert isinstance(streaming_detokenizer(tokenizer), IncrementalDetokenizer)
+    assert fast_decode(tokenizer._tokenizer) is not tokenizer._tokenizer.decode
