@@ -85,6 +85,22 @@ def second_dtype(base: str, model: str, dtype: str, other: str) -> dict:
             "first_over_second": round(first["load_seconds"] / wall, 3)}
 
 
+def worker_time(base: str, since: dict | None = None) -> dict:
+    """The server's worker time by phase (and decode steps), or its growth since `since`."""
+    worker = httpx.get(f"{base}/memory", timeout=60).json()["worker"]
+    now = {**worker["seconds"], "decode_steps": worker["decode_steps"]}
+    return {k: v - since[k] for k, v in now.items()} if since else now
+
+
+def worker_summary(rows: list[dict]) -> dict:
+    """Where the worker spent the measured trials: share of its time per phase, ms per decode step."""
+    total = {k: sum(r[k] for r in rows) for k in rows[0]}
+    steps = total.pop("decode_steps")
+    wall = sum(total.values())
+    return {"share": {k: round(v / wall, 3) for k, v in total.items()}, "decode_steps": steps,
+            "ms_per_step": {k: round(v / steps * 1e3, 3) for k, v in total.items()} if steps else {}}
+
+
 def serve_and_measure(folder, dtype: str, clients: list[int], tokens: int, batch: int, other: str | None,
                       trials: int) -> dict:
     """The server and the direct baselines (in their own process) loaded side by side; after the
@@ -105,7 +121,9 @@ def serve_and_measure(folder, dtype: str, clients: list[int], tokens: int, batch
                 if n == 1:
                     runs.setdefault("direct", []).append(baseline.direct(PROMPT, tokens))
                 runs.setdefault(f"batchgen_{n}", []).append(baseline.batchgen(PROMPT, n, tokens))
+                before = worker_time(base)
                 runs.setdefault(f"server_{n}", []).append(asyncio.run(load_run(url, body, n, 1)))
+                runs.setdefault(f"worker_{n}", []).append(worker_time(base, before))
         memory = httpx.get(f"{base}/memory", timeout=60).json()
         out["variant_bytes"] = next(v for v in memory["variants"] if v["dtype"] == dtype)["total_bytes"]
         out["device"] = memory["device"]
@@ -123,7 +141,8 @@ def serve_and_measure(folder, dtype: str, clients: list[int], tokens: int, batch
                            "trials_tok_s": [round(r["tok_s"], 1) for r in runs[f"batchgen_{n}"]]} for n in clients}
     out["clients"] = [{"clients": n, **{key: median(f"server_{n}", key) for key in
                                         ("aggregate_tok_s", "single_stream_tok_s", "ttft_p50_s", "ttft_p99_s")},
-                       "trials_aggregate_tok_s": [r["aggregate_tok_s"] for r in runs[f"server_{n}"]]}
+                       "trials_aggregate_tok_s": [r["aggregate_tok_s"] for r in runs[f"server_{n}"]],
+                       "worker": worker_summary(runs[f"worker_{n}"])}
                       for n in clients]
     return out
 

@@ -112,6 +112,11 @@ class MLXEngine:
         # chunk) per stream per interval instead of per token, so HTTP work stays off the decode loop.
         self.stream_interval_s = stream_interval_s
         self._last_flush = 0.0
+        # worker time by phase: idle, admit (requests joining), decode (device steps, waits included),
+        # emit (checks, detokenizing, events), flush (hand-off to the event loops), report (fidelity)
+        self.worker_seconds = dict.fromkeys(("idle", "admit", "decode", "emit", "flush", "report"), 0.0)
+        self.decode_steps = 0
+        self._lap_start = time.perf_counter()
         self._state = "created"
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
@@ -253,6 +258,7 @@ class MLXEngine:
                     command = self._commands.get(block=not busy, timeout=None if busy else 1.0)
                 except queue.Empty:
                     command = None
+                self._lap("idle")
                 while command is not None:
                     if command is _STOP:
                         self._fail_all(EngineUnavailableError("the engine stopped"))
@@ -262,9 +268,12 @@ class MLXEngine:
                         command = self._commands.get_nowait()
                     except queue.Empty:
                         command = None
+                self._lap("admit")
                 self._step_all()
                 self._step_report()
+                self._lap("report")
                 self._flush(force=not busy)
+                self._lap("flush")
                 if not busy:
                     self.registry.unload_idle(time.time())
         except BaseException as e:  # the worker must never die silently: health turns 503
@@ -450,6 +459,8 @@ class MLXEngine:
                 log.exception("generation failed on %s/%s", *variant.key)
                 self._fail_variant(variant, GenerationFailedError(f"generation failed: {type(e).__name__}"))
                 continue
+            self._lap("decode")
+            self.decode_steps += 1
             self._check_finite(variant, responses)
             if self.nonfinite_policy == "refuse":  # refuse before any of this step's text goes out
                 self._read_check(variant)
@@ -460,6 +471,13 @@ class MLXEngine:
                 if getattr(response, "prompt_cache", None):  # a finished batch sequence
                     variant.prefix.store(response.all_tokens, response.prompt_cache)
             variant.last_used = time.time()
+            self._lap("emit")
+
+    def _lap(self, phase: str) -> None:
+        """Charge the worker's time since the last lap to `phase` (where a decode loop spends it)."""
+        now = time.perf_counter()
+        self.worker_seconds[phase] += now - self._lap_start
+        self._lap_start = now
 
     def _check_finite(self, variant: Variant, responses: list) -> None:
         """Queue this step's non-finite check (float16 overflow) and read the previous one.
@@ -649,6 +667,8 @@ class MLXEngine:
             "process": process_memory(),
             "device": {**device_info(), "blas": blas_info().as_dict()},
             "budget": self.registry.report(),
+            "worker": {"seconds": {k: round(v, 6) for k, v in self.worker_seconds.items()},
+                       "decode_steps": self.decode_steps},
         }
 
 

@@ -42,6 +42,16 @@ class _Snapshot:
             prompt_cache.add_metric(key, v["prompt_cache"]["bytes"])
             cached_tokens.add_metric(key, v["prompt_cache"]["cached_tokens"])
         yield from (param_bytes, in_flight, served, tokens, prompt_cache, cached_tokens)
+        worker = self.report.get("worker")
+        if worker:
+            seconds = CounterMetricFamily("dtype_serve_worker_seconds", "Time of the MLX worker thread by phase: "
+                                          "idle, admit, decode (device steps), emit, flush, report",
+                                          labels=["phase"])
+            for phase, value in worker["seconds"].items():
+                seconds.add_metric([phase], value)
+            yield seconds
+            yield CounterMetricFamily("dtype_serve_decode_steps", "Decode steps run (one per batch)",
+                                      value=worker["decode_steps"])
         process, budget = self.report["process"], self.report["budget"]
         for name, value, text in (
             ("dtype_serve_mlx_active_bytes", process["active_bytes"], "MLX active memory"),
