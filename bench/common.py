@@ -141,11 +141,13 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> 
     return RequestResult(ttft or total, total, tokens if tokens is not None else chunks)
 
 
-async def load_run(url: str, body: dict, clients: int, requests_per_client: int, distinct: bool = False) -> dict:
+async def load_run(url: str, body: dict, clients: int, requests_per_client: int, distinct: bool = False,
+                   seed: int | None = None) -> dict:
     """`clients` concurrent clients, each sending requests back to back. `distinct`: every prompt
-    starts with its own random letters, so no request can reuse another's prompt (prefix) cache."""
+    starts with its own random letters (from `seed`), so no request can reuse another's prompt
+    (prefix) cache; a run that repeats a load gives it a new seed."""
     results: list[RequestResult] = []
-    rng = random.Random(clients)
+    rng = random.Random(clients if seed is None else seed)
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         for _ in range(requests_per_client):

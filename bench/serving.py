@@ -2,7 +2,8 @@
 
     python -m bench.serving --shape llama-25m --dtype bfloat16 --clients 1 4 8 16
 
-Each server is started by the benchmark on the same model folder and dtype. Single stream: end-to-end
+Each server is started by the benchmark on the same model folder and dtype; all run at once and take
+turns, trial after trial (medians over `--trials`). Single stream: end-to-end
 tokens/s of one client through HTTP vs stream_generate. Concurrency: aggregate tokens/s and TTFT
 percentiles per client count. Results: bench/results/serving-<shape>-<dtype>[-blas].json.
 `--peers ours mlx_lm vllm_mlx` adds vllm-mlx, from its own venv (scripts/install-vllm-mlx.sh).
@@ -13,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
+from contextlib import ExitStack
 
 from bench.common import PROMPT, ROOT, ensure_model, free_port, load_run, server, write_result
 from models.blas import _find_optimized
@@ -54,16 +57,17 @@ def direct(folder, dtype: str, max_tokens: int, runs: int, blas: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(ctx, model_id: str, port: int, clients: list[int], max_tokens: int, per_client: int,
-            distinct: bool) -> list[dict]:
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    body = {"model": model_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
-    rows = []
-    with ctx:
-        asyncio.run(load_run(url, body, 1, 2, distinct))  # warm-up
-        for n in clients:
-            rows.append(asyncio.run(load_run(url, body, n, per_client, distinct)))
-    return rows
+def body(model_id: str, max_tokens: int) -> dict:
+    return {"model": model_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+
+
+def start_peer(stack: ExitStack, peer: str, folder, dtype: str, blas: str, batch: int) -> tuple[str, str]:
+    """Start one server; its /v1/completions URL and the model id it answers to."""
+    port = free_port()
+    ctx, model_id = ours(folder, dtype, port, blas, batch) if peer == "ours" else \
+        mlx_lm_server(folder, port, blas) if peer == "mlx_lm" else vllm_mlx_server(folder, port, blas, batch)
+    stack.enter_context(ctx)
+    return f"http://127.0.0.1:{port}/v1/completions", model_id
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--blas", default="auto")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--direct-runs", type=int, default=3)
+    p.add_argument("--trials", type=int, default=3, help="rounds in which every server takes its turn")
     p.add_argument("--distinct-prompts", action="store_true",
                    help="a different prompt per request: no server can reuse a cached prompt prefix")
     a = p.parse_args(argv)
@@ -84,12 +89,27 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"shape": a.shape, "dtype": a.dtype, "blas": a.blas, "max_tokens": a.max_tokens,
               "prompt_chars": len(PROMPT), "distinct_prompts": a.distinct_prompts,
               "direct": direct(folder, a.dtype, a.max_tokens, a.direct_runs, a.blas)}
+    # Every server runs at once (idle between turns); in each trial and client count they take turns
+    # (in a rotating order) on the same prompts, so drift of a shared machine hits each alike.
+    runs: dict[tuple[str, int], list[dict]] = {}
+    with ExitStack() as stack:
+        peers = {peer: start_peer(stack, peer, folder, a.dtype, a.blas, a.batch) for peer in a.peers}
+        for url, model_id in peers.values():  # warm-up
+            asyncio.run(load_run(url, body(model_id, a.max_tokens), 1, 2, a.distinct_prompts, seed=-1))
+        for trial in range(a.trials):
+            for n in a.clients:
+                order = a.peers[trial % len(a.peers):] + a.peers[:trial % len(a.peers)]
+                for peer in order:
+                    url, model_id = peers[peer]
+                    runs.setdefault((peer, n), []).append(asyncio.run(load_run(
+                        url, body(model_id, a.max_tokens), n, a.requests_per_client, a.distinct_prompts,
+                        seed=trial * 1000 + n)))
     for peer in a.peers:
-        port = free_port()
-        ctx, model_id = ours(folder, a.dtype, port, a.blas, a.batch) if peer == "ours" else \
-            mlx_lm_server(folder, port, a.blas) if peer == "mlx_lm" else vllm_mlx_server(folder, port, a.blas, a.batch)
-        result[peer] = measure(ctx, model_id, port, a.clients, a.max_tokens, a.requests_per_client,
-                               a.distinct_prompts)
+        result[peer] = [{"clients": n, **{key: round(statistics.median(r[key] for r in runs[(peer, n)]), 4)
+                                          for key in ("aggregate_tok_s", "single_stream_tok_s", "ttft_p50_s",
+                                                      "ttft_p99_s")},
+                         "trials_aggregate_tok_s": [r["aggregate_tok_s"] for r in runs[(peer, n)]]}
+                        for n in a.clients]
     ratios = {}
     if "ours" in result:
         one = next(r for r in result["ours"] if r["clients"] == 1)
