@@ -3,10 +3,12 @@
     python -m bench.overhead --shape llama-1b --dtype bfloat16 --clients 1 32 [--profile]
 
 stream_generate on the main thread and on a worker thread; the engine (no HTTP) at each client
-count with its defaults, without the non-finite check and with no stream interval; BatchGenerator
-driven directly. All are loaded at once and take turns, trial after trial, so drift of a shared
-machine hits each alike; medians of tokens/s over the same prompt and greedy settings, with ratios. `--profile` adds
-an engine whose worker thread is profiled (cProfile). The HTTP layer on top is `bench.hardware`'s server figures.
+count with its defaults, without the non-finite check, with no stream interval and without the
+prefix cache (trials repeat the prompt, so by default each request copies a cached prefix);
+BatchGenerator driven directly. All are loaded at once and take turns, trial after trial, so drift
+of a shared machine hits each alike; medians of tokens/s over the same prompt and greedy settings,
+with ratios. `--profile` adds an engine whose worker thread is profiled (cProfile). The HTTP layer
+on top is `bench.hardware`'s server figures.
 """
 
 from __future__ import annotations
@@ -72,12 +74,12 @@ async def engine_rate(engine, clients: int, tokens: int) -> dict:
 
 
 def make_engine(folder, dtype: str, batch: int, interval: float, check: bool = True,
-                profiler: cProfile.Profile | None = None):
+                profiler: cProfile.Profile | None = None, prompt_cache: str = "0.05"):
     from models.catalog import ModelCatalog
     from models.engine import MLXEngine
 
     engine = MLXEngine(ModelCatalog({folder.name: folder}), folder.name, dtype, max_batch_size=batch,
-                       max_queue=512, prompt_cache_bytes="0.05", stream_interval_s=interval)
+                       max_queue=512, prompt_cache_bytes=prompt_cache, stream_interval_s=interval)
     if not check:
         engine._check_finite = lambda variant, responses: None
     if profiler is not None:  # the worker thread's own time, not the event loop's
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     batch = max(a.clients)
     engines = {"engine": make_engine(folder, a.dtype, batch, 0.02),
                "engine_no_interval": make_engine(folder, a.dtype, batch, 0.0),
-               "engine_no_check": make_engine(folder, a.dtype, batch, 0.02, check=False)}
+               "engine_no_check": make_engine(folder, a.dtype, batch, 0.02, check=False),
+               "engine_no_prefix_cache": make_engine(folder, a.dtype, batch, 0.02, prompt_cache="0")}
     if profiler is not None:  # its own engine: the profiler slows the code it watches
         engines["engine_profiled"] = make_engine(folder, a.dtype, batch, 0.02, profiler=profiler)
     rows: dict[str, list[float]] = {}
