@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -51,6 +52,15 @@ def ensure_model(shape: str, dtype: str = "bfloat16", vocab: int = 100, context:
     args = {**SHAPES[shape], "folder": str(folder), "vocab": vocab, "dtype": dtype, "context": context}
     subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=ROOT, check=True)
     return folder
+
+
+def gpu_model_parser(doc: str | None, name: str) -> argparse.ArgumentParser:
+    """The options of the GPU benchmarks' generated model (a 1B llama by default), and --name."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--name", default=name, help="results file: bench/results/NAME.json")
+    return p
 
 
 def environment() -> dict:

@@ -12,7 +12,6 @@ the steady median, and the time until a second dtype is ready vs the first load.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
@@ -23,7 +22,7 @@ import time
 import httpx
 
 from bench.baselines import BaselineProcess
-from bench.common import PROMPT, ROOT, ensure_model, free_port, load_run, server, write_result
+from bench.common import PROMPT, ROOT, ensure_model, free_port, gpu_model_parser, load_run, server, write_result
 
 
 def child(*args: str) -> dict:
@@ -154,9 +153,7 @@ def serve_and_measure(folder, dtype: str, clients: list[int], tokens: int, batch
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-1b")
-    p.add_argument("--vocab", type=int, default=32000)
+    p = gpu_model_parser(__doc__, "hardware")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--tokens", type=int, default=128)
@@ -164,7 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--starts", type=int, default=3, help="server starts for the first-request figures")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="device memory bandwidth, bytes/s")
     p.add_argument("--torch", action="store_true", help="also PyTorch + transformers generate (CUDA)")
-    p.add_argument("--name", default="hardware")
     a = p.parse_args(argv)
     folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
     result: dict = {"shape": a.shape, "vocab": a.vocab, "tokens": a.tokens, "stored": "bfloat16", "dtypes": {}}

@@ -13,7 +13,6 @@ on top is `bench.hardware`'s server figures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import cProfile
 import io
@@ -24,7 +23,7 @@ import threading
 import time
 
 from bench.baselines import batchgen_run, direct_run, load
-from bench.common import PROMPT, ensure_model, write_result
+from bench.common import PROMPT, ensure_model, gpu_model_parser, write_result
 
 
 def in_thread(fn, *args, own_stream: bool = False) -> dict:
@@ -89,15 +88,12 @@ def make_engine(folder, dtype: str, batch: int, interval: float, check: bool = T
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-1b")
-    p.add_argument("--vocab", type=int, default=32000)
+    p = gpu_model_parser(__doc__, "overhead")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 32])
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--name", default="overhead")
     a = p.parse_args(argv)
     folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
     model, tokenizer = load(str(folder), a.dtype)

@@ -9,13 +9,12 @@ up some kernels per shape; this says which, and how long a first request waits f
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 from bench.baselines import load
-from bench.common import ensure_model, write_result
+from bench.common import ensure_model, gpu_model_parser, write_result
 
 
 def timed(fn) -> float:
@@ -27,11 +26,8 @@ def timed(fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-1b")
-    p.add_argument("--vocab", type=int, default=32000)
+    p = gpu_model_parser(__doc__, "shape-costs")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--name", default="shape-costs")
     a = p.parse_args(argv)
     folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
     model, _ = load(str(folder), a.dtype)
