@@ -88,7 +88,8 @@ def write_result(name: str, data: dict) -> Path:
 @contextmanager
 def server(cmd: list[str], ready_url: str, env: dict | None = None, timeout: float = 600):
     """Start a server process, wait until `ready_url` answers 200, stop it afterwards."""
-    log = open(RESULTS / f"server-{os.getpid()}.log", "w")
+    port = ready_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[-1]
+    log = open(RESULTS / f"server-{os.getpid()}-{port}.log", "w")  # one per server: several may run at once
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
@@ -157,13 +158,17 @@ async def load_run(url: str, body: dict, clients: int, requests_per_client: int,
     starts with its own random letters (from `seed`), so no request can reuse another's prompt
     (prefix) cache; a run that repeats a load gives it a new seed."""
     results: list[RequestResult] = []
+    errors: list[str] = []  # a request a server failed is counted, not fatal to the whole benchmark
     rng = random.Random(clients if seed is None else seed)
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         for _ in range(requests_per_client):
             sent = {**body, "prompt": "".join(rng.choices(string.ascii_letters, k=6)) + " " + body["prompt"]} \
                 if distinct else body
-            results.append(await stream_completion(client, url, sent))
+            try:
+                results.append(await stream_completion(client, url, sent))
+            except httpx.HTTPError as e:
+                errors.append(type(e).__name__)
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -172,7 +177,10 @@ async def load_run(url: str, body: dict, clients: int, requests_per_client: int,
         wall = time.perf_counter() - start
     ttfts = sorted(r.ttft for r in results)
     tokens = sum(r.tokens for r in results)
-    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
+    if not results:
+        raise RuntimeError(f"every request to {url} failed: {errors[:3]}")
+    return {"clients": clients, "requests": len(results), "errors": len(errors), "tokens": tokens,
+            "wall_s": round(wall, 3),
             "aggregate_tok_s": round(tokens / wall, 2),
             "single_stream_tok_s": round(statistics.median(r.tokens / r.total for r in results), 2),
             "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4)}

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         result[peer] = [{"clients": n, **{key: round(statistics.median(r[key] for r in runs[(peer, n)]), 4)
                                           for key in ("aggregate_tok_s", "single_stream_tok_s", "ttft_p50_s",
                                                       "ttft_p99_s")},
-                         "trials_aggregate_tok_s": [r["aggregate_tok_s"] for r in runs[(peer, n)]]}
+                         "trials_aggregate_tok_s": [r["aggregate_tok_s"] for r in runs[(peer, n)]],
+                         "errors": sum(r["errors"] for r in runs[(peer, n)])}
                         for n in a.clients]
     ratios = {}
     if "ours" in result:
