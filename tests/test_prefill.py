@@ -85,3 +85,18 @@ async def test_engine_answers_alike_with_padding_and_warms_each_shape():
             await engine.stop()
     assert answers[True] == answers[False]
     assert answers[True][0].startswith("42")
+
+
+def test_caches_that_cannot_be_trimmed_back_are_not_padded(model):
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    seen = []
+
+    def recording(inputs, cache):
+        seen.append(inputs.shape[1])
+        return model(inputs, cache=cache)
+
+    tokens = mx.array([(3 * i) % 90 + 5 for i in range(21)])
+    prefill(recording, tokens, [RotatingKVCache(max_size=64, keep=4) for _ in model.layers], pad=True)
+    prefill(recording, tokens, [KVCache() for _ in model.layers], pad=True)
+    assert seen == [21, 24]  # a sliding window would keep the padding's keys: no padding there
