@@ -3,9 +3,10 @@
     python -m bench.serving --shape llama-25m --dtype bfloat16 --clients 1 4 8 16
 
 Each server is started by the benchmark on the same model folder and dtype; all run at once and take
-turns, trial after trial (medians over `--trials`). Single stream: end-to-end
-tokens/s of one client through HTTP vs stream_generate. Concurrency: aggregate tokens/s and TTFT
-percentiles per client count. Results: bench/results/serving-<shape>-<dtype>[-blas].json.
+turns, trial after trial (medians over `--trials`). Single stream: end-to-end tokens/s of one client
+through HTTP vs stream_generate (in a process of its own, taking its turn in each trial).
+Concurrency: aggregate tokens/s and TTFT percentiles per client count.
+Results: bench/results/serving-<shape>-<dtype>[-blas].json.
 `--peers ours mlx_lm vllm_mlx` adds vllm-mlx, from its own venv (scripts/install-vllm-mlx.sh).
 """
 
@@ -15,10 +16,10 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 from contextlib import ExitStack
 
+from bench.baselines import BaselineProcess
 from bench.common import PROMPT, ROOT, ensure_model, free_port, load_run, server, write_result
 from models.blas import _find_optimized
 
@@ -51,12 +52,6 @@ def vllm_mlx_server(folder, port: int, blas: str, batch: int):
     return server(cmd, f"http://127.0.0.1:{port}/v1/models", env=blas_env(blas)), str(folder)
 
 
-def direct(folder, dtype: str, max_tokens: int, runs: int, blas: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.direct", str(folder), dtype, PROMPT, str(max_tokens),
-                          str(runs), "--blas", blas], cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def body(model_id: str, max_tokens: int) -> dict:
     return {"model": model_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
 
@@ -80,30 +75,35 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peers", nargs="+", default=["ours", "mlx_lm"], choices=["ours", "mlx_lm", "vllm_mlx"])
     p.add_argument("--blas", default="auto")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--direct-runs", type=int, default=3)
     p.add_argument("--trials", type=int, default=3, help="rounds in which every server takes its turn")
     p.add_argument("--distinct-prompts", action="store_true",
                    help="a different prompt per request: no server can reuse a cached prompt prefix")
     a = p.parse_args(argv)
     folder = ensure_model(a.shape, a.dtype)
     result = {"shape": a.shape, "dtype": a.dtype, "blas": a.blas, "max_tokens": a.max_tokens,
-              "prompt_chars": len(PROMPT), "distinct_prompts": a.distinct_prompts,
-              "direct": direct(folder, a.dtype, a.max_tokens, a.direct_runs, a.blas)}
+              "prompt_chars": len(PROMPT), "distinct_prompts": a.distinct_prompts}
     # Every server runs at once (idle between turns); in each trial and client count they take turns
     # (in a rotating order) on the same prompts, so drift of a shared machine hits each alike.
     runs: dict[tuple[str, int], list[dict]] = {}
+    direct: list[float] = []  # stream_generate in a process of its own, in each trial's one-client turn
     with ExitStack() as stack:
+        baseline = stack.enter_context(BaselineProcess(str(folder), a.dtype, a.blas))
+        baseline.direct(PROMPT, a.max_tokens)  # warm-up
         peers = {peer: start_peer(stack, peer, folder, a.dtype, a.blas, a.batch) for peer in a.peers}
         for url, model_id in peers.values():  # warm-up
             asyncio.run(load_run(url, body(model_id, a.max_tokens), 1, 2, a.distinct_prompts, seed=-1))
         for trial in range(a.trials):
             for n in a.clients:
+                if n == 1:
+                    direct += [baseline.direct(PROMPT, a.max_tokens)["tok_s"] for _ in range(a.requests_per_client)]
                 order = a.peers[trial % len(a.peers):] + a.peers[:trial % len(a.peers)]
                 for peer in order:
                     url, model_id = peers[peer]
                     runs.setdefault((peer, n), []).append(asyncio.run(load_run(
                         url, body(model_id, a.max_tokens), n, a.requests_per_client, a.distinct_prompts,
                         seed=trial * 1000 + n)))
+    if direct:
+        result["direct"] = {"tok_s": round(statistics.median(direct), 2), "runs_tok_s": [round(d, 1) for d in direct]}
     for peer in a.peers:
         result[peer] = [{"clients": n, **{key: round(statistics.median(r[key] for r in runs[(peer, n)]), 4)
                                           for key in ("aggregate_tok_s", "single_stream_tok_s", "ttft_p50_s",
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
                         for n in a.clients]
     ratios = {}
     if "ours" in result:
-        one = next(r for r in result["ours"] if r["clients"] == 1)
-        ratios["single_stream_vs_direct"] = round(one["single_stream_tok_s"] / result["direct"]["tok_s"], 3)
+        if direct:
+            one = next(r for r in result["ours"] if r["clients"] == 1)
+            ratios["single_stream_vs_direct"] = round(one["single_stream_tok_s"] / result["direct"]["tok_s"], 3)
         peers = [p for p in ("mlx_lm", "vllm_mlx") if p in result]
         for peer in peers:
             for mine, theirs in zip(result["ours"], result[peer], strict=True):
