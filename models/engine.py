@@ -388,10 +388,12 @@ class MLXEngine:
                                           stop_ids, job.uid, cache=cache, cached=job.cached_tokens,
                                           pad_prefill=self.pad_prefill)
         else:
-            if variant.single is not None:
-                self._handoff(variant)
+            if variant.single is not None and len(variant.jobs) >= self.max_batch_size:
+                self._handoff(variant)  # no room for both: the lone stream takes its batch slot first
             job.uid = self._insert(variant, job, tokens[job.cached_tokens:], max_tokens, cache,
                                    tokens[:job.cached_tokens])
+            if variant.single is not None:  # the lone stream joins the batch once this one decodes
+                variant.joining.add(job.uid)
         variant.jobs[job.uid] = job
         job.emit(Started(variant.loaded.name, variant.loaded.dtype, len(tokens)))
 
@@ -413,8 +415,11 @@ class MLXEngine:
         return variant.generator
 
     def _handoff(self, variant: Variant) -> None:
-        """A second request arrived: move the lone sequence, KV cache and all, into the batch."""
+        """Move the lone sequence, KV cache and all, into the batch: once the requests that arrived
+        after it have been prefilled there and decode (a decoding sequence prefilled together with
+        new prompts would slow that prefill down: its long cache pads theirs)."""
         single, variant.single = variant.single, None
+        variant.joining.clear()
         self.handoffs += 1
         job = variant.jobs[single.uid]
         step, cache, context, left = single.handoff()
@@ -430,6 +435,7 @@ class MLXEngine:
 
     def _drop_sequence(self, variant: Variant, uid: int) -> None:
         """Stop decoding one sequence, wherever it is decoded; keep its KV cache for reuse."""
+        variant.joining.discard(uid)
         if variant.single is not None and variant.single.uid == uid:
             self._retire_single(variant)
         elif variant.generator is not None:
@@ -439,6 +445,7 @@ class MLXEngine:
     @staticmethod
     def _retire_single(variant: Variant) -> None:
         single, variant.single = variant.single, None
+        variant.joining.clear()
         variant.prefix.store(*single.cached_context())
 
     def _step_all(self) -> None:
@@ -450,9 +457,13 @@ class MLXEngine:
                 variant.jobs.pop(uid).done = True
             if not variant.jobs:
                 continue
+            joined: list = []  # batch responses while the lone stream still decodes on its own
             try:
                 if variant.single is not None:
                     responses = [variant.single.step()]
+                    if variant.joining:  # newcomers are prefilled in the batch meanwhile
+                        _, joined = variant.generator.next()
+                        responses += joined
                 else:
                     _, responses = variant.generator.next()
             except Exception as e:  # e.g. out of memory: fail this batch, keep the engine
@@ -470,6 +481,10 @@ class MLXEngine:
                     self._on_token(variant, job, response)
                 if getattr(response, "prompt_cache", None):  # a finished batch sequence
                     variant.prefix.store(response.all_tokens, response.prompt_cache)
+            variant.joining.difference_update(r.uid for r in joined)
+            if variant.single is not None and variant.generator is not None and not variant.joining \
+                    and any(uid != variant.single.uid for uid in variant.jobs):
+                self._handoff(variant)
             variant.last_used = time.time()
             self._lap("emit")
 
@@ -581,6 +596,7 @@ class MLXEngine:
     def _fail_variant(self, variant: Variant, error: EngineError) -> None:
         self._fail_jobs(variant, error)
         variant.generator = variant.single = variant.pending_check = None
+        variant.joining.clear()
         gc.collect()
         mx.clear_cache()
 

@@ -32,6 +32,7 @@ class Variant:
     prefix: PrefixCache
     generator: Any = None  # mlx-lm BatchGenerator, created when two requests overlap
     single: Any = None  # SingleStream: the one request, while it is alone
+    joining: set[int] = field(default_factory=set)  # batch uids still in prefill while `single` decodes
     pending_check: Any = None  # (uids, lazy finiteness) of the last step, read one step later
     jobs: dict[int, Any] = field(default_factory=dict)
     last_used: float = field(default_factory=time.time)

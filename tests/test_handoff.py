@@ -1,0 +1,39 @@
+"""A lone request decodes on its own; requests that arrive meanwhile are prefilled in the batch, and
+the lone one joins them once they decode (or at once when the batch has no room for both)."""
+
+import asyncio
+
+import pytest
+
+from tests.test_registry import app_client, close
+
+
+async def generate(client, **body):
+    r = await client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("max_batch_size", [2, 8])  # 2: the third arrival finds no room for the lone stream
+async def test_arrivals_during_a_lone_stream_change_no_output(max_batch_size):
+    app, ctx, client = await app_client(max_batch_size=max_batch_size, max_queue=8)
+    try:
+        engine = app.state.engine
+        long = {"prompt": "The dog", "dtype": "float32", "max_tokens": 60, "ignore_eos": True}
+        sums = [{"prompt": f"{a}+{a + 4}=", "dtype": "float32", "max_tokens": 6} for a in (12, 31, 47)]
+        alone = (await generate(client, **long))["text"]
+        expected = [(await generate(client, **s))["text"] for s in sums]
+        handoffs = engine.handoffs
+
+        async def later(body, delay):
+            await asyncio.sleep(delay)
+            return await generate(client, **body)
+
+        results = await asyncio.gather(generate(client, **long), *(later(s, 0.02) for s in sums))
+        assert results[0]["text"] == alone and results[0]["usage"]["completion_tokens"] == 60
+        assert [r["text"] for r in results[1:]] == expected
+        assert engine.handoffs == handoffs + 1  # the lone stream moved into the batch once
+        memory = (await client.get("/memory")).json()
+        assert all(v["in_flight"] == 0 for v in memory["variants"])
+    finally:
+        await close(ctx, client)
