@@ -99,6 +99,8 @@ class MLXEngine:
         # prefill in a few fixed shapes where new shapes cost set-up time (CUDA), warmed at start-up
         self.pad_prefill = shapes_cost() if pad_prefill is None else pad_prefill
         self._single_uids = itertools.count(-1, -1)
+        self._burst = False  # several requests were admitted in the same pass of the worker loop
+        self._pulled: list = []  # commands the worker took off the queue and has not handled yet
         self.handoffs = 0  # lone sequences moved into a batch
         self._open_jobs = 0  # admitted and not finished; only the event loop thread changes it
         self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
@@ -259,15 +261,23 @@ class MLXEngine:
                 except queue.Empty:
                     command = None
                 self._lap("idle")
+                commands = self._pulled  # taken off the queue, not yet handled
                 while command is not None:
-                    if command is _STOP:
-                        self._fail_all(EngineUnavailableError("the engine stopped"))
-                        return
-                    self._handle(command)
+                    commands.append(command)
+                    if command is _STOP:  # what follows stays queued: _fail_all answers it
+                        break
                     try:
                         command = self._commands.get_nowait()
                     except queue.Empty:
                         command = None
+                # Requests that arrived together start together in the batch: one prefill for all
+                self._burst = sum(c is not _STOP and c[0] == "generate" for c in commands) > 1
+                while commands:
+                    command = commands.pop(0)
+                    if command is _STOP:
+                        self._fail_all(EngineUnavailableError("the engine stopped"))
+                        return
+                    self._handle(command)
                 self._lap("admit")
                 self._step_all()
                 self._step_report()
@@ -381,7 +391,7 @@ class MLXEngine:
         job.detokenizer = streaming_detokenizer(variant.loaded.tokenizer)
         job.matcher = StopStringMatcher(params.stop)
         cache, job.cached_tokens = variant.prefix.fetch(tokens)
-        if not variant.jobs and self.single_stream:
+        if not variant.jobs and self.single_stream and not self._burst:
             stop_ids = set() if params.ignore_eos else set(variant.loaded.tokenizer.eos_token_ids)
             job.uid = next(self._single_uids)
             variant.single = SingleStream(variant.loaded.model, tokens, max_tokens, job.sampler, job.processors,
@@ -606,7 +616,7 @@ class MLXEngine:
             self._fail_jobs(variant, error)
         while True:
             try:
-                command = self._commands.get_nowait()
+                command = self._pulled.pop(0) if self._pulled else self._commands.get_nowait()
             except queue.Empty:
                 return
             if command is _STOP:

@@ -57,7 +57,8 @@ async def test_concurrent_requests_share_prefixes_in_the_batch():
             bodies = await asyncio.gather(*(complete(client, f"{a}+{b}=") for a, b in sums))
             assert [b["choices"][0]["text"] for b in bodies] == [str(a + b) for a, b in sums]
         assert all(cached(b) >= b["usage"]["prompt_tokens"] - 3 for b in bodies)
-        assert app.state.engine.handoffs >= 1  # the batch path ran, not only lone streams
+        # the batch path ran (requests arriving together start in the batch), not only lone streams
+        assert any(v.generator is not None for v in app.state.engine.registry.variants.values())
     finally:
         await close(ctx, client)
 
