@@ -19,7 +19,7 @@ async def test_arrivals_during_a_lone_stream_change_no_output(max_batch_size):
     app, ctx, client = await app_client(max_batch_size=max_batch_size, max_queue=8)
     try:
         engine = app.state.engine
-        long = {"prompt": "The dog", "dtype": "float32", "max_tokens": 60, "ignore_eos": True}
+        long = {"prompt": "The dog", "dtype": "float32", "max_tokens": 200, "ignore_eos": True}
         sums = [{"prompt": f"{a}+{a + 4}=", "dtype": "float32", "max_tokens": 6} for a in (12, 31, 47)]
         alone = (await generate(client, **long))["text"]
         expected = [(await generate(client, **s))["text"] for s in sums]
@@ -29,8 +29,8 @@ async def test_arrivals_during_a_lone_stream_change_no_output(max_batch_size):
             await asyncio.sleep(delay)
             return await generate(client, **body)
 
-        results = await asyncio.gather(generate(client, **long), *(later(s, 0.02) for s in sums))
-        assert results[0]["text"] == alone and results[0]["usage"]["completion_tokens"] == 60
+        results = await asyncio.gather(generate(client, **long), *(later(s, 0.05) for s in sums))
+        assert results[0]["text"] == alone and results[0]["usage"]["completion_tokens"] == 200
         assert [r["text"] for r in results[1:]] == expected
         assert engine.handoffs == handoffs + 1  # the lone stream moved into the batch once
         memory = (await client.get("/memory")).json()
