@@ -21,7 +21,8 @@ CHUNK = BUCKETS[-1]  # longer prompts go in chunks of this size (one shape), the
 
 def shapes_cost() -> bool:
     """Whether new shapes cost set-up time on this device (CUDA; not the CPU, not Metal)."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    cuda = getattr(mx, "cuda", None)  # not in every MLX build
+    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
 
 def bucket(length: int) -> int:
