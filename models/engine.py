@@ -492,9 +492,8 @@ class MLXEngine:
                 if getattr(response, "prompt_cache", None):  # a finished batch sequence
                     variant.prefix.store(response.all_tokens, response.prompt_cache)
             variant.joining.difference_update(r.uid for r in joined)
-            if variant.single is not None and variant.generator is not None and not variant.joining \
-                    and any(uid != variant.single.uid for uid in variant.jobs):
-                self._handoff(variant)
+            if variant.single is not None and not variant.joining and len(variant.jobs) > 1:
+                self._handoff(variant)  # the others (all in the batch) decode: the lone stream joins them
             variant.last_used = time.time()
             self._lap("emit")
 
