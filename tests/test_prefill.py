@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
 
 from models.api import Finished, GenerationParams, TextDelta
 from models.catalog import ModelCatalog
@@ -50,8 +51,7 @@ def test_padded_prefill_after_a_cached_prefix(model):
 
 
 def test_chunks_longer_than_the_largest_bucket(model):
-    cache_plain = [type(c)() for c in SingleStream(model, [1, 2], 1, None, [], set(), uid=-1).cache]
-    cache_padded = [type(c)() for c in cache_plain]
+    cache_plain, cache_padded = make_prompt_cache(model), make_prompt_cache(model)
     tokens = mx.array([(3 * i) % 90 + 5 for i in range(BUCKETS[-1] + 37)])
     prefill(model, tokens, cache_plain, pad=False)
     prefill(model, tokens, cache_padded, pad=True)
