@@ -7,7 +7,8 @@ count with its defaults, without the non-finite check, with no stream interval a
 prefix cache (trials repeat the prompt, so by default each request copies a cached prefix);
 BatchGenerator driven directly. All are loaded at once and take turns, trial after trial, so drift
 of a shared machine hits each alike; medians of tokens/s over the same prompt and greedy settings,
-with ratios. `--profile` adds an engine whose worker thread is profiled (cProfile). The HTTP layer
+with ratios. `--timeline` then runs each path once more step by step (bench.timeline). `--profile`
+adds an engine whose worker thread is profiled (cProfile). The HTTP layer
 on top is `bench.hardware`'s server figures.
 """
 
@@ -24,6 +25,7 @@ import time
 
 from bench.baselines import batchgen_run, direct_run, load
 from bench.common import PROMPT, ensure_model, gpu_model_parser, write_result
+from bench.timeline import StepRecorder
 
 
 def in_thread(fn, *args, own_stream: bool = False) -> dict:
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--timeline", action="store_true", help="after the trials, one run of each path step by step")
     a = p.parse_args(argv)
     folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
     model, tokenizer = load(str(folder), a.dtype)
@@ -106,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     if profiler is not None:  # its own engine: the profiler slows the code it watches
         engines["engine_profiled"] = make_engine(folder, a.dtype, batch, 0.02, profiler=profiler)
     rows: dict[str, list[float]] = {}
+    recorder = StepRecorder() if a.timeline else None
+    timelines: dict[str, dict] = {}
+    if recorder is not None:
+        recorder.install()
 
     def add(label: str, value: float) -> None:
         rows.setdefault(label, []).append(value)
@@ -127,6 +134,14 @@ def main(argv: list[str] | None = None) -> dict:
                         keep(f"{label}_at_{n}", rate["aggregate_tok_s"])
                         if n == 1:
                             keep(f"{label}_single_stream", rate["single_stream_tok_s"])
+            for n in (a.clients if recorder is not None else []):
+                with recorder.recording():
+                    batchgen_run(model, tokenizer, PROMPT, n, a.tokens)
+                timelines[f"batchgen_at_{n}"] = recorder.summary(n)
+                for label, engine in engines.items():
+                    with recorder.recording():
+                        await engine_rate(engine, n, a.tokens)
+                    timelines[f"{label}_at_{n}"] = recorder.summary(n)
         finally:
             for engine in engines.values():
                 await engine.stop()
@@ -143,6 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
             ratios[f"{label}_at_{n}_vs_batchgen"] = round(median[f"{label}_at_{n}"] / median[f"batchgen_at_{n}"], 3)
     out = {"shape": a.shape, "dtype": a.dtype, "tokens": a.tokens, "trials": a.trials, "median_tok_s": median,
            "ratios": ratios, "trials_tok_s": {k: [round(v, 1) for v in vs] for k, vs in rows.items()}}
+    if timelines:
+        out["timelines"] = timelines
+        print(json.dumps(timelines, indent=1))
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
