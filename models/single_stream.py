@@ -28,6 +28,7 @@ class TokenStep:
     token: int
     logprobs: mx.array
     finish_reason: str | None = None
+    finite: bool = True  # the token's logprob is finite (checked on the device with the step)
 
 
 class SingleStream:
@@ -51,28 +52,35 @@ class SingleStream:
             self._next = self._forward(rest[-1:])
         mx.async_eval(*self._next)
 
-    def _forward(self, inputs: mx.array) -> tuple[mx.array, mx.array]:
+    def _forward(self, inputs: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """(token, logprobs, checked token): the last is the token id if its logprob is finite, else
+        -1 - id, so that one read gives the token and the non-finite check (no extra round trip)."""
         logits = self.model(inputs[None], cache=self.cache)[:, -1, :]
         if self.processors:
             context = mx.array(self.tokens)
             for processor in self.processors:
                 logits = processor(context, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return self.sampler(logprobs), logprobs.squeeze(0)
+        token = self.sampler(logprobs)
+        signed = token.astype(mx.int32)
+        finite = mx.isfinite(mx.take_along_axis(logprobs, signed[:, None], axis=-1)[:, 0])
+        return token, logprobs.squeeze(0), mx.where(finite, signed, -1 - signed)
 
     def step(self, queue_next: bool = True) -> TokenStep:
         """The next token; the step after it is already queued on the device (unless told not to)."""
-        token_array, logprobs = self._next
+        token_array, logprobs, checked = self._next
         self.generated += 1
         last = self.generated >= self.max_tokens
         if queue_next and not last:
             with mx.stream(generation_stream):
                 self._next = self._forward(token_array)
             mx.async_eval(*self._next)
-        token = token_array.item()
+        token = checked.item()
+        finite = token >= 0
+        token = token if finite else -1 - token
         self.tokens.append(token)
         finish = "stop" if token in self.stop_tokens else "length" if last else None
-        return TokenStep(self.uid, token, logprobs, finish)
+        return TokenStep(self.uid, token, logprobs, finish, finite)
 
     def cached_context(self) -> tuple[list[int], list[Any]]:
         """(tokens, KV cache holding exactly those tokens), for the prefix cache."""

@@ -1,5 +1,7 @@
 """float16 overflow while serving: a warning by default, a refusal under the `refuse` policy."""
 
+import asyncio
+
 import httpx
 import mlx.core as mx
 import pytest
@@ -44,6 +46,24 @@ async def test_overflow_warns_by_default_and_finite_dtypes_do_not(model_dir):
         chat = await client.post("/v1/chat/completions", json={
             "model": "overflow:float16", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert chat.status_code == 200 and chat.json()["warnings"]
+    finally:
+        await client.aclose()
+        await ctx.__aexit__(None, None, None)
+
+
+async def test_overflow_in_a_batch_warns_every_request(model_dir):
+    """Requests decoding together (batch rows are checked every few steps and at their last step)."""
+    ctx, client = await serve(model_dir)
+    try:
+        lengths = (1, 3, 6, 9)  # ends before, at and between the batch's periodic checks
+        replies = await asyncio.gather(*(client.post("/generate", json={**body("float16"), "max_tokens": n})
+                                         for n in lengths))
+        for reply, n in zip(replies, lengths, strict=True):
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == n
+            assert any("non-finite" in w for w in reply.json()["warnings"]), n
+        fine = await asyncio.gather(*(client.post("/generate", json={**body("float32"), "max_tokens": n})
+                                      for n in lengths))
+        assert all(r.json()["warnings"] == [] for r in fine)
     finally:
         await client.aclose()
         await ctx.__aexit__(None, None, None)
