@@ -10,7 +10,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from models.api import Finished, GenerationParams, TextDelta
 from models.catalog import ModelCatalog
 from models.engine import MLXEngine
-from models.prefill import BUCKETS, bucket, prefill
+from models.prefill import BUCKETS, bucket, prefill, warm_shapes
 from models.single_stream import SingleStream
 from tests.conftest import BUNDLED
 
@@ -100,3 +100,23 @@ def test_caches_that_cannot_be_trimmed_back_are_not_padded(model):
     prefill(recording, tokens, [RotatingKVCache(max_size=64, keep=4) for _ in model.layers], pad=True)
     prefill(recording, tokens, [KVCache() for _ in model.layers], pad=True)
     assert seen == [21, 24]  # a sliding window would keep the padding's keys: no padding there
+
+
+def test_shapes_are_warmed_on_the_generation_stream(model):
+    """Set-up is kept per stream: warming on another stream than decoding uses would leave it cold."""
+    from mlx_lm.generate import generation_stream
+
+    streams = []
+
+    class Recording:
+        layers = model.layers
+
+        def __call__(self, inputs, cache):
+            streams.append(mx.default_stream(mx.default_device()))
+            return model(inputs, cache=cache)
+
+    assert warm_shapes(Recording(), context=64, max_batch=2) == sum(b < 64 for b in BUCKETS) + 2
+    with mx.stream(generation_stream):  # a stream per thread: this thread's
+        expected = mx.default_stream(mx.default_device())
+    assert streams and all(s == expected for s in streams)
+    assert expected != mx.default_stream(mx.default_device())
