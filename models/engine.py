@@ -40,11 +40,12 @@ from models.errors import (
 from models.estimate import estimate_variant
 from models.fidelity import DEFAULT_DTYPES, FidelityJob
 from models.memory import device_info, parse_budget, process_memory
-from models.prefill import shapes_cost, warm_shapes
+from models.prefill import shapes_cost
 from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
 from models.single_stream import SingleStream, TokenStep
 from models.stop_strings import StopStringMatcher
+from models.warmup import warm_shapes
 
 log = logging.getLogger(__name__)
 _STOP = object()

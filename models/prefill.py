@@ -2,9 +2,9 @@
 
 MLX's CUDA backend sets up its matrix multiplications per shape (cuBLASLt plans): the first prompt
 of a length never seen before waits 15-25 ms more on an H200 (`bench.shape_costs`). Padding the
-last prefill chunk to one of a few bucket lengths, and running each bucket once at start-up,
-leaves no new shapes for real prompts. The padding sits after the prompt, so the causal mask hides
-it from every prompt token, and the KV cache is trimmed back before decoding goes on.
+last prefill chunk to one of a few bucket lengths, and running each bucket once at start-up
+(models.warmup), leaves no new shapes for real prompts. The padding sits after the prompt, so the
+causal mask hides it from every prompt token, and the KV cache is trimmed back before decoding.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache
 
 # at most half again the prompt's length: the padding costs little next to a new shape's setup
 BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
@@ -49,21 +48,3 @@ def prefill(model: Any, tokens: mx.array, cache: list[Any], pad: bool) -> None:
                 c.trim(extra)
         mx.eval([c.state for c in cache])
         tokens = tokens[n:]
-
-
-def warm_shapes(model: Any, context: int, max_batch: int) -> int:
-    """Set up every bucket's prefill shape and each decode batch size once; the shapes run.
-
-    On the stream that generation uses: the set-up is kept per stream (warmed on the default stream,
-    the first real float32 prefill on an H200 still took 24-35 ms against 8-11 ms after)."""
-    shapes = 0
-    with mx.stream(generation_stream):
-        for length in (b for b in BUCKETS if b < context):
-            cache = make_prompt_cache(model)
-            mx.eval(model(mx.zeros((1, length), mx.int32), cache=cache))
-            shapes += 1
-        for batch in range(1, max_batch + 1):
-            cache = make_prompt_cache(model)
-            mx.eval(model(mx.zeros((batch, 1), mx.int32), cache=cache))
-            shapes += 1
-    return shapes

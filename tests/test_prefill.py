@@ -10,8 +10,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from models.api import Finished, GenerationParams, TextDelta
 from models.catalog import ModelCatalog
 from models.engine import MLXEngine
-from models.prefill import BUCKETS, bucket, prefill, warm_shapes
+from models.prefill import BUCKETS, bucket, prefill
 from models.single_stream import SingleStream
+from models.warmup import warm_shapes
 from tests.conftest import BUNDLED
 
 
@@ -80,7 +81,7 @@ async def test_engine_answers_alike_with_padding_and_warms_each_shape():
         try:
             answers[pad] = [await run(engine, p) for p in prompts]
             if pad:  # every bucket under the 256-token context, and decode batches of 1 to 4
-                assert await engine._call(engine._warm_shapes) == sum(b < 256 for b in BUCKETS) + 4
+                assert await engine._call(engine._warm_shapes) == 2 * sum(b + 1 < 256 for b in BUCKETS) + 4
         finally:
             await engine.stop()
     assert answers[True] == answers[False]
@@ -103,19 +104,23 @@ def test_caches_that_cannot_be_trimmed_back_are_not_padded(model):
 
 
 def test_shapes_are_warmed_on_the_generation_stream(model):
-    """Set-up is kept per stream: warming on another stream than decoding uses would leave it cold."""
+    """Set-up is kept per stream and per sequence of operations: the warm-up prefills through the
+    padded prefill and decodes as a lone request does, on the generation stream."""
     from mlx_lm.generate import generation_stream
 
-    streams = []
+    streams, shapes = [], []
 
     class Recording:
         layers = model.layers
 
         def __call__(self, inputs, cache):
             streams.append(mx.default_stream(mx.default_device()))
+            shapes.append(inputs.shape)
             return model(inputs, cache=cache)
 
-    assert warm_shapes(Recording(), context=64, max_batch=2) == sum(b < 64 for b in BUCKETS) + 2
+    assert warm_shapes(Recording(), context=64, max_batch=2) == 2 * sum(b + 1 < 64 for b in BUCKETS) + 2
+    # each bucket prefilled padded and full, each followed by a decode step; then the batch sizes
+    assert shapes[:4] == [(1, 16), (1, 1), (1, 16), (1, 1)] and shapes[-2:] == [(1, 1), (2, 1)]
     with mx.stream(generation_stream):  # a stream per thread: this thread's
         expected = mx.default_stream(mx.default_device())
     assert streams and all(s == expected for s in streams)
