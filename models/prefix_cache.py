@@ -13,6 +13,9 @@ from typing import Any
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 _KEY = "variant"  # LRUPromptCache is keyed by model too; each variant owns its own cache
+# Shorter shared prefixes (a BOS token, a few words) are prefilled instead: a copy of a stored
+# cache costs more than they save, and on CUDA a prefill after a reused prefix is a new shape.
+MIN_REUSE = 16
 
 
 class PrefixCache:
@@ -34,9 +37,9 @@ class PrefixCache:
         return len(self._lru)
 
     def fetch(self, tokens: list[int]) -> tuple[list[Any] | None, int]:
-        """A copy of the cache of the longest stored prefix of `tokens` and its length.
-
-        At least the last prompt token is left to compute: its logits start the generation."""
+        """A copy of the cache of the longest stored prefix of `tokens` and its length: a prefix of
+        MIN_REUSE tokens or more, or the whole prompt. At least the last prompt token is left to
+        compute: its logits start the generation."""
         if not self.enabled:
             return None, 0
         cache, rest = self._lru.fetch_nearest_cache(_KEY, tokens)
@@ -48,6 +51,8 @@ class PrefixCache:
             trim_prompt_cache(cache, 1)
             rest = tokens[-1:]
         reused = len(tokens) - len(rest)
+        if reused < min(MIN_REUSE, len(tokens) - 1):
+            return None, 0
         self.hits += 1
         self.cached_tokens += reused
         return cache, reused

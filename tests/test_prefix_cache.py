@@ -17,7 +17,7 @@ def cached(body: dict) -> int:
     return body["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
-PROMPTS = ["17+25=", "17+25=", "17+2=", "The cat sat. 17+25=", "The cat sat. 3+4=", "17+25="]
+PROMPTS = ["17+25=", "17+25=", "17+2=", "The cat sat on the mat. 17+25=", "The cat sat on the mat. 3+4=", "17+25="]
 
 
 async def test_a_shared_prefix_is_reused_and_answers_do_not_change():
@@ -36,7 +36,9 @@ async def test_a_shared_prefix_is_reused_and_answers_do_not_change():
         assert counts[0] == 0
         # All but the last prompt token (its logits start the answer) come from the cache.
         assert counts[1] == prompt_tokens[1] - 1 and counts[5] == prompt_tokens[5] - 1
-        assert 0 < counts[2] < prompt_tokens[2] and 0 < counts[4] < prompt_tokens[4]
+        assert 0 < counts[4] < prompt_tokens[4]  # the shared 24 characters
+        assert counts[2] == prompt_tokens[2] - 1  # a short prompt: all but its last token is shared
+        assert counts[3] == 0  # it shares only a few tokens (under MIN_REUSE): prefilled, not copied
         native = (await client.post("/generate", json={"prompt": "17+25=", "max_tokens": 8})).json()
         assert native["text"] == "42" and native["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
         memory = (await client.get("/memory")).json()
