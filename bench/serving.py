@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--blas", default="auto")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--trials", type=int, default=3, help="rounds in which every server takes its turn")
+    p.add_argument("--name", help="results file: bench/results/NAME.json (default: from shape, dtype and options)")
     p.add_argument("--distinct-prompts", action="store_true",
                    help="a different prompt per request: no server can reuse a cached prompt prefix")
     a = p.parse_args(argv)
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
             best = max(result[peer][i]["aggregate_tok_s"] for peer in peers)
             ratios[f"aggregate_vs_best_peer_at_{mine['clients']}"] = round(mine["aggregate_tok_s"] / best, 3)
     result["ratios"] = ratios
-    path = write_result(f"serving-{a.shape}-{a.dtype}-blas_{a.blas}" + ("-distinct" if a.distinct_prompts else ""),
-                        result)
+    path = write_result(a.name or f"serving-{a.shape}-{a.dtype}-blas_{a.blas}"
+                        + ("-distinct" if a.distinct_prompts else ""), result)
     print(json.dumps(result, indent=1))
     print(f"wrote {path.relative_to(ROOT)}")
     return result
