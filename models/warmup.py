@@ -1,9 +1,10 @@
 """Start-up runs of every shape real traffic will use, where new shapes cost set-up time (CUDA).
 
-The set-up is kept per stream and per sequence of operations: a forward pass warmed on another
-stream, or called another way than requests call it (a plain model call instead of the padded
-prefill, the logits evaluated instead of the cache), left the first real float32 prefill on an
-H200 at 19-35 ms against 7-11 ms after. So prompts run through the same code as requests do.
+Prompts run through the same code as requests (padded prefill, first decode step of a lone stream)
+on the generation stream, so that a real request differs from the warm-up only in its token values.
+(On an H200 the first real prefill still took 2-13x the steady one however it was warmed; the likely
+cause, found last and not yet re-measured there: it ran after a reused 1-token prefix, a shape no
+warm-up runs, which the prefix cache no longer serves: models.prefix_cache.MIN_REUSE.)
 """
 
 from __future__ import annotations
