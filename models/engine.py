@@ -87,6 +87,7 @@ class MLXEngine:
                  pin_default: bool = True, max_queue: int = 64, default_max_tokens: int = 256,
                  nonfinite_policy: str = "warn", single_stream: bool = True,
                  prompt_cache_bytes: str | None = "0", stream_interval_s: float = 0.0,
+                 stream_events_per_s: float = 0.0,
                  pad_prefill: bool | None = None) -> None:
         self.catalog = catalog
         self.default_model = default_model
@@ -115,6 +116,10 @@ class MLXEngine:
         # Text deltas wait up to this long and go out merged: one event-loop wake-up (and one SSE
         # chunk) per stream per interval instead of per token, so HTTP work stays off the decode loop.
         self.stream_interval_s = stream_interval_s
+        # ...and with many streams the interval grows so that all of them together get at most this
+        # many text events per second: the event loop's work per event competes with the decode
+        # loop for the GIL (0: no cap)
+        self.stream_events_per_s = stream_events_per_s
         self._last_flush = 0.0
         # worker time by phase: idle, admit (requests joining), decode (device steps, waits included),
         # emit (checks, detokenizing, events), flush (hand-off to the event loops), report (fidelity)
@@ -301,7 +306,7 @@ class MLXEngine:
         if not self._outbox:
             return
         now = time.perf_counter()
-        if not force and now - self._last_flush < self.stream_interval_s and all(
+        if not force and now - self._last_flush < self._stream_interval() and all(
                 isinstance(event, TextDelta) and job.text_sent for job, event in self._outbox):
             return
         self._last_flush = now
@@ -322,6 +327,13 @@ class MLXEngine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that loop is closed: nobody is waiting
                 pass
+
+    def _stream_interval(self) -> float:
+        """The stream interval, lengthened where the running requests would exceed the event cap."""
+        if self.stream_events_per_s <= 0:
+            return self.stream_interval_s
+        running = sum(len(v.jobs) for v in self._variants.values())
+        return max(self.stream_interval_s, running / self.stream_events_per_s)
 
     def _handle(self, command: tuple) -> None:
         kind, payload = command

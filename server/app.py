@@ -35,7 +35,8 @@ def build_engine(settings: Settings) -> Engine:
                      pin_default=settings.pin_default, max_queue=settings.max_queue,
                      default_max_tokens=min(settings.default_max_tokens, settings.max_tokens_limit),
                      nonfinite_policy=settings.nonfinite_policy, prompt_cache_bytes=settings.prompt_cache_bytes,
-                     stream_interval_s=settings.stream_interval_s)
+                     stream_interval_s=settings.stream_interval_s,
+                     stream_events_per_s=settings.stream_events_per_s)
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:
