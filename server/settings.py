@@ -40,9 +40,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=512, description="requests decoded together per variant")
     stream_interval_s: float = Field(0.02, ge=0, le=1, description="streamed text goes out at most this often "
                                      "per request, merged (the first text at once); 0: every token")
-    stream_events_per_s: float = Field(400, ge=0, description="at most this many streamed text events per "
-                                       "second, all requests together: with many streams each one's text is "
-                                       "merged for longer than stream_interval_s; 0: no cap")
+    stream_events_per_s: float = Field(400, ge=0, description="about this many streamed text events per second "
+                                       "at most, all requests together (first texts and ends go out at once): "
+                                       "with many streams each one's text is merged for longer; 0: no cap")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond max_batch_size before 429s")
     memory_budget: str | None = Field(None, description="bytes resident variants may hold: 12GiB, 500MB, "
                                       "a byte count, or a fraction of device memory (0.5); default 0.75")
