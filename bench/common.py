@@ -24,6 +24,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "bench" / "models"
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2  # the benchmarks' shared prompt
+
+
+def numbered_prompt(i: int) -> str:
+    """PROMPT led by a two-digit number: prompts that differ from their first character, so that no
+    request's prefix comes from another's cache (first-request benchmarks)."""
+    return f"{i:02d} {PROMPT}"
 RESULTS = ROOT / "bench" / "results"
 
 # llama shapes used across benchmarks (character vocabulary of the bundled tokenizer)

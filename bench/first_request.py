@@ -11,6 +11,7 @@ runs a second time, so whatever the first warm-up leaves cold shows as a gap bet
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -18,8 +19,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from bench.common import PROMPT, ROOT, ensure_model, gpu_model_parser, write_result
+from bench.common import ROOT, ensure_model, gpu_model_parser, numbered_prompt, write_result
 
 
 def measure(folder: str, dtype: str, variant: str, tokens: int) -> dict:
@@ -43,8 +45,6 @@ def measure(folder: str, dtype: str, variant: str, tokens: int) -> dict:
         return out
 
     single_stream.prefill, single_stream.SingleStream.step = timed_prefill, timed_step
-    from pathlib import Path
-
     path = Path(folder)
     engine = MLXEngine(ModelCatalog({path.name: path}), path.name, dtype, max_batch_size=32,
                        prompt_cache_bytes="0.05")
@@ -59,7 +59,7 @@ def measure(folder: str, dtype: str, variant: str, tokens: int) -> dict:
         try:
             for i in range(6):
                 parts.clear()
-                params = GenerationParams(prompt=f"{i:02d} {PROMPT}", max_tokens=tokens, ignore_eos=True)
+                params = GenerationParams(prompt=numbered_prompt(i), max_tokens=tokens, ignore_eos=True)
                 async for event in engine.generate(params):
                     if isinstance(event, Finished):
                         rows.append({"ttft_s": event.time_to_first_token_s, **parts})
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", nargs="+", default=["as_is", "twice"])
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per dtype and variant")
-    p.add_argument("--child", nargs=3, metavar=("FOLDER", "DTYPE", "VARIANT"), help=argparse_hidden())
+    p.add_argument("--child", nargs=3, metavar=("FOLDER", "DTYPE", "VARIANT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(measure(*a.child, a.tokens)), flush=True)
@@ -100,12 +100,6 @@ def main(argv: list[str] | None = None) -> dict:
                 results.append(result)
     write_result(a.name, {"shape": a.shape, "results": results})
     return {"results": results}
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -22,7 +22,17 @@ import time
 import httpx
 
 from bench.baselines import BaselineProcess
-from bench.common import PROMPT, ROOT, ensure_model, free_port, gpu_model_parser, load_run, server, write_result
+from bench.common import (
+    PROMPT,
+    ROOT,
+    ensure_model,
+    free_port,
+    gpu_model_parser,
+    load_run,
+    numbered_prompt,
+    server,
+    write_result,
+)
 
 
 def child(*args: str) -> dict:
@@ -53,7 +63,7 @@ def first_and_steady(base: str, model: str, tokens: int) -> dict:
     its first character on, so none is served from the prefix cache; the server's own TTFT (arrival
     at the engine to first token) tells engine time from HTTP time."""
     body = {"model": model, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
-    prompts = [f"{i:02d} {PROMPT}" for i in range(6)]
+    prompts = [numbered_prompt(i) for i in range(6)]
 
     async def run() -> dict:
         async with httpx.AsyncClient(timeout=600) as client:
