@@ -153,15 +153,21 @@ class MLXEngine:
         """Compile the kernels real traffic needs before reporting ready: a lone request with a
         prompt of typical length, then overlapping ones (the batch path, short and long prompts)."""
 
-        async def run(prompt: str, tokens: int) -> None:
+        async def run(prompt: str, tokens: int, chat: bool = False) -> None:
+            messages = ({"role": "user", "content": prompt},) if chat else None
             try:
-                async for _ in self.generate(GenerationParams(prompt=prompt, max_tokens=tokens, ignore_eos=True)):
+                async for _ in self.generate(GenerationParams(prompt=None if chat else prompt, messages=messages,
+                                                              max_tokens=tokens, ignore_eos=True)):
                     pass
             except InvalidRequestError:  # a model with a very short context: skip that shape
                 pass
+            except GenerationFailedError:  # chat on a tokenizer without a template: fails for requests too
+                if not chat:
+                    raise
 
         text = "The quick brown fox jumps over the lazy dog. " * 3
         await run(text, 8)
+        await run(text, 4, chat=True)  # the chat template compiles on first use
         await asyncio.gather(run(text, 16), run("1+1=", 8), run(text[:40], 8))
         if self.pad_prefill:
             shapes = await self._call(self._warm_shapes)

@@ -14,6 +14,7 @@ from server.errors import install_error_handlers
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from server.routes import admin, generate, health, inventory, metrics, openai, report
 from server.settings import Settings
+from server.warmup import warm_http
 
 log = logging.getLogger("dtype_serve")
 
@@ -56,6 +57,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # Load in the background so /health answers at once and readiness turns 200 when loaded.
         app.state.start_task = asyncio.create_task(_start_engine(engine, settings))
+        await warm_http(app, settings.api_key[0] if settings.api_key else None)
         yield
         app.state.start_task.cancel()
         await engine.stop()
