@@ -17,7 +17,16 @@ import sys
 
 import httpx
 
-from bench.common import ROOT, ensure_model, free_port, load_run, server, stream_completion, write_result
+from bench.common import (
+    ROOT,
+    ensure_model,
+    free_port,
+    load_run,
+    load_session,
+    server,
+    stream_completion,
+    write_result,
+)
 
 DECODE_PROMPT = "The quick brown fox jumps over the lazy dog. "
 PREFILL_PROMPT = ("abcdefghijklmnopqrstuvwxyz0123456789 " * 14)[:511]  # 511 chars + <bos> = 512 tokens
@@ -37,10 +46,10 @@ def measure(folder, dtype: str, blas: str, tokens: int) -> dict:
         eight = asyncio.run(load_run(url, body, 8, 1))
 
         async def prefill() -> float:
-            async with httpx.AsyncClient(timeout=900) as client:
+            async with load_session(1) as session:
                 prefill_body = {**body, "prompt": PREFILL_PROMPT, "max_tokens": 1}
-                await stream_completion(client, url, prefill_body)  # warm this shape
-                r = await stream_completion(client, url, prefill_body)
+                await stream_completion(session, url, prefill_body)  # warm this shape
+                r = await stream_completion(session, url, prefill_body)
             return 512 / r.ttft
 
         prefill_tok_s = asyncio.run(prefill())
