@@ -539,8 +539,9 @@ class MLXEngine:
         variant.check_steps += 1
         every = self.nonfinite_policy == "refuse" or variant.check_steps % CHECK_EVERY == 0
         rows = [r for r in responses if not isinstance(r, TokenStep) and (every or r.finish_reason)]
-        if rows:
-            finite = mx.isfinite(mx.stack([r.logprobs[r.token] for r in rows]))
+        if rows:  # a handful of ops for the whole batch, not one per row
+            picked = mx.take_along_axis(mx.stack([r.logprobs for r in rows]), mx.array([[r.token] for r in rows]), 1)
+            finite = mx.isfinite(picked[:, 0])
             mx.async_eval(finite)
             variant.pending_check = ([r.uid for r in rows], finite)
         if previous is not None:
