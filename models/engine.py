@@ -50,6 +50,11 @@ from models.warmup import warm_shapes
 log = logging.getLogger(__name__)
 _STOP = object()
 CHECK_EVERY = 4  # batch steps between non-finite checks under the `warn` policy
+# A request that wakes the idle worker while more are likely on their way (requests overlapped in the
+# last CONCURRENT_RECENTLY_S) waits for them: until none arrived for GATHER_GAP_S, at most `gather_s`
+# in all, so that the burst is prefilled together rather than its first request alone.
+GATHER_GAP_S = 0.01
+CONCURRENT_RECENTLY_S = 10.0
 
 
 @dataclass(eq=False)
@@ -87,7 +92,7 @@ class MLXEngine:
                  pin_default: bool = True, max_queue: int = 64, default_max_tokens: int = 256,
                  nonfinite_policy: str = "warn", single_stream: bool = True,
                  prompt_cache_bytes: str | None = "0", stream_interval_s: float = 0.0,
-                 stream_events_per_s: float = 0.0,
+                 stream_events_per_s: float = 0.0, gather_s: float = 0.03,
                  pad_prefill: bool | None = None) -> None:
         self.catalog = catalog
         self.default_model = default_model
@@ -106,6 +111,8 @@ class MLXEngine:
         self._pulled: list = []  # commands the worker took off the queue and has not handled yet
         self.handoffs = 0  # lone sequences moved into a batch
         self._open_jobs = 0  # admitted and not finished; only the event loop thread changes it
+        self.gather_s = gather_s
+        self._overlap_at = float("-inf")  # when two or more requests were last open at once
         self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s,
                                         prompt_cache_bytes=parse_budget(prompt_cache_bytes, allow_zero=True))
@@ -209,6 +216,8 @@ class MLXEngine:
                                  f"{self.max_queue} queued); retry shortly")
         job = _Job(params, asyncio.get_running_loop(), asyncio.Queue(), outbox=self._outbox)
         self._open_jobs += 1
+        if self._open_jobs > 1:
+            self._overlap_at = time.monotonic()
         self._commands.put(("generate", job))
         held = None  # an event read ahead while merging deltas
         try:
@@ -283,6 +292,8 @@ class MLXEngine:
                         command = self._commands.get_nowait()
                     except queue.Empty:
                         command = None
+                if not busy and self._expect_more(commands):
+                    self._gather(commands)
                 # Requests that arrived together start together in the batch: one prefill for all
                 self._burst = sum(c is not _STOP and c[0] == "generate" for c in commands) > 1
                 while commands:
@@ -305,6 +316,23 @@ class MLXEngine:
             self._fail_all(EngineUnavailableError(f"the engine worker failed: {type(e).__name__}"))
         finally:
             self._flush(force=True)
+
+    def _expect_more(self, commands: list) -> bool:
+        generates = sum(c is not _STOP and c[0] == "generate" for c in commands)
+        return (self.gather_s > 0 and 0 < generates < self.max_batch_size and _STOP not in commands
+                and time.monotonic() - self._overlap_at < CONCURRENT_RECENTLY_S)
+
+    def _gather(self, commands: list) -> None:
+        """Take the requests that follow within GATHER_GAP_S of each other (at most gather_s)."""
+        deadline = time.monotonic() + self.gather_s
+        while (wait := min(GATHER_GAP_S, deadline - time.monotonic())) > 0:
+            try:
+                command = self._commands.get(timeout=wait)
+            except queue.Empty:
+                return
+            commands.append(command)
+            if command is _STOP or sum(c is not _STOP and c[0] == "generate" for c in commands) >= self.max_batch_size:
+                return
 
     def _flush(self, force: bool = False) -> None:
         """Hand the pending events to their event loops: one wake-up per loop, deltas of one job

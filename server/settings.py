@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     stream_events_per_s: float = Field(400, ge=0, description="about this many streamed text events per second "
                                        "at most, all requests together (first texts and ends go out at once): "
                                        "with many streams each one's text is merged for longer; 0: no cap")
+    gather_ms: float = Field(30, ge=0, le=1000, description="when requests have overlapped lately, one that "
+                             "finds the worker idle waits up to this long for others arriving with it, so "
+                             "that they are prefilled together; 0: start at once")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond max_batch_size before 429s")
     memory_budget: str | None = Field(None, description="bytes resident variants may hold: 12GiB, 500MB, "
                                       "a byte count, or a fraction of device memory (0.5); default 0.75")

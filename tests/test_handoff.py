@@ -37,3 +37,29 @@ async def test_arrivals_during_a_lone_stream_change_no_output(max_batch_size):
         assert all(v["in_flight"] == 0 for v in memory["variants"])
     finally:
         await close(ctx, client)
+
+
+async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_together(monkeypatch):
+    """The first time, a request that arrives 50 ms after another finds it decoding alone (a hand-off
+    follows). Once requests have overlapped, the first of a burst waits for the rest: no lone start."""
+    from models import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)  # a slow CI machine's arrivals still count
+    app, ctx, client = await app_client(max_batch_size=8, max_queue=8, gather_ms=1000)
+    try:
+        engine = app.state.engine
+        long = {"prompt": "The dog", "dtype": "float32", "max_tokens": 100, "ignore_eos": True}
+        short = {"prompt": "12+16=", "dtype": "float32", "max_tokens": 6}
+
+        async def later(body, delay):
+            await asyncio.sleep(delay)
+            return await generate(client, **body)
+
+        handoffs = engine.handoffs
+        first = await asyncio.gather(generate(client, **long), later(short, 0.05))
+        assert engine.handoffs == handoffs + 1  # no overlap seen before: the long one started alone
+        second = await asyncio.gather(generate(client, **long), later(short, 0.05))
+        assert engine.handoffs == handoffs + 1  # gathered: both started in the batch
+        assert [r["text"] for r in second] == [r["text"] for r in first]
+    finally:
+        await close(ctx, client)
