@@ -53,7 +53,7 @@ CHECK_EVERY = 4  # batch steps between non-finite checks under the `warn` policy
 # A request that wakes the idle worker while more are likely on their way (requests overlapped in the
 # last CONCURRENT_RECENTLY_S) waits for them: until none arrived for GATHER_GAP_S, at most `gather_s`
 # in all, so that the burst is prefilled together rather than its first request alone.
-GATHER_GAP_S = 0.01
+GATHER_GAP_S = 0.005
 CONCURRENT_RECENTLY_S = 10.0
 
 
