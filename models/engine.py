@@ -112,6 +112,8 @@ class MLXEngine:
         self.handoffs = 0  # lone sequences moved into a batch
         self._open_jobs = 0  # admitted and not finished; only the event loop thread changes it
         self.gather_s = gather_s
+        self.gather_waits = 0  # times an idle worker waited for a burst's other requests
+        self.bursts_gathered = 0  # ...and the waits that brought in at least one more
         self._overlap_at = float("-inf")  # when two or more requests were last open at once
         self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s,
@@ -325,12 +327,16 @@ class MLXEngine:
     def _gather(self, commands: list) -> None:
         """Take the requests that follow within GATHER_GAP_S of each other (at most gather_s)."""
         deadline = time.monotonic() + self.gather_s
+        self.gather_waits += 1
+        first = True
         while (wait := min(GATHER_GAP_S, deadline - time.monotonic())) > 0:
             try:
                 command = self._commands.get(timeout=wait)
             except queue.Empty:
                 return
             commands.append(command)
+            self.bursts_gathered += first
+            first = False
             if command is _STOP or sum(c is not _STOP and c[0] == "generate" for c in commands) >= self.max_batch_size:
                 return
 
@@ -751,7 +757,8 @@ class MLXEngine:
             "device": {**device_info(), "blas": blas_info().as_dict()},
             "budget": self.registry.report(),
             "worker": {"seconds": {k: round(v, 6) for k, v in self.worker_seconds.items()},
-                       "decode_steps": self.decode_steps},
+                       "decode_steps": self.decode_steps, "gather_waits": self.gather_waits,
+                       "bursts_gathered": self.bursts_gathered, "handoffs": self.handoffs},
         }
 
 

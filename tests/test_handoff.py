@@ -4,6 +4,7 @@ the lone one joins them once they decode (or at once when the batch has no room 
 import asyncio
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_registry import app_client, close
 
@@ -47,7 +48,6 @@ async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_t
     monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)  # a slow CI machine's arrivals still count
     app, ctx, client = await app_client(max_batch_size=8, max_queue=8, gather_ms=1000)
     try:
-        engine = app.state.engine
         long = {"prompt": "The dog", "dtype": "float32", "max_tokens": 100, "ignore_eos": True}
         short = {"prompt": "12+16=", "dtype": "float32", "max_tokens": 6}
 
@@ -55,11 +55,21 @@ async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_t
             await asyncio.sleep(delay)
             return await generate(client, **body)
 
-        handoffs = engine.handoffs
+        async def counters():
+            text = (await client.get("/metrics")).text
+            return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name in ("dtype_serve_handoffs_total", "dtype_serve_gather_waits_total",
+                                  "dtype_serve_bursts_gathered_total")}
+
+        before = await counters()
         first = await asyncio.gather(generate(client, **long), later(short, 0.05))
-        assert engine.handoffs == handoffs + 1  # no overlap seen before: the long one started alone
+        middle = await counters()  # no overlap seen before: the long one started alone, then handed off
+        assert middle["dtype_serve_handoffs_total"] == before["dtype_serve_handoffs_total"] + 1
+        assert middle["dtype_serve_gather_waits_total"] == before["dtype_serve_gather_waits_total"]
         second = await asyncio.gather(generate(client, **long), later(short, 0.05))
-        assert engine.handoffs == handoffs + 1  # gathered: both started in the batch
+        after = await counters()  # gathered: both started in the batch
+        assert after["dtype_serve_handoffs_total"] == middle["dtype_serve_handoffs_total"]
+        assert after["dtype_serve_bursts_gathered_total"] == middle["dtype_serve_bursts_gathered_total"] + 1
         assert [r["text"] for r in second] == [r["text"] for r in first]
     finally:
         await close(ctx, client)

@@ -52,6 +52,12 @@ class _Snapshot:
             yield seconds
             yield CounterMetricFamily("dtype_serve_decode_steps", "Decode steps run (one per batch)",
                                       value=worker["decode_steps"])
+            yield CounterMetricFamily("dtype_serve_gather_waits", "Times a request that found the worker idle "
+                                      "waited for others arriving with it (--gather-ms)", value=worker["gather_waits"])
+            yield CounterMetricFamily("dtype_serve_bursts_gathered", "Waits that brought in at least one more "
+                                      "request, prefilled together", value=worker["bursts_gathered"])
+            yield CounterMetricFamily("dtype_serve_handoffs", "Lone streams moved into the batch when others "
+                                      "arrived during their decode", value=worker["handoffs"])
         process, budget = self.report["process"], self.report["budget"]
         for name, value, text in (
             ("dtype_serve_mlx_active_bytes", process["active_bytes"], "MLX active memory"),
