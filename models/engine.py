@@ -178,6 +178,7 @@ class MLXEngine:
         await run(text, 8)
         await run(text, 4, chat=True)  # the chat template compiles on first use
         await asyncio.gather(run(text, 16), run("1+1=", 8), run(text[:40], 8))
+        self._overlap_at = float("-inf")  # the warm-up's overlap says nothing about the traffic to come
         if self.pad_prefill:
             shapes = await self._call(self._warm_shapes)
             log.info("warm-up: %d prefill and decode shapes set up", shapes)

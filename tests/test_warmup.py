@@ -41,3 +41,16 @@ async def test_engine_warms_up_with_a_tokenizer_that_has_no_chat_template(tmp_pa
             pass
     finally:
         await engine.stop()
+
+
+async def test_the_warm_up_overlap_does_not_make_the_first_request_wait():
+    """The warm-up overlaps requests on purpose; the first real request must not wait for a burst."""
+    engine = MLXEngine(ModelCatalog({BUNDLED.name: BUNDLED}), BUNDLED.name, "float32", warmup=True, gather_s=0.5)
+    await engine.start()
+    try:
+        waits = engine.gather_waits
+        async for _ in engine.generate(GenerationParams(prompt="17+25=", max_tokens=3)):
+            pass
+        assert engine.gather_waits == waits
+    finally:
+        await engine.stop()
