@@ -107,7 +107,6 @@ class MLXEngine:
         # prefill in a few fixed shapes where new shapes cost set-up time (CUDA), warmed at start-up
         self.pad_prefill = shapes_cost() if pad_prefill is None else pad_prefill
         self._single_uids = itertools.count(-1, -1)
-        self._burst = False  # several requests were admitted in the same pass of the worker loop
         self._pulled: list = []  # commands the worker took off the queue and has not handled yet
         self.handoffs = 0  # lone sequences moved into a batch
         self._open_jobs = 0  # admitted and not finished; only the event loop thread changes it
@@ -298,13 +297,13 @@ class MLXEngine:
                 if not busy and self._expect_more(commands):
                     self._gather(commands)
                 # Requests that arrived together start together in the batch: one prefill for all
-                self._burst = sum(c is not _STOP and c[0] == "generate" for c in commands) > 1
+                burst = _generates(commands) > 1
                 while commands:
                     command = commands.pop(0)
                     if command is _STOP:
                         self._fail_all(EngineUnavailableError("the engine stopped"))
                         return
-                    self._handle(command)
+                    self._handle(command, burst)
                 self._lap("admit")
                 self._step_all()
                 self._step_report()
@@ -321,25 +320,23 @@ class MLXEngine:
             self._flush(force=True)
 
     def _expect_more(self, commands: list) -> bool:
-        generates = sum(c is not _STOP and c[0] == "generate" for c in commands)
-        return (self.gather_s > 0 and 0 < generates < self.max_batch_size and _STOP not in commands
+        return (self.gather_s > 0 and 0 < _generates(commands) < self.max_batch_size and _STOP not in commands
                 and time.monotonic() - self._overlap_at < CONCURRENT_RECENTLY_S)
 
     def _gather(self, commands: list) -> None:
         """Take the requests that follow within GATHER_GAP_S of each other (at most gather_s)."""
         deadline = time.monotonic() + self.gather_s
-        self.gather_waits += 1
-        first = True
+        taken = len(commands)
         while (wait := min(GATHER_GAP_S, deadline - time.monotonic())) > 0:
             try:
                 command = self._commands.get(timeout=wait)
             except queue.Empty:
-                return
+                break
             commands.append(command)
-            self.bursts_gathered += first
-            first = False
-            if command is _STOP or sum(c is not _STOP and c[0] == "generate" for c in commands) >= self.max_batch_size:
-                return
+            if command is _STOP or _generates(commands) >= self.max_batch_size:
+                break
+        self.gather_waits += 1
+        self.bursts_gathered += len(commands) > taken
 
     def _flush(self, force: bool = False) -> None:
         """Hand the pending events to their event loops: one wake-up per loop, deltas of one job
@@ -376,11 +373,11 @@ class MLXEngine:
         running = sum(len(v.jobs) for v in self._variants.values())
         return max(self.stream_interval_s, running / self.stream_events_per_s)
 
-    def _handle(self, command: tuple) -> None:
+    def _handle(self, command: tuple, burst: bool = False) -> None:
         kind, payload = command
         if kind == "generate":
             try:
-                self._admit(payload)
+                self._admit(payload, burst)
             except EngineError as e:
                 payload.done = True
                 payload.emit(e)
@@ -415,7 +412,8 @@ class MLXEngine:
             raise InvalidRequestError("the prompt is empty after tokenization")
         return tokens
 
-    def _admit(self, job: _Job) -> None:
+    def _admit(self, job: _Job, burst: bool = False) -> None:
+        """Start a request: alone (the lone-stream path) unless others decode or start with it (`burst`)."""
         if job.cancelled:
             job.done = True
             return
@@ -446,7 +444,7 @@ class MLXEngine:
         job.detokenizer = streaming_detokenizer(variant.loaded.tokenizer)
         job.matcher = StopStringMatcher(params.stop)
         cache, job.cached_tokens = variant.prefix.fetch(tokens)
-        if not variant.jobs and self.single_stream and not self._burst:
+        if not variant.jobs and self.single_stream and not burst:
             stop_ids = set() if params.ignore_eos else set(variant.loaded.tokenizer.eos_token_ids)
             job.uid = next(self._single_uids)
             variant.single = SingleStream(variant.loaded.model, tokens, max_tokens, job.sampler, job.processors,
@@ -761,6 +759,11 @@ class MLXEngine:
                        "decode_steps": self.decode_steps, "gather_waits": self.gather_waits,
                        "bursts_gathered": self.bursts_gathered, "handoffs": self.handoffs},
         }
+
+
+def _generates(commands: list) -> int:
+    """How many of the worker's pulled commands are requests to generate."""
+    return sum(c is not _STOP and c[0] == "generate" for c in commands)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
