@@ -15,6 +15,11 @@ async def generate(client, **body):
     return r.json()
 
 
+async def later(client, body, delay):
+    await asyncio.sleep(delay)
+    return await generate(client, **body)
+
+
 @pytest.mark.parametrize("max_batch_size", [2, 8])  # 2: the third arrival finds no room for the lone stream
 async def test_arrivals_during_a_lone_stream_change_no_output(max_batch_size):
     app, ctx, client = await app_client(max_batch_size=max_batch_size, max_queue=8)
@@ -26,11 +31,7 @@ async def test_arrivals_during_a_lone_stream_change_no_output(max_batch_size):
         expected = [(await generate(client, **s))["text"] for s in sums]
         handoffs = engine.handoffs
 
-        async def later(body, delay):
-            await asyncio.sleep(delay)
-            return await generate(client, **body)
-
-        results = await asyncio.gather(generate(client, **long), *(later(s, 0.05) for s in sums))
+        results = await asyncio.gather(generate(client, **long), *(later(client, s, 0.05) for s in sums))
         assert results[0]["text"] == alone and results[0]["usage"]["completion_tokens"] == 200
         assert [r["text"] for r in results[1:]] == expected
         assert engine.handoffs == handoffs + 1  # the lone stream moved into the batch once
@@ -51,10 +52,6 @@ async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_t
         long = {"prompt": "The dog", "dtype": "float32", "max_tokens": 100, "ignore_eos": True}
         short = {"prompt": "12+16=", "dtype": "float32", "max_tokens": 6}
 
-        async def later(body, delay):
-            await asyncio.sleep(delay)
-            return await generate(client, **body)
-
         async def counters():
             text = (await client.get("/metrics")).text
             return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
@@ -62,11 +59,11 @@ async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_t
                                   "dtype_serve_bursts_gathered_total")}
 
         before = await counters()
-        first = await asyncio.gather(generate(client, **long), later(short, 0.05))
+        first = await asyncio.gather(generate(client, **long), later(client, short, 0.05))
         middle = await counters()  # no overlap seen before: the long one started alone, then handed off
         assert middle["dtype_serve_handoffs_total"] == before["dtype_serve_handoffs_total"] + 1
         assert middle["dtype_serve_gather_waits_total"] == before["dtype_serve_gather_waits_total"]
-        second = await asyncio.gather(generate(client, **long), later(short, 0.05))
+        second = await asyncio.gather(generate(client, **long), later(client, short, 0.05))
         after = await counters()  # gathered: both started in the batch
         assert after["dtype_serve_handoffs_total"] == middle["dtype_serve_handoffs_total"]
         assert after["dtype_serve_bursts_gathered_total"] == middle["dtype_serve_bursts_gathered_total"] + 1
