@@ -114,6 +114,8 @@ class MLXEngine:
         self.gather_waits = 0  # times an idle worker waited for a burst's other requests
         self.bursts_gathered = 0  # ...and the waits that brought in at least one more
         self._overlap_at = float("-inf")  # when two or more requests were last open at once
+        self._busy_peak = 0  # most requests open at once since the engine was last without any
+        self._last_busy_peak = 0  # ...and that figure for the busy spell before (event loop thread)
         self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s,
                                         prompt_cache_bytes=parse_budget(prompt_cache_bytes, allow_zero=True))
@@ -178,6 +180,7 @@ class MLXEngine:
         await run(text, 4, chat=True)  # the chat template compiles on first use
         await asyncio.gather(run(text, 16), run("1+1=", 8), run(text[:40], 8))
         self._overlap_at = float("-inf")  # the warm-up's overlap says nothing about the traffic to come
+        self._last_busy_peak = 0
         if self.pad_prefill:
             shapes = await self._call(self._warm_shapes)
             log.info("warm-up: %d prefill and decode shapes set up", shapes)
@@ -218,6 +221,7 @@ class MLXEngine:
                                  f"{self.max_queue} queued); retry shortly")
         job = _Job(params, asyncio.get_running_loop(), asyncio.Queue(), outbox=self._outbox)
         self._open_jobs += 1
+        self._busy_peak = max(self._busy_peak, self._open_jobs)
         if self._open_jobs > 1:
             self._overlap_at = time.monotonic()
         self._commands.put(("generate", job))
@@ -239,6 +243,8 @@ class MLXEngine:
                     return
         finally:
             self._open_jobs -= 1
+            if self._open_jobs == 0:
+                self._last_busy_peak, self._busy_peak = self._busy_peak, 0
             if not job.done:
                 job.cancelled = True
                 self._commands.put(("wake", None))
@@ -320,8 +326,10 @@ class MLXEngine:
             self._flush(force=True)
 
     def _expect_more(self, commands: list) -> bool:
+        """Requests overlapped lately, and the engine's last busy spell was not a lone request's: a
+        client that sends one request after another does not wait before each of them."""
         return (self.gather_s > 0 and 0 < _generates(commands) < self.max_batch_size and _STOP not in commands
-                and time.monotonic() - self._overlap_at < CONCURRENT_RECENTLY_S)
+                and time.monotonic() - self._overlap_at < CONCURRENT_RECENTLY_S and self._last_busy_peak != 1)
 
     def _gather(self, commands: list) -> None:
         """Take the requests that follow within GATHER_GAP_S of each other (at most gather_s)."""

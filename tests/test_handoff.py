@@ -70,3 +70,24 @@ async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_t
         assert [r["text"] for r in second] == [r["text"] for r in first]
     finally:
         await close(ctx, client)
+
+
+async def test_a_client_sending_one_request_after_another_does_not_wait_for_a_burst(monkeypatch):
+    """After overlapping traffic, the first lone request may wait for others; the ones after it,
+    each sent when the last one finished, start at once."""
+    from models import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)  # a wait would be long enough to see
+    app, ctx, client = await app_client(max_batch_size=8, max_queue=8, gather_ms=1000)
+    try:
+        engine = app.state.engine
+        body = {"prompt": "12+16=", "dtype": "float32", "max_tokens": 6}
+        await asyncio.gather(*(generate(client, **body) for _ in range(3)))  # requests overlap
+        waits = engine.gather_waits
+        await generate(client, **body)
+        assert engine.gather_waits == waits + 1  # it might have been the first of another burst
+        for _ in range(3):
+            await generate(client, **body)
+        assert engine.gather_waits == waits + 1
+    finally:
+        await close(ctx, client)
