@@ -46,8 +46,9 @@ SHAPES = {
 
 
 def ensure_model(shape: str, dtype: str = "bfloat16", vocab: int = 100, context: int = 4096) -> Path:
-    """A random-weight llama in the mlx-lm layout, generated once under bench/models/."""
-    folder = MODELS / f"{shape}-{dtype}"
+    """A random-weight llama in the mlx-lm layout, generated once under bench/models/ (the folder
+    names a vocabulary other than the character tokenizer's 100)."""
+    folder = MODELS / (f"{shape}-{dtype}" if vocab == 100 else f"{shape}-{dtype}-vocab{vocab}")
     if (folder / "model.safetensors").exists():
         return folder
     code = ("from models.blas import configure_blas; configure_blas('auto');"

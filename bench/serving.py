@@ -52,8 +52,8 @@ def vllm_mlx_server(folder, port: int, blas: str, batch: int):
     return server(cmd, f"http://127.0.0.1:{port}/v1/models", env=blas_env(blas)), str(folder)
 
 
-def body(model_id: str, max_tokens: int) -> dict:
-    return {"model": model_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+def body(model_id: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    return {"model": model_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
 
 
 def start_peer(stack: ExitStack, peer: str, folder, dtype: str, blas: str, batch: int) -> tuple[str, str]:
@@ -77,12 +77,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--trials", type=int, default=3, help="rounds in which every server takes its turn")
     p.add_argument("--name", help="results file: bench/results/NAME.json (default: from shape, dtype and options)")
+    p.add_argument("--vocab", type=int, default=100, help="vocabulary of the generated model (100: characters)")
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled requests (the direct baseline "
+                   "stays greedy, so the single-stream ratio is left out)")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--distinct-prompts", action="store_true",
                    help="a different prompt per request: no server can reuse a cached prompt prefix")
     a = p.parse_args(argv)
-    folder = ensure_model(a.shape, a.dtype)
-    result = {"shape": a.shape, "dtype": a.dtype, "blas": a.blas, "max_tokens": a.max_tokens,
-              "prompt_chars": len(PROMPT), "distinct_prompts": a.distinct_prompts}
+    folder = ensure_model(a.shape, a.dtype, vocab=a.vocab)
+    result = {"shape": a.shape, "dtype": a.dtype, "vocab": a.vocab, "blas": a.blas, "max_tokens": a.max_tokens,
+              "prompt_chars": len(PROMPT), "distinct_prompts": a.distinct_prompts,
+              "temperature": a.temperature, "top_p": a.top_p}
+    sampled = a.temperature > 0
     # Every server runs at once (idle between turns); in each trial and client count they take turns
     # (in a rotating order) on the same prompts, so drift of a shared machine hits each alike.
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -92,16 +98,18 @@ def main(argv: list[str] | None = None) -> dict:
         baseline.direct(PROMPT, a.max_tokens)  # warm-up
         peers = {peer: start_peer(stack, peer, folder, a.dtype, a.blas, a.batch) for peer in a.peers}
         for url, model_id in peers.values():  # warm-up
-            asyncio.run(load_run(url, body(model_id, a.max_tokens), 1, 2, a.distinct_prompts, seed=-1))
+            asyncio.run(load_run(url, body(model_id, a.max_tokens, a.temperature, a.top_p), 1, 2,
+                                 a.distinct_prompts, seed=-1))
         for trial in range(a.trials):
             for n in a.clients:
-                if n == 1:
+                if n == 1 and not sampled:
                     direct += [baseline.direct(PROMPT, a.max_tokens)["tok_s"] for _ in range(a.requests_per_client)]
                 order = a.peers[trial % len(a.peers):] + a.peers[:trial % len(a.peers)]
                 for peer in order:
                     url, model_id = peers[peer]
                     runs.setdefault((peer, n), []).append(asyncio.run(load_run(
-                        url, body(model_id, a.max_tokens), n, a.requests_per_client, a.distinct_prompts,
+                        url, body(model_id, a.max_tokens, a.temperature, a.top_p), n, a.requests_per_client,
+                        a.distinct_prompts,
                         seed=trial * 1000 + n)))
     if direct:
         result["direct"] = {"tok_s": round(statistics.median(direct), 2), "runs_tok_s": [round(d, 1) for d in direct]}

@@ -440,8 +440,6 @@ class MLXEngine:
         vocab = variant.loaded.config.get("vocab_size") or len(variant.loaded.tokenizer.get_vocab())
         if any(not 0 <= token < vocab for token, _ in params.logit_bias):
             raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")
-        if params.seed is not None:
-            mx.random.seed(params.seed)
         job.sampler = make_request_sampler(params.temperature, params.top_p, params.seed)
         job.processors = make_logits_processors(
             logit_bias=dict(params.logit_bias) or None,

@@ -1,0 +1,76 @@
+"""Samplers: the CPU's numpy top-p keeps what mlx-lm's keeps, its draws follow the distribution,
+seeds reproduce, and unseeded requests with the same settings share one sampler (one call per batch)."""
+
+import asyncio
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.sample_utils import apply_top_p
+
+from models.sampling import HostSampler, make_request_sampler, top_p_threshold
+from tests.test_registry import app_client, close
+
+
+def _logprobs(rows: int, vocab: int, scale: float, dtype=mx.float32) -> mx.array:
+    x = mx.random.normal((rows, vocab), key=mx.random.key(7)) * scale
+    return (x - mx.logsumexp(x, axis=-1, keepdims=True)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 10.0])  # flat to peaked distributions
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_keeps_what_mlx_lm_keeps(dtype, scale, top_p):
+    lp = _logprobs(8, 3000, scale, dtype)
+    theirs = (~mx.isinf(apply_top_p(lp, top_p))).sum(axis=-1).tolist()
+    values = np.asarray(lp.astype(mx.float32))
+    ours = (values >= top_p_threshold(values, top_p)).sum(axis=-1).tolist()
+    # the same token counts, give or take the one token at the boundary (float32 sums, rounded apart)
+    assert all(abs(a - b) <= 1 for a, b in zip(ours, theirs, strict=True)), (ours, theirs)
+    if scale == 10.0:
+        assert ours == theirs
+
+
+def test_host_draws_follow_the_distribution_within_the_nucleus():
+    probs = np.array([0.5, 0.25, 0.15, 0.06, 0.04])
+    lp = mx.array(np.log(np.tile(probs, (20_000, 1))).astype(np.float32))
+    tokens = np.array(HostSampler(1.0, 0.85, np.random.default_rng(0))(lp))
+    assert tokens.shape == (20_000,)
+    assert set(tokens.tolist()) <= {0, 1, 2}  # 0.5 + 0.25 < 0.85: the third is kept, the rest are not
+    freq = np.bincount(tokens, minlength=5)[:3] / len(tokens)
+    assert np.allclose(freq, probs[:3] / probs[:3].sum(), atol=0.015), freq
+    cold = np.array(HostSampler(0.25, 1.0, np.random.default_rng(1))(lp))  # temperature sharpens
+    assert (cold == 0).mean() > 0.9
+
+
+def test_seeds_reproduce_and_unseeded_settings_share_one_sampler():
+    lp = _logprobs(4, 500, 1.0)
+    draws = [make_request_sampler(0.8, 0.95, seed)(lp).tolist() for seed in (3, 3, 4)]
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+    assert make_request_sampler(0.8, 0.95, None) is make_request_sampler(0.8, 0.95, None)
+    assert make_request_sampler(0.8, 0.95, None) is not make_request_sampler(0.9, 0.95, None)
+    assert make_request_sampler(0.8, 0.95, 3) is not make_request_sampler(0.8, 0.95, 3)
+    assert make_request_sampler(0.0, 0.95, None) is None  # greedy: the batch's argmax
+
+
+async def test_concurrent_sampled_requests_are_drawn_in_one_call_per_step(monkeypatch):
+    import models.sampling as sampling
+
+    calls: list[int] = []
+    original = HostSampler.__call__
+
+    def counted(self, logprobs):
+        calls.append(logprobs.shape[0] if logprobs.ndim > 1 else 1)
+        return original(self, logprobs)
+
+    monkeypatch.setattr(sampling.HostSampler, "__call__", counted)
+    app, ctx, client = await app_client(max_batch_size=8, max_queue=8)
+    try:
+        body = {"prompt": "The dog", "dtype": "float32", "max_tokens": 12, "ignore_eos": True,
+                "temperature": 0.9, "top_p": 0.9}
+        replies = await asyncio.gather(*(client.post("/generate", json=body) for _ in range(4)))
+        assert all(r.status_code == 200 for r in replies)
+        assert all(r.json()["usage"]["completion_tokens"] == 12 for r in replies)
+        assert max(calls) == 4  # the four rows of a step in one call, not four calls of one row
+    finally:
+        await close(ctx, client)
