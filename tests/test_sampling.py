@@ -74,3 +74,15 @@ async def test_concurrent_sampled_requests_are_drawn_in_one_call_per_step(monkey
         assert max(calls) == 4  # the four rows of a step in one call, not four calls of one row
     finally:
         await close(ctx, client)
+
+
+def test_device_sampler_keeps_to_the_nucleus_and_its_seed():
+    """The Metal/CUDA path (mlx-lm's top-p, MLX's categorical), run here on the CPU device."""
+    from models.sampling import _device_sampler
+
+    probs = np.array([0.5, 0.25, 0.15, 0.06, 0.04])
+    lp = mx.array(np.log(np.tile(probs, (2000, 1))).astype(np.float32))
+    tokens = np.array(_device_sampler(1.0, 0.85, None)(lp))
+    assert tokens.shape == (2000,) and set(tokens.tolist()) <= {0, 1, 2}
+    seeded = [_device_sampler(1.0, 0.85, mx.random.key(5))(lp).tolist() for _ in range(2)]
+    assert seeded[0] == seeded[1]
