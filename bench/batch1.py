@@ -18,34 +18,18 @@ import json
 import shlex
 import statistics
 import sys
-import time
-
-import aiohttp
 
 from bench.baselines import BaselineProcess
-from bench.common import PROMPT, ensure_model, free_port, gpu_model_parser, load_session, server, write_result
-
-
-async def request(session: aiohttp.ClientSession, url: str, body: dict, stream: bool) -> dict:
-    """One /generate: the client's total and first-text times, and the server's timings."""
-    start, first, final = time.perf_counter(), None, None
-    async with session.post(url, json={**body, "stream": stream}) as r:
-        r.raise_for_status()
-        if not stream:
-            final = await r.json()
-        else:
-            async for raw in r.content:
-                line = raw.decode().rstrip("\r\n")
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                data = json.loads(line[6:])
-                if data.get("text") and first is None:
-                    first = time.perf_counter() - start
-                if "usage" in data:
-                    final = data
-    total = time.perf_counter() - start
-    return {"total_s": total, "ttft_s": first, "tokens": final["usage"]["completion_tokens"],
-            "server_total_s": final["timings"]["total_s"], "server_ttft_s": final["timings"]["time_to_first_token_s"]}
+from bench.common import (
+    PROMPT,
+    ensure_model,
+    free_port,
+    generate_request,
+    gpu_model_parser,
+    load_session,
+    server,
+    write_result,
+)
 
 
 def summary(pairs: list[tuple[dict, dict]]) -> dict:
@@ -81,7 +65,7 @@ def measure(folder, dtype: str, tokens: int, trials: int, server_args: list[str]
             for i in range(trials + 2):  # the first two warm both paths up
                 for mode, rows in pairs.items():
                     direct = baseline.direct(PROMPT, tokens)
-                    served = await request(session, f"{base}/generate", body, stream=mode == "stream")
+                    served = await generate_request(session, f"{base}/generate", body, stream=mode == "stream")
                     if i >= 2:
                         rows.append((direct, served))
 

@@ -160,6 +160,29 @@ async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict
     return RequestResult(ttft or total, total, tokens if tokens is not None else chunks)
 
 
+async def generate_request(session: aiohttp.ClientSession, url: str, body: dict, stream: bool) -> dict:
+    """One POST /generate, streamed or not: the client's total and first-text times, and the server's
+    own timings (from the final event or the JSON answer)."""
+    start, first, final = time.perf_counter(), None, None
+    async with session.post(url, json={**body, "stream": stream}) as r:
+        r.raise_for_status()
+        if not stream:
+            final = await r.json()
+        else:
+            async for raw in r.content:
+                line = raw.decode().rstrip("\r\n")
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if data.get("text") and first is None:
+                    first = time.perf_counter() - start
+                if "usage" in data:
+                    final = data
+    total = time.perf_counter() - start
+    return {"total_s": total, "ttft_s": first, "tokens": final["usage"]["completion_tokens"],
+            "server_total_s": final["timings"]["total_s"], "server_ttft_s": final["timings"]["time_to_first_token_s"]}
+
+
 def load_session(clients: int) -> aiohttp.ClientSession:
     """The load client: aiohttp, as vLLM's serving benchmark uses. httpx took ~2 ms of client time
     per request, so 32 concurrent requests spent ~50 ms in the client before any server saw them."""

@@ -27,8 +27,10 @@ from bench.common import (
     ROOT,
     ensure_model,
     free_port,
+    generate_request,
     gpu_model_parser,
     load_run,
+    load_session,
     numbered_prompt,
     server,
     write_result,
@@ -42,22 +44,6 @@ def child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def native_stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float]:
-    """One streamed POST /generate: (time to first text at the client, the server's own TTFT)."""
-    start, ttft, server_ttft = time.perf_counter(), None, None
-    async with client.stream("POST", url, json={**body, "stream": True}) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("text") and ttft is None:
-                ttft = time.perf_counter() - start
-            if "timings" in data:
-                server_ttft = data["timings"]["time_to_first_token_s"]
-    return ttft or time.perf_counter() - start, server_ttft
-
-
 def first_and_steady(base: str, model: str, tokens: int) -> dict:
     """TTFT of the first request after startup vs the median of later ones. Every prompt differs from
     its first character on, so none is served from the prefix cache; the server's own TTFT (arrival
@@ -66,12 +52,16 @@ def first_and_steady(base: str, model: str, tokens: int) -> dict:
     prompts = [numbered_prompt(i) for i in range(6)]
 
     async def run() -> dict:
-        async with httpx.AsyncClient(timeout=600) as client:
-            await client.get(f"{base}/health")  # the client's own first-use costs are not the server's
-            url = f"{base}/generate"
-            first = await native_stream(client, url, {**body, "prompt": prompts[0]})
-            steady = [await native_stream(client, url, {**body, "prompt": p}) for p in prompts[1:]]
-            longer = await native_stream(client, url, {**body, "prompt": "99 " + PROMPT * 2})
+        async def ttfts(session, prompt: str) -> tuple[float, float]:  # client's and server's
+            r = await generate_request(session, f"{base}/generate", {**body, "prompt": prompt}, stream=True)
+            return r["ttft_s"] or r["total_s"], r["server_ttft_s"]
+
+        async with load_session(1) as session:
+            async with session.get(f"{base}/health") as r:  # the client's own first-use costs are not the server's
+                await r.read()
+            first = await ttfts(session, prompts[0])
+            steady = [await ttfts(session, p) for p in prompts[1:]]
+            longer = await ttfts(session, "99 " + PROMPT * 2)
         median = statistics.median(t for t, _ in steady)
         server_median = statistics.median(s for _, s in steady)
         return {"first_ttft_s": round(first[0], 4), "steady_ttft_s": round(median, 4),
