@@ -6,8 +6,9 @@ Each server is started by the benchmark on the same model folder and dtype; all 
 turns, trial after trial (medians over `--trials`). Single stream: end-to-end tokens/s of one client
 through HTTP vs stream_generate (in a process of its own, taking its turn in each trial).
 Concurrency: aggregate tokens/s and TTFT percentiles per client count.
-Results: bench/results/serving-<shape>-<dtype>[-blas].json.
+Results: bench/results/serving-<shape>-<dtype>-blas_<blas>[-vocab<n>][-sampled][-distinct].json.
 `--peers ours mlx_lm vllm_mlx` adds vllm-mlx, from its own venv (scripts/install-vllm-mlx.sh).
+`--temperature 0.7 --top-p 0.9 --vocab 32000`: sampled requests on a model with a realistic vocabulary.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
             ratios[f"aggregate_vs_best_peer_at_{mine['clients']}"] = round(mine["aggregate_tok_s"] / best, 3)
     result["ratios"] = ratios
     path = write_result(a.name or f"serving-{a.shape}-{a.dtype}-blas_{a.blas}"
+                        + (f"-vocab{a.vocab}" if a.vocab != 100 else "") + ("-sampled" if sampled else "")
                         + ("-distinct" if a.distinct_prompts else ""), result)
     print(json.dumps(result, indent=1))
     print(f"wrote {path.relative_to(ROOT)}")
