@@ -76,10 +76,27 @@ class HostSampler:
         return mx.array(tokens.reshape(values.shape[:-1]).astype(np.uint32))
 
 
+CANDIDATES = 1024  # a trained model's nucleus is usually far smaller than its vocabulary
+
+
 def top_p_threshold(rows: np.ndarray, top_p: float) -> np.ndarray:
     """Per row, the smallest log-probability kept by top-p: a token is kept while the mass of the
-    tokens ranked above it is below `top_p` of the total (mlx-lm's rule; ties are kept)."""
+    tokens ranked above it is below `top_p` of the total (mlx-lm's rule; ties are kept).
+
+    With a large vocabulary only the CANDIDATES most likely tokens are sorted (a partition finds
+    them), unless some row's nucleus reaches beyond them; then the whole rows are sorted."""
+    vocab = rows.shape[-1]
+    if vocab > 4 * CANDIDATES:
+        total = np.exp(rows).sum(axis=-1, keepdims=True)
+        ranked = -np.sort(-np.partition(rows, vocab - CANDIDATES, axis=-1)[:, vocab - CANDIDATES:], axis=-1)
+        mass = np.cumsum(np.exp(ranked), axis=-1)
+        if (mass[:, -1:] >= top_p * total).all():
+            return _cut(ranked, mass, top_p * total)
     ranked = -np.sort(-rows, axis=-1)  # largest first
     mass = np.cumsum(np.exp(ranked), axis=-1)
-    kept = 1 + (mass[:, :-1] < top_p * mass[:, -1:]).sum(axis=-1)
+    return _cut(ranked, mass, top_p * mass[:, -1:])
+
+
+def _cut(ranked: np.ndarray, mass: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    kept = 1 + (mass[:, :-1] < limit).sum(axis=-1)
     return ranked[np.arange(len(ranked)), kept - 1][:, None]
