@@ -45,7 +45,7 @@ def summary(pairs: list[tuple[dict, dict]]) -> dict:
         "paired_client_over_direct": med(s["tokens"] / s["total_s"] / d["tok_s"] for d, s in pairs),
         "http_ms": med((s["total_s"] - s["server_total_s"]) * 1e3 for _, s in pairs),
         "ttft_ms": {"direct": med(d["ttft_s"] * 1e3 for d, _ in pairs),
-                    "client": med((s["ttft_s"] or s["total_s"]) * 1e3 for _, s in pairs),
+                    "client": med(s["ttft_s"] * 1e3 for _, s in pairs),
                     "engine": med(s["server_ttft_s"] * 1e3 for _, s in pairs)},
         "trials": [{"direct_tok_s": round(d["tok_s"], 1), "client_tok_s": round(s["tokens"] / s["total_s"], 1),
                     "engine_tok_s": round(s["tokens"] / s["server_total_s"], 1)} for d, s in pairs],

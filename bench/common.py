@@ -14,6 +14,7 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "bench" / "models"
+RESULTS = ROOT / "bench" / "results"
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2  # the benchmarks' shared prompt
 
 
@@ -31,7 +33,7 @@ def numbered_prompt(i: int) -> str:
     """PROMPT led by a two-digit number: prompts that differ from their first character, so that no
     request's prefix comes from another's cache (first-request benchmarks)."""
     return f"{i:02d} {PROMPT}"
-RESULTS = ROOT / "bench" / "results"
+
 
 # llama shapes used across benchmarks (character vocabulary of the bundled tokenizer)
 SHAPES = {
@@ -138,17 +140,21 @@ class RequestResult:
     tokens: int
 
 
+async def sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The JSON payloads of a server-sent event stream (`data: ...` lines, up to `[DONE]`)."""
+    async for raw in response.content:  # one line at a time
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict) -> RequestResult:
     """One streamed /v1/completions request: time to first text, total time, completion tokens."""
     start = time.perf_counter()
     ttft, tokens, chunks = None, None, 0
     async with session.post(url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         r.raise_for_status()
-        async for raw in r.content:  # one line at a time
-            line = raw.decode().rstrip("\r\n")
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
+        async for data in sse_data(r):
             if data.get("usage"):
                 tokens = data["usage"]["completion_tokens"]
             for choice in data.get("choices") or []:
@@ -161,25 +167,21 @@ async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict
 
 
 async def generate_request(session: aiohttp.ClientSession, url: str, body: dict, stream: bool) -> dict:
-    """One POST /generate, streamed or not: the client's total and first-text times, and the server's
-    own timings (from the final event or the JSON answer)."""
+    """One POST /generate, streamed or not: the client's total and first-text times (the total for a
+    JSON answer), and the server's own timings (from the final event or the JSON answer)."""
     start, first, final = time.perf_counter(), None, None
     async with session.post(url, json={**body, "stream": stream}) as r:
         r.raise_for_status()
         if not stream:
             final = await r.json()
         else:
-            async for raw in r.content:
-                line = raw.decode().rstrip("\r\n")
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                data = json.loads(line[6:])
+            async for data in sse_data(r):
                 if data.get("text") and first is None:
                     first = time.perf_counter() - start
                 if "usage" in data:
                     final = data
     total = time.perf_counter() - start
-    return {"total_s": total, "ttft_s": first, "tokens": final["usage"]["completion_tokens"],
+    return {"total_s": total, "ttft_s": first or total, "tokens": final["usage"]["completion_tokens"],
             "server_total_s": final["timings"]["total_s"], "server_ttft_s": final["timings"]["time_to_first_token_s"]}
 
 

@@ -54,7 +54,7 @@ def first_and_steady(base: str, model: str, tokens: int) -> dict:
     async def run() -> dict:
         async def ttfts(session, prompt: str) -> tuple[float, float]:  # client's and server's
             r = await generate_request(session, f"{base}/generate", {**body, "prompt": prompt}, stream=True)
-            return r["ttft_s"] or r["total_s"], r["server_ttft_s"]
+            return r["ttft_s"], r["server_ttft_s"]
 
         async with load_session(1) as session:
             async with session.get(f"{base}/health") as r:  # the client's own first-use costs are not the server's
