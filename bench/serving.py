@@ -97,21 +97,21 @@ def main(argv: list[str] | None = None) -> dict:
     with ExitStack() as stack:
         baseline = stack.enter_context(BaselineProcess(str(folder), a.dtype, a.blas))
         baseline.direct(PROMPT, a.max_tokens)  # warm-up
-        peers = {peer: start_peer(stack, peer, folder, a.dtype, a.blas, a.batch) for peer in a.peers}
-        for url, model_id in peers.values():  # warm-up
-            asyncio.run(load_run(url, body(model_id, a.max_tokens, a.temperature, a.top_p), 1, 2,
-                                 a.distinct_prompts, seed=-1))
+        peers = {}  # peer: its /v1/completions URL and the request body it is sent
+        for peer in a.peers:
+            url, model_id = start_peer(stack, peer, folder, a.dtype, a.blas, a.batch)
+            peers[peer] = url, body(model_id, a.max_tokens, a.temperature, a.top_p)
+        for url, request in peers.values():  # warm-up
+            asyncio.run(load_run(url, request, 1, 2, a.distinct_prompts, seed=-1))
         for trial in range(a.trials):
             for n in a.clients:
                 if n == 1 and not sampled:
                     direct += [baseline.direct(PROMPT, a.max_tokens)["tok_s"] for _ in range(a.requests_per_client)]
                 order = a.peers[trial % len(a.peers):] + a.peers[:trial % len(a.peers)]
                 for peer in order:
-                    url, model_id = peers[peer]
+                    url, request = peers[peer]
                     runs.setdefault((peer, n), []).append(asyncio.run(load_run(
-                        url, body(model_id, a.max_tokens, a.temperature, a.top_p), n, a.requests_per_client,
-                        a.distinct_prompts,
-                        seed=trial * 1000 + n)))
+                        url, request, n, a.requests_per_client, a.distinct_prompts, seed=trial * 1000 + n)))
     if direct:
         result["direct"] = {"tok_s": round(statistics.median(direct), 2), "runs_tok_s": [round(d, 1) for d in direct]}
     for peer in a.peers:
