@@ -15,6 +15,8 @@ import platform
 import sys
 from dataclasses import dataclass
 
+from models.openblas_wheel import bridged_library
+
 log = logging.getLogger(__name__)
 
 _OPENBLAS_CANDIDATES = (
@@ -53,11 +55,15 @@ def _bundled_reference_blas() -> str | None:
 
 
 def _find_optimized() -> str | None:
-    """The best optimized CBLAS on this machine: MKL in the environment, else a system OpenBLAS."""
+    """The best optimized CBLAS on this machine: MKL in the environment, else the OpenBLAS wheel
+    (models/openblas_wheel.py), else a system OpenBLAS."""
     for pattern in ("lib/libmkl_rt.so*",):
         hits = sorted(glob.glob(os.path.join(sys.prefix, pattern)))
         if hits:
             return hits[0]
+    wheel = bridged_library()
+    if wheel is not None:
+        return wheel
     arch = platform.machine()
     for candidate in _OPENBLAS_CANDIDATES:
         path = candidate.format(arch=arch)

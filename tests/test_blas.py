@@ -1,5 +1,6 @@
 """float32 matmuls under the BLAS chosen at startup agree with numpy."""
 
+import os
 import sys
 
 import mlx.core as mx
@@ -13,7 +14,7 @@ def test_the_optimized_blas_on_this_machine_is_in_use():
     info = blas_info()
     if sys.platform == "darwin":
         assert info.library == "accelerate"
-    elif _find_optimized() is not None:  # scripts/install.sh installs OpenBLAS where it can
+    elif _find_optimized() is not None:  # the scipy-openblas32 wheel, or a system OpenBLAS
         assert info.library == _find_optimized() and info.vendor in ("openblas", "mkl")
         assert info.threads and info.threads >= 1
     else:
@@ -34,3 +35,41 @@ def test_float32_matvec_matches_numpy():
     w = rng.standard_normal((2048, 1024), dtype=np.float32)
     x = rng.standard_normal((1024,), dtype=np.float32)
     np.testing.assert_allclose(np.array(mx.array(w) @ mx.array(x)), w @ x, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
+def test_the_openblas_wheel_is_renamed_once_into_the_cache(tmp_path, monkeypatch):
+    import ctypes
+
+    from models import openblas_wheel
+
+    monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
+    path = openblas_wheel.bridged_library()
+    assert path is not None and path.startswith(str(tmp_path))
+    lib = ctypes.CDLL(path)  # local scope: MLX in this process keeps the BLAS it bound
+    assert hasattr(lib, "cblas_sgemm") and hasattr(lib, "openblas_set_num_threads")
+    lib.openblas_get_config.restype = ctypes.c_char_p
+    assert b"OpenBLAS" in lib.openblas_get_config()
+    made = os.stat(path).st_mtime_ns
+    assert openblas_wheel.bridged_library() == path and os.stat(path).st_mtime_ns == made
+    assert [p.name for p in tmp_path.rglob("*")] == ["blas", os.path.basename(path)]  # no leftovers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
+def test_without_patchelf_the_wheel_is_left_alone(tmp_path, monkeypatch):
+    from models import openblas_wheel
+
+    monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(openblas_wheel, "_patchelf", lambda: None)
+    assert openblas_wheel.bridged_library() is None
+    assert not (tmp_path / "blas").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
+def test_a_failed_rename_leaves_no_partial_file(tmp_path, monkeypatch):
+    from models import openblas_wheel
+
+    monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(openblas_wheel, "_patchelf", lambda: "false")  # a command that fails
+    assert openblas_wheel.bridged_library() is None
+    assert list((tmp_path / "blas").iterdir()) == []

