@@ -18,6 +18,8 @@ if [ "${CUDA:-0}" = 1 ]; then
   EXTRAS=${EXTRAS:+$EXTRAS,}cuda
 fi
 "$VENV/bin/python" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+# The OpenBLAS wheel's copy renamed for MLX, made now rather than at the first start (an image stays read-only)
+"$VENV/bin/python" -c "from models.openblas_wheel import bridged_library; bridged_library()" || true
 if [ "${CUDA:-0}" = 1 ]; then
   # mlx-cpu and mlx-cuda-13 ship the same library file: keep only the CUDA one
   "$VENV/bin/python" -m pip uninstall -q -y mlx-cpu
