@@ -140,8 +140,12 @@ def serve_and_measure(folder, dtype: str, clients: list[int], tokens: int, batch
         return round(statistics.median(row[key] for row in runs[label]), 4)
 
     if 1 in clients:
+        # Each trial's server / direct pair ran back to back: their ratio is spared the machine's drift
+        # between trials (single batch-1 trials on the H200 are bimodal), as in bench.batch1.
+        pairs = [s["single_stream_tok_s"] / d["tok_s"] for s, d in zip(runs["server_1"], runs["direct"], strict=True)]
         out["direct_batch1"] = {"tok_s": median("direct", "tok_s"), "ttft_s": median("direct", "ttft_s"),
-                                "trials_tok_s": [round(r["tok_s"], 1) for r in runs["direct"]]}
+                                "trials_tok_s": [round(r["tok_s"], 1) for r in runs["direct"]],
+                                "paired_ratio": round(statistics.median(pairs), 3)}
     out["batchgen"] = {n: {"tok_s": median(f"batchgen_{n}", "tok_s"),
                            "trials_tok_s": [round(r["tok_s"], 1) for r in runs[f"batchgen_{n}"]]} for n in clients}
     out["clients"] = [{"clients": n, **{key: median(f"server_{n}", key) for key in
@@ -168,19 +172,20 @@ def main(argv: list[str] | None = None) -> dict:
         other = a.dtypes[(i + 1) % len(a.dtypes)] if len(a.dtypes) > 1 else None
         row: dict = {"server": serve_and_measure(folder, dtype, a.clients, a.tokens, max(a.clients), other,
                                                  a.trials, a.starts)}
-        row["direct_batch1"], row["batchgen"] = row["server"].pop("direct_batch1"), row["server"].pop("batchgen")
+        row["direct_batch1"], row["batchgen"] = row["server"].pop("direct_batch1", {}), row["server"].pop("batchgen")
         if a.torch:
             config = str(folder / "config.json")
             row["torch"] = {n: child("bench.torch_generate", config, dtype, str(n), str(a.tokens))
                             for n in sorted({1, max(a.clients)})}
-        one = next(c for c in row["server"]["clients"] if c["clients"] == 1)
+        one = next((c for c in row["server"]["clients"] if c["clients"] == 1), None)  # --clients without 1
         direct = row["direct_batch1"].get("tok_s")
         row["ratios"] = {
-            "server_batch1_vs_direct": round(one["single_stream_tok_s"] / direct, 3) if direct else None,
+            "server_batch1_vs_direct": round(one["single_stream_tok_s"] / direct, 3) if one and direct else None,
+            "server_batch1_vs_direct_paired": row["direct_batch1"].get("paired_ratio"),
             **{f"server_vs_batchgen_at_{c['clients']}": round(c["aggregate_tok_s"] / row["batchgen"][c["clients"]]
                                                               ["tok_s"], 3) for c in row["server"]["clients"]},
             "batch1_share_of_bandwidth_limit": round(
-                one["single_stream_tok_s"] * row["server"]["variant_bytes"] / a.bandwidth, 4),
+                one["single_stream_tok_s"] * row["server"]["variant_bytes"] / a.bandwidth, 4) if one else None,
         }
         result["dtypes"][dtype] = row
         print(json.dumps({dtype: row["ratios"]}), flush=True)
