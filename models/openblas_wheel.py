@@ -85,6 +85,10 @@ def _make_copy(source: Path, target: Path, patchelf: str) -> Path:
                            capture_output=True, timeout=120)
         finally:
             os.unlink(names.name)
+        # A wheel with other names would leave MLX on its reference BLAS unnoticed: load it (in a child,
+        # so that this process binds no BLAS yet) and look for the names MLX needs.
+        probe = f"import ctypes; lib = ctypes.CDLL({partial!r}); [getattr(lib, n) for n in {RENAMED!r}]"
+        subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, timeout=120)
         os.chmod(partial, 0o644)
         os.replace(partial, target)
     finally:

@@ -1,6 +1,7 @@
 """float32 matmuls under the BLAS chosen at startup agree with numpy."""
 
 import os
+import subprocess
 import sys
 
 import mlx.core as mx
@@ -39,17 +40,15 @@ def test_float32_matvec_matches_numpy():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
 def test_the_openblas_wheel_is_renamed_once_into_the_cache(tmp_path, monkeypatch):
-    import ctypes
-
     from models import openblas_wheel
 
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
     path = openblas_wheel.bridged_library()
     assert path is not None and path.startswith(str(tmp_path))
-    lib = ctypes.CDLL(path)  # local scope: MLX in this process keeps the BLAS it bound
-    assert hasattr(lib, "cblas_sgemm") and hasattr(lib, "openblas_set_num_threads")
-    lib.openblas_get_config.restype = ctypes.c_char_p
-    assert b"OpenBLAS" in lib.openblas_get_config()
+    probe = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.cblas_sgemm; lib.openblas_set_num_threads;"
+             "lib.openblas_get_config.restype = ctypes.c_char_p; print(lib.openblas_get_config().decode())")
+    config = subprocess.run([sys.executable, "-c", probe, path], check=True, capture_output=True, text=True).stdout
+    assert config.startswith("OpenBLAS")
     made = os.stat(path).st_mtime_ns
     assert openblas_wheel.bridged_library() == path and os.stat(path).st_mtime_ns == made
     assert [p.name for p in tmp_path.rglob("*")] == ["blas", os.path.basename(path)]  # no leftovers
@@ -71,5 +70,15 @@ def test_a_failed_rename_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
     monkeypatch.setattr(openblas_wheel, "_patchelf", lambda: "false")  # a command that fails
+    assert openblas_wheel.bridged_library() is None
+    assert list((tmp_path / "blas").iterdir()) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
+def test_a_copy_without_the_names_mlx_needs_is_not_kept(tmp_path, monkeypatch):
+    from models import openblas_wheel
+
+    monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(openblas_wheel, "PREFIX", "nothing_")  # as if a wheel used another prefix
     assert openblas_wheel.bridged_library() is None
     assert list((tmp_path / "blas").iterdir()) == []
