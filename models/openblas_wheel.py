@@ -1,7 +1,7 @@
 """The OpenBLAS of the `scipy-openblas32` wheel, made loadable under the names MLX calls.
 
 The wheel is a recent OpenBLAS that pip installs anywhere, without root; distributions ship older
-ones (Debian 12: 0.3.21, which multiplies the few-row matrices of batched decoding 1.5-2.5x slower).
+ones (Debian 12: 0.3.21, which multiplies the few-row matrices of batched decoding 1.4-1.9x slower).
 Its symbols carry a `scipy_` prefix, so a copy with the names MLX binds renamed back (patchelf) is
 made once and kept in the user's cache.
 """
