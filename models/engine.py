@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import StopSequences
 from mlx_lm.sample_utils import make_logits_processors
 
 from models.api import Finished, GenerationParams, Started, TextDelta, TokenLogprob, Usage
 from models.blas import blas_info
 from models.catalog import ModelCatalog
+from models.decode_batch import LeanBatchGenerator
 from models.detokenizer import streaming_detokenizer
 from models.dtypes import AUTO, FLOATING, normalize_dtype
 from models.errors import (
@@ -455,7 +456,7 @@ class MLXEngine:
             job.uid = next(self._single_uids)
             variant.single = SingleStream(variant.loaded.model, tokens, max_tokens, job.sampler, job.processors,
                                           stop_ids, job.uid, cache=cache, cached=job.cached_tokens,
-                                          pad_prefill=self.pad_prefill)
+                                          pad_prefill=self.pad_prefill, logprobs=params.logprobs is not None)
         else:
             if variant.single is not None and len(variant.jobs) >= self.max_batch_size:
                 self._handoff(variant)  # no room for both: the lone stream takes its batch slot first
@@ -469,15 +470,19 @@ class MLXEngine:
     def _insert(self, variant: Variant, job: _Job, prompt: list[int], max_tokens: int, cache: list | None,
                 context: list[int]) -> int:
         """Add a sequence to the variant's batch: `cache` holds the keys and values of `context`."""
-        return self._batch(variant).insert(
+        generator = self._batch(variant)
+        uid = generator.insert(
             [prompt], max_tokens=[max_tokens], caches=[cache], all_tokens=[context], samplers=[job.sampler],
             logits_processors=[job.processors],
             stop_sequences=[StopSequences(None)] if job.params.ignore_eos else None)[0]
+        if job.params.logprobs is not None:  # its rows' logits are normalized (models.decode_batch)
+            generator.logprob_uids.add(uid)
+        return uid
 
-    def _batch(self, variant: Variant) -> BatchGenerator:
+    def _batch(self, variant: Variant) -> LeanBatchGenerator:
         if variant.generator is None:
             tokenizer = variant.loaded.tokenizer
-            variant.generator = BatchGenerator(
+            variant.generator = LeanBatchGenerator(
                 variant.loaded.model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
                 completion_batch_size=self.max_batch_size,
                 prefill_batch_size=min(8, self.max_batch_size))
@@ -505,6 +510,8 @@ class MLXEngine:
     def _drop_sequence(self, variant: Variant, uid: int) -> None:
         """Stop decoding one sequence, wherever it is decoded; keep its KV cache for reuse."""
         variant.joining.discard(uid)
+        if variant.generator is not None:
+            variant.generator.logprob_uids.discard(uid)
         if variant.single is not None and variant.single.uid == uid:
             self._retire_single(variant)
         elif variant.generator is not None:
@@ -651,6 +658,8 @@ class MLXEngine:
     def _finish(self, variant: Variant, job: _Job, reason: str, now: float) -> None:
         self._read_check(variant)  # its last tokens' warning must be in Finished
         variant.jobs.pop(job.uid, None)
+        if variant.generator is not None:
+            variant.generator.logprob_uids.discard(job.uid)
         if variant.single is not None and variant.single.uid == job.uid:
             self._retire_single(variant)
         variant.requests_served += 1

@@ -34,13 +34,15 @@ class TokenStep:
 class SingleStream:
     def __init__(self, model: Any, prompt: list[int], max_tokens: int, sampler: Callable | None,
                  processors: list, stop_tokens: set[int], uid: int, cache: list[Any] | None = None,
-                 cached: int = 0, pad_prefill: bool = False) -> None:
+                 cached: int = 0, pad_prefill: bool = False, logprobs: bool = False) -> None:
         """`cache`, if given, holds the keys and values of the first `cached` prompt tokens;
-        `pad_prefill`: prefill in bucket shapes (see models.prefill)."""
+        `pad_prefill`: prefill in bucket shapes (see models.prefill); `logprobs`: the request reads
+        them (a greedy one that does not decodes on raw float32 logits, as models.decode_batch does)."""
         self.model = model
         self.uid = uid
         self.max_tokens = max_tokens
         self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+        self.normalize = sampler is not None or logprobs
         self.processors = processors
         self.stop_tokens = stop_tokens
         self.cache = cache if cache is not None else make_prompt_cache(model)
@@ -54,13 +56,16 @@ class SingleStream:
 
     def _forward(self, inputs: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """(token, logprobs, checked token): the last is the token id if its logprob is finite, else
-        -1 - id, so that one read gives the token and the non-finite check (no extra round trip)."""
+        -1 - id, so that one read gives the token and the non-finite check (no extra round trip).
+        The logprobs are raw logits where nothing needs them normalized (see models.decode_batch)."""
         logits = self.model(inputs[None], cache=self.cache)[:, -1, :]
         if self.processors:
             context = mx.array(self.tokens)
             for processor in self.processors:
                 logits = processor(context, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = logits
+        if self.normalize or logits.dtype != mx.float32:
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = self.sampler(logprobs)
         signed = token.astype(mx.int32)
         finite = mx.isfinite(mx.take_along_axis(logprobs, signed[:, None], axis=-1)[:, 0])

@@ -1,0 +1,93 @@
+"""mlx-lm's BatchGenerator with one step skipped where nobody needs it: normalizing the logits.
+
+mlx-lm turns every decode step's logits into log-probabilities (a log-sum-exp over the whole
+vocabulary) before sampling. Greedy rows only take the argmax, which the normalization does not
+move, and the logprobs themselves are read only by requests that ask for them. On a CPU that
+log-sum-exp is not small: MLX's CPU exp costs ~17 ns per element, so 8 rows of a 32,000-token
+vocabulary take ~5 ms, about a tenth of a llama-25m decode step (BENCHMARKS.md).
+
+So a decode step leaves the logits as they are when every row is greedy, no row's request asks for
+logprobs, and the logits are float32. In bfloat16 and float16 the subtraction rounds coarsely
+enough to merge near-equal values, so argmax over logprobs can pick another token than argmax over
+logits; those dtypes keep mlx-lm's step, token for token. A row's first token (sampled at the end
+of its prefill) always comes from mlx-lm's own step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.sample_utils import greedy_sampler
+
+
+class LeanGenerationBatch(GenerationBatch):
+    """A GenerationBatch whose step normalizes the logits only when some row needs it.
+
+    `logprob_uids` (shared with the owner) names the sequences whose requests read logprobs."""
+
+    logprob_uids: set[int]
+
+    def needs_logprobs(self, logits: mx.array) -> bool:
+        """Whether this step must produce real log-probabilities rather than raw logits."""
+        if logits.dtype != mx.float32:
+            return True
+        if any(s is not greedy_sampler for s in self._samplers()):
+            return True  # a sampled row draws from the distribution, not the argmax
+        return any(uid in self.logprob_uids for uid in self.uids)
+
+    def _samplers(self) -> list:
+        return [self.fallback_sampler if s is None else s for s in (self.samplers or [None] * len(self.uids))]
+
+    def _step(self) -> tuple[list[int], list[mx.array]]:
+        # The contract of GenerationBatch._step (mlx-lm 0.32): queue the next step, then return the
+        # tokens and scores of the current one (computed by the previous call).
+        self._current_tokens, self._current_logprobs = self._next_tokens, self._next_logprobs
+        inputs = self._current_tokens
+        logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
+        logits, contexts = self._apply_processors(inputs, logits)
+        if self.needs_logprobs(logits):
+            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        self._next_tokens = self._sample(logits)
+        self._next_logprobs = list(logits)
+        mx.async_eval(self._next_tokens, self._next_logprobs, contexts)
+        mx.eval(inputs, self._current_logprobs)
+        tokens = inputs.tolist()
+        for sequence, token in zip(self.tokens, tokens, strict=True):
+            sequence.append(token)
+        return tokens, self._current_logprobs
+
+    def _apply_processors(self, inputs: mx.array, logits: mx.array) -> tuple[mx.array, list[mx.array]]:
+        """Each row through its own logits processors (penalties, biases), with its token context."""
+        if not any(self.logits_processors or ()):
+            return logits, []
+        rows, contexts = [], []
+        for i, processors in enumerate(self.logits_processors):
+            row = logits[i : i + 1]
+            if processors:
+                context = self._token_context[i].update_and_fetch(inputs[i : i + 1])
+                contexts.append(context)
+                for processor in processors:
+                    row = processor(context, row)
+            rows.append(row)
+        return mx.concatenate(rows, axis=0), contexts
+
+    def _sample(self, scores: mx.array) -> mx.array:
+        """One call for rows that share a sampler (the common case), else row by row."""
+        samplers = self._samplers()
+        if all(s is samplers[0] for s in samplers):
+            return samplers[0](scores)
+        return mx.concatenate([s(scores[i : i + 1]) for i, s in enumerate(samplers)], axis=0)
+
+
+class LeanBatchGenerator(BatchGenerator):
+    """BatchGenerator decoding in a LeanGenerationBatch. Register requests that read logprobs in
+    `logprob_uids` (and drop them when they leave)."""
+
+    def __init__(self, model: Any, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.logprob_uids: set[int] = set()
+        batch = LeanGenerationBatch.empty(self.model, self.sampler)
+        batch.logprob_uids = self.logprob_uids
+        self._generation_batch = batch  # new sequences are merged into it (extend), so it stays lean

@@ -1,0 +1,119 @@
+"""The lean decode step (models.decode_batch): greedy float32 rows skip the log-sum-exp, give the
+tokens mlx-lm's own step gives, and every row is normalized again as soon as one needs it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+
+from models.decode_batch import LeanBatchGenerator
+from tests.conftest import BUNDLED
+from tests.test_registry import app_client, close
+
+PROMPTS = ["12+30=", "The dog", "7+7=", "A quick brown fox jumps", "99+1="]
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    model, tokenizer = load(str(BUNDLED))
+    return model, tokenizer
+
+
+def decode(cls, model, prompts, tokens=24, logprob_rows=(), samplers=None):
+    """Every row's tokens and the score vectors of its decode steps (not its first token's)."""
+    gen = cls(model, max_tokens=tokens, completion_batch_size=8, prefill_batch_size=8)
+    uids = gen.insert(prompts, max_tokens=[tokens] * len(prompts), samplers=samplers)
+    if logprob_rows:
+        gen.logprob_uids.update(uids[i] for i in logprob_rows)
+    out = {uid: ([], []) for uid in uids}
+    finished = 0
+    while finished < len(uids):
+        for r in gen.next_generated():
+            out[r.uid][0].append(r.token)
+            out[r.uid][1].append(r.logprobs)
+            finished += r.finish_reason is not None
+    return [out[uid] for uid in uids]
+
+
+def normalized(scores: mx.array) -> bool:
+    """log-probabilities (to the precision of their dtype), not raw logits"""
+    tolerance = 1e-3 if scores.dtype == mx.float32 else 0.05
+    return abs(mx.logsumexp(scores.astype(mx.float32)).item()) < tolerance
+
+
+def test_greedy_float32_rows_keep_their_logits_and_mlx_lms_tokens(bundled):
+    model, tokenizer = bundled
+    model.set_dtype(mx.float32)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    reference = decode(BatchGenerator, model, prompts)
+    lean = decode(LeanBatchGenerator, model, prompts)
+    assert [tokens for tokens, _ in lean] == [tokens for tokens, _ in reference]
+    for _, scores in lean:
+        assert normalized(scores[0])  # the first token comes from mlx-lm's step (end of prefill)
+        assert not any(normalized(s) for s in scores[2:])  # decode steps: raw logits
+        assert all(s.shape == scores[0].shape for s in scores)
+
+
+def test_one_row_that_reads_logprobs_normalizes_the_batch(bundled):
+    model, tokenizer = bundled
+    model.set_dtype(mx.float32)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    reference = decode(BatchGenerator, model, prompts)
+    lean = decode(LeanBatchGenerator, model, prompts, logprob_rows=[1])
+    assert [tokens for tokens, _ in lean] == [tokens for tokens, _ in reference]
+    for (_, scores), (_, expected) in zip(lean, reference, strict=True):
+        assert all(normalized(s) for s in scores)
+        assert all(mx.allclose(s, e, atol=1e-5).item() for s, e in zip(scores, expected, strict=True))
+
+
+def test_sampled_rows_and_other_dtypes_keep_mlx_lms_step(bundled):
+    model, tokenizer = bundled
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    model.set_dtype(mx.float32)
+    sampler = make_sampler(0.8, 0.9)
+    rows = decode(LeanBatchGenerator, model, prompts, samplers=[None, sampler, None])
+    assert all(normalized(s) for _, scores in rows for s in scores)
+    model.set_dtype(mx.bfloat16)  # argmax over rounded bfloat16 logprobs can differ from the logits'
+    try:
+        reference = decode(BatchGenerator, model, prompts)
+        lean = decode(LeanBatchGenerator, model, prompts)
+        assert [t for t, _ in lean] == [t for t, _ in reference]
+        assert all(normalized(s) for _, scores in lean for s in scores)
+    finally:
+        model.set_dtype(mx.float32)
+
+
+async def test_a_logprobs_request_batched_with_greedy_ones_gets_real_logprobs():
+    """Through the engine: the greedy requests' text is what each gives alone, and the logprobs
+    request's values are log-probabilities (its top alternatives' probabilities sum to at most 1)."""
+    app, ctx, client = await app_client(max_batch_size=8, max_queue=8)
+    try:
+        plain = [{"prompt": p, "dtype": "float32", "max_tokens": 12, "ignore_eos": True} for p in PROMPTS[:3]]
+        body = {"model": "tiny-arith:float32", "prompt": "The dog", "max_tokens": 12, "logprobs": 3,
+                "temperature": 0}
+
+        async def post(path, payload):
+            r = await client.post(path, json=payload)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        alone = [(await post("/generate", p))["text"] for p in plain]
+        solo = await post("/v1/completions", body)
+        together = await asyncio.gather(post("/v1/completions", body), *(post("/generate", p) for p in plain))
+        assert [r["text"] for r in together[1:]] == alone
+        for result in (solo, together[0]):
+            logprobs = result["choices"][0]["logprobs"]
+            assert len(logprobs["token_logprobs"]) >= 4
+            assert all(v <= 0 for v in logprobs["token_logprobs"])
+            for top in logprobs["top_logprobs"]:
+                assert sum(2.718281828 ** v for v in top.values()) <= 1 + 1e-4
+        assert together[0]["choices"][0]["text"] == solo["choices"][0]["text"]
+        assert together[0]["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+            solo["choices"][0]["logprobs"]["token_logprobs"], abs=1e-3)
+    finally:
+        await close(ctx, client)
