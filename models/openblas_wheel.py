@@ -64,10 +64,35 @@ def bridged_library() -> str | None:
     if patchelf is None:
         log.info("patchelf not found: the OpenBLAS wheel is not used")
         return None
+    # A failure is remembered per wheel and patchelf, so that later starts skip the attempt (~1 s).
+    failed, tool = target.with_name(target.name + ".failed"), _tool_id(patchelf)
+    if _read_first_line(failed) == tool:
+        log.info("the OpenBLAS wheel could not be prepared before (%s); using the system BLAS", failed)
+        return None
     try:
         return str(_make_copy(source, target, patchelf))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("could not prepare the OpenBLAS wheel for MLX (%s); using the system BLAS", e)
+        try:
+            failed.write_text(f"{tool}\n{type(e).__name__}: {e}\n")
+        except OSError:
+            pass  # an unwritable cache: the next start tries again
+        return None
+
+
+def _tool_id(patchelf: str) -> str:
+    """patchelf's path and modification time: a new patchelf gets a new attempt."""
+    resolved = shutil.which(patchelf) or patchelf
+    try:
+        return f"{resolved}:{os.stat(resolved).st_mtime_ns}"
+    except OSError:
+        return f"{resolved}:missing"
+
+
+def _read_first_line(path: Path) -> str | None:
+    try:
+        return path.read_text().splitlines()[0]
+    except (OSError, IndexError):
         return None
 
 

@@ -71,7 +71,25 @@ def test_a_failed_rename_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
     monkeypatch.setattr(openblas_wheel, "_patchelf", lambda: "false")  # a command that fails
     assert openblas_wheel.bridged_library() is None
-    assert list((tmp_path / "blas").iterdir()) == []
+    assert [p.suffix for p in (tmp_path / "blas").iterdir()] == [".failed"]  # the failure, no partial copy
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
+def test_a_failed_rename_is_not_retried_until_patchelf_changes(tmp_path, monkeypatch):
+    from models import openblas_wheel
+
+    monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    tool = tmp_path / "patchelf"
+    tool.write_text(f"#!/bin/sh\necho run >> {runs}\nexit 1\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(openblas_wheel, "_patchelf", lambda: str(tool))
+    assert openblas_wheel.bridged_library() is None
+    assert openblas_wheel.bridged_library() is None
+    assert runs.read_text().count("run") == 1  # the second start remembered the failure
+    os.utime(tool, ns=(0, os.stat(tool).st_mtime_ns + 10**9))  # patchelf replaced: one more try
+    assert openblas_wheel.bridged_library() is None
+    assert runs.read_text().count("run") == 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
