@@ -6,8 +6,9 @@ move, and the logprobs themselves are read only by requests that ask for them. O
 log-sum-exp is not small: MLX's CPU exp costs ~17 ns per element, so 8 rows of a 32,000-token
 vocabulary take ~5 ms, about a tenth of a llama-25m decode step (BENCHMARKS.md).
 
-So a decode step leaves the logits as they are when every row is greedy, no row's request asks for
-logprobs, and the logits are float32. In bfloat16 and float16 the subtraction rounds coarsely
+So a decode step leaves the logits as they are when every row is greedy (or draws with a sampler
+that normalizes by itself, as the CPU's numpy sampler does), no row's request asks for logprobs, and
+the logits are float32. In bfloat16 and float16 the subtraction rounds coarsely
 enough to merge near-equal values, so argmax over logprobs can pick another token than argmax over
 logits; those dtypes keep mlx-lm's step, token for token. A row's first token (sampled at the end
 of its prefill) always comes from mlx-lm's own step.
@@ -22,6 +23,12 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.sample_utils import greedy_sampler
 
 
+def accepts_logits(sampler: Any) -> bool:
+    """Whether `sampler` draws the same from raw logits as from log-probabilities: the argmax, and
+    samplers that say so (models.sampling.HostSampler normalizes each row itself)."""
+    return sampler is greedy_sampler or getattr(sampler, "accepts_logits", False)
+
+
 class LeanGenerationBatch(GenerationBatch):
     """A GenerationBatch whose step normalizes the logits only when some row needs it.
 
@@ -33,8 +40,8 @@ class LeanGenerationBatch(GenerationBatch):
         """Whether this step must produce real log-probabilities rather than raw logits."""
         if logits.dtype != mx.float32:
             return True
-        if any(s is not greedy_sampler for s in self._samplers()):
-            return True  # a sampled row draws from the distribution, not the argmax
+        if not all(accepts_logits(s) for s in self._samplers()):
+            return True  # e.g. mlx-lm's top-p, which reads the scores as normalized probabilities
         return any(uid in self.logprob_uids for uid in self.uids)
 
     def _samplers(self) -> list:

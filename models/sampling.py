@@ -63,12 +63,17 @@ class HostSampler:
         self.top_p = top_p
         self.rng = rng
 
+    # Each row is shifted to a maximum of 0 first, so raw logits sample as their log-probabilities do
+    # (models.decode_batch then skips the normalization).
+    accepts_logits = True
+
     def __call__(self, logprobs: mx.array) -> mx.array:
         values = np.asarray(logprobs.astype(mx.float32))  # evaluates this step's logits
         rows = values.reshape(-1, values.shape[-1])
+        rows = rows - rows.max(axis=-1, keepdims=True)
         if 0 < self.top_p < 1:
             rows = np.where(rows < top_p_threshold(rows, self.top_p), -np.inf, rows)
-        weights = np.exp((rows - rows.max(axis=-1, keepdims=True)) / self.temperature)
+        weights = np.exp(rows / self.temperature)
         mass = np.cumsum(weights, axis=-1)
         # u in (0, total]: the first token whose cumulative mass reaches it has a weight above 0
         u = (1.0 - self.rng.random(len(rows))) * mass[:, -1]

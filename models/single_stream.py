@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
+from models.decode_batch import accepts_logits
 from models.prefill import prefill
 
 
@@ -42,7 +43,7 @@ class SingleStream:
         self.uid = uid
         self.max_tokens = max_tokens
         self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-        self.normalize = sampler is not None or logprobs
+        self.normalize = logprobs or not (sampler is None or accepts_logits(sampler))
         self.processors = processors
         self.stop_tokens = stop_tokens
         self.cache = cache if cache is not None else make_prompt_cache(model)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
 from models.decode_batch import LeanBatchGenerator
+from models.sampling import HostSampler
 from tests.conftest import BUNDLED
 from tests.test_registry import app_client, close
 
@@ -117,3 +119,18 @@ async def test_a_logprobs_request_batched_with_greedy_ones_gets_real_logprobs():
             solo["choices"][0]["logprobs"]["token_logprobs"], abs=1e-3)
     finally:
         await close(ctx, client)
+
+
+def test_the_cpu_sampler_draws_alike_from_logits_and_logprobs_so_its_rows_stay_lean(bundled):
+    mx.random.seed(3)
+    logits = mx.random.normal((4, 1000)) * 4 + 25  # far from normalized
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    for temperature, top_p in ((0.7, 0.9), (1.0, 1.0), (0.3, 0.5)):
+        draws = [HostSampler(temperature, top_p, np.random.default_rng(7))(scores) for scores in (logits, logprobs)]
+        assert draws[0].tolist() == draws[1].tolist()
+    model, tokenizer = bundled
+    model.set_dtype(mx.float32)
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    sampler = HostSampler(0.8, 0.9, np.random.default_rng(0))
+    rows = decode(LeanBatchGenerator, model, prompts, samplers=[None, sampler, sampler])
+    assert not any(normalized(s) for _, scores in rows for s in scores[2:])
