@@ -4,14 +4,16 @@ mlx-lm turns every decode step's logits into log-probabilities (a log-sum-exp ov
 vocabulary) before sampling. Greedy rows only take the argmax, which the normalization does not
 move, and the logprobs themselves are read only by requests that ask for them. On a CPU that
 log-sum-exp is not small: MLX's CPU exp costs ~17 ns per element, so 8 rows of a 32,000-token
-vocabulary take ~5 ms, about a tenth of a llama-25m decode step (BENCHMARKS.md).
+vocabulary take ~6 ms, about an eighth of a llama-25m decode step (BENCHMARKS.md).
 
 So a decode step leaves the logits as they are when every row is greedy (or draws with a sampler
 that normalizes by itself, as the CPU's numpy sampler does), no row's request asks for logprobs, and
-the logits are float32. In bfloat16 and float16 the subtraction rounds coarsely
-enough to merge near-equal values, so argmax over logprobs can pick another token than argmax over
-logits; those dtypes keep mlx-lm's step, token for token. A row's first token (sampled at the end
-of its prefill) always comes from mlx-lm's own step.
+the logits are float32. The subtraction of the log-sum-exp rounds, and can merge two near-equal
+values, so that mlx-lm's argmax picks the first of them: in float32 only values within about a
+millionth of each other (the size of the differences that batching itself makes), in bfloat16 and
+float16 far more often, so those dtypes keep mlx-lm's step, token for token. A row's first token
+(sampled at the end of its prefill) always comes from mlx-lm's own step. The engine's non-finite
+check then reads the picked token's logit instead of its logprob.
 """
 
 from __future__ import annotations
