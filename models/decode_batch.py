@@ -18,11 +18,18 @@ check then reads the picked token's logit instead of its logprob.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.sample_utils import greedy_sampler
+
+log = logging.getLogger(__name__)
+# What LeanGenerationBatch._step reads and writes of mlx-lm's GenerationBatch (0.32, pinned): another
+# mlx-lm without them keeps its own step rather than fail mid-request.
+CONTRACT = ("uids", "tokens", "prompt_cache", "samplers", "fallback_sampler", "logits_processors",
+            "_current_tokens", "_current_logprobs", "_next_tokens", "_next_logprobs", "_token_context")
 
 
 def accepts_logits(sampler: Any) -> bool:
@@ -99,4 +106,8 @@ class LeanBatchGenerator(BatchGenerator):
         self.logprob_uids: set[int] = set()
         batch = LeanGenerationBatch.empty(self.model, self.sampler)
         batch.logprob_uids = self.logprob_uids
-        self._generation_batch = batch  # new sequences are merged into it (extend), so it stays lean
+        missing = [name for name in CONTRACT if not hasattr(batch, name)]
+        if missing:
+            log.warning("mlx-lm's GenerationBatch lacks %s: decoding with its own step", ", ".join(missing))
+        else:
+            self._generation_batch = batch  # new sequences are merged into it (extend), so it stays lean

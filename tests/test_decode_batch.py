@@ -134,3 +134,19 @@ def test_the_cpu_sampler_draws_alike_from_logits_and_logprobs_so_its_rows_stay_l
     sampler = HostSampler(0.8, 0.9, np.random.default_rng(0))
     rows = decode(LeanBatchGenerator, model, prompts, samplers=[None, sampler, sampler])
     assert not any(normalized(s) for _, scores in rows for s in scores[2:])
+
+
+def test_an_mlx_lm_without_the_expected_batch_keeps_its_own_step(bundled, monkeypatch):
+    from mlx_lm.generate import GenerationBatch
+
+    from models import decode_batch
+
+    monkeypatch.setattr(decode_batch, "CONTRACT", (*decode_batch.CONTRACT, "_renamed_in_a_later_mlx_lm"))
+    model, tokenizer = bundled
+    model.set_dtype(mx.float32)
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    gen = LeanBatchGenerator(model, max_tokens=4)
+    assert type(gen._generation_batch) is GenerationBatch
+    rows = decode(LeanBatchGenerator, model, prompts, tokens=6)
+    assert [t for t, _ in rows] == [t for t, _ in decode(BatchGenerator, model, prompts, tokens=6)]
+    assert all(normalized(s) for _, scores in rows for s in scores)
