@@ -19,6 +19,7 @@ check then reads the picked token's logit instead of its logprob.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -38,23 +39,18 @@ def accepts_logits(sampler: Any) -> bool:
     return sampler is greedy_sampler or getattr(sampler, "accepts_logits", False)
 
 
+def needs_logprobs(dtype: mx.Dtype, samplers: list, reads_logprobs: bool) -> bool:
+    """Whether a step must normalize its logits: 16-bit logits (rounding can tie the argmax), a sampler
+    that reads the scores as normalized (mlx-lm's top-p), or a request that reads its logprobs."""
+    return dtype != mx.float32 or reads_logprobs or not all(accepts_logits(s) for s in samplers)
+
+
 class LeanGenerationBatch(GenerationBatch):
     """A GenerationBatch whose step normalizes the logits only when some row needs it.
 
-    `logprob_uids` (shared with the owner) names the sequences whose requests read logprobs."""
+    `reads_logprobs(uid)` (set by the owner) says whether a sequence's request reads logprobs."""
 
-    logprob_uids: set[int]
-
-    def needs_logprobs(self, logits: mx.array) -> bool:
-        """Whether this step must produce real log-probabilities rather than raw logits."""
-        if logits.dtype != mx.float32:
-            return True
-        if not all(accepts_logits(s) for s in self._samplers()):
-            return True  # e.g. mlx-lm's top-p, which reads the scores as normalized probabilities
-        return any(uid in self.logprob_uids for uid in self.uids)
-
-    def _samplers(self) -> list:
-        return [self.fallback_sampler if s is None else s for s in (self.samplers or [None] * len(self.uids))]
+    reads_logprobs: Callable[[int], bool]
 
     def _step(self) -> tuple[list[int], list[mx.array]]:
         # The contract of GenerationBatch._step (mlx-lm 0.32): queue the next step, then return the
@@ -63,9 +59,10 @@ class LeanGenerationBatch(GenerationBatch):
         inputs = self._current_tokens
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
         logits, contexts = self._apply_processors(inputs, logits)
-        if self.needs_logprobs(logits):
+        samplers = [self.fallback_sampler if s is None else s for s in (self.samplers or [None] * len(self.uids))]
+        if needs_logprobs(logits.dtype, samplers, any(map(self.reads_logprobs, self.uids))):
             logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        self._next_tokens = self._sample(logits)
+        self._next_tokens = self._sample(samplers, logits)
         self._next_logprobs = list(logits)
         mx.async_eval(self._next_tokens, self._next_logprobs, contexts)
         mx.eval(inputs, self._current_logprobs)
@@ -89,23 +86,23 @@ class LeanGenerationBatch(GenerationBatch):
             rows.append(row)
         return mx.concatenate(rows, axis=0), contexts
 
-    def _sample(self, scores: mx.array) -> mx.array:
+    @staticmethod
+    def _sample(samplers: list, scores: mx.array) -> mx.array:
         """One call for rows that share a sampler (the common case), else row by row."""
-        samplers = self._samplers()
         if all(s is samplers[0] for s in samplers):
             return samplers[0](scores)
         return mx.concatenate([s(scores[i : i + 1]) for i, s in enumerate(samplers)], axis=0)
 
 
 class LeanBatchGenerator(BatchGenerator):
-    """BatchGenerator decoding in a LeanGenerationBatch. Register requests that read logprobs in
-    `logprob_uids` (and drop them when they leave)."""
+    """BatchGenerator decoding in a LeanGenerationBatch. `reads_logprobs(uid)`: whether that sequence's
+    request reads logprobs (its rows, and so the whole batch's, are then normalized)."""
 
-    def __init__(self, model: Any, **kwargs: Any) -> None:
+    def __init__(self, model: Any, reads_logprobs: Callable[[int], bool] = lambda uid: False,
+                 **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        self.logprob_uids: set[int] = set()
         batch = LeanGenerationBatch.empty(self.model, self.sampler)
-        batch.logprob_uids = self.logprob_uids
+        batch.reads_logprobs = reads_logprobs
         missing = [name for name in CONTRACT if not hasattr(batch, name)]
         if missing:
             log.warning("mlx-lm's GenerationBatch lacks %s: decoding with its own step", ", ".join(missing))

@@ -470,20 +470,17 @@ class MLXEngine:
     def _insert(self, variant: Variant, job: _Job, prompt: list[int], max_tokens: int, cache: list | None,
                 context: list[int]) -> int:
         """Add a sequence to the variant's batch: `cache` holds the keys and values of `context`."""
-        generator = self._batch(variant)
-        uid = generator.insert(
+        return self._batch(variant).insert(
             [prompt], max_tokens=[max_tokens], caches=[cache], all_tokens=[context], samplers=[job.sampler],
             logits_processors=[job.processors],
             stop_sequences=[StopSequences(None)] if job.params.ignore_eos else None)[0]
-        if job.params.logprobs is not None:  # its rows' logits are normalized (models.decode_batch)
-            generator.logprob_uids.add(uid)
-        return uid
 
     def _batch(self, variant: Variant) -> LeanBatchGenerator:
         if variant.generator is None:
             tokenizer = variant.loaded.tokenizer
             variant.generator = LeanBatchGenerator(
-                variant.loaded.model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
+                variant.loaded.model, reads_logprobs=lambda uid: _reads_logprobs(variant.jobs.get(uid)),
+                stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
                 completion_batch_size=self.max_batch_size,
                 prefill_batch_size=min(8, self.max_batch_size))
         return variant.generator
@@ -510,8 +507,6 @@ class MLXEngine:
     def _drop_sequence(self, variant: Variant, uid: int) -> None:
         """Stop decoding one sequence, wherever it is decoded; keep its KV cache for reuse."""
         variant.joining.discard(uid)
-        if variant.generator is not None:
-            variant.generator.logprob_uids.discard(uid)
         if variant.single is not None and variant.single.uid == uid:
             self._retire_single(variant)
         elif variant.generator is not None:
@@ -658,8 +653,6 @@ class MLXEngine:
     def _finish(self, variant: Variant, job: _Job, reason: str, now: float) -> None:
         self._read_check(variant)  # its last tokens' warning must be in Finished
         variant.jobs.pop(job.uid, None)
-        if variant.generator is not None:
-            variant.generator.logprob_uids.discard(job.uid)
         if variant.single is not None and variant.single.uid == job.uid:
             self._retire_single(variant)
         variant.requests_served += 1
@@ -784,6 +777,11 @@ def _generates(commands: list) -> int:
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
     for events, event in items:
         events.put_nowait(event)
+
+
+def _reads_logprobs(job: _Job | None) -> bool:
+    """Its rows' logits must be normalized (models.decode_batch)."""
+    return job is not None and job.params.logprobs is not None
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler
 
-from models.decode_batch import accepts_logits
+from models.decode_batch import needs_logprobs
 from models.prefill import prefill
 
 
@@ -42,8 +43,8 @@ class SingleStream:
         self.model = model
         self.uid = uid
         self.max_tokens = max_tokens
-        self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-        self.normalize = logprobs or not (sampler is None or accepts_logits(sampler))
+        self.sampler = sampler or greedy_sampler
+        self.reads_logprobs = logprobs
         self.processors = processors
         self.stop_tokens = stop_tokens
         self.cache = cache if cache is not None else make_prompt_cache(model)
@@ -65,7 +66,7 @@ class SingleStream:
             for processor in self.processors:
                 logits = processor(context, logits)
         logprobs = logits
-        if self.normalize or logits.dtype != mx.float32:
+        if needs_logprobs(logits.dtype, [self.sampler], self.reads_logprobs):
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = self.sampler(logprobs)
         signed = token.astype(mx.int32)

@@ -28,10 +28,11 @@ def bundled():
 
 def decode(cls, model, prompts, tokens=24, logprob_rows=(), samplers=None):
     """Every row's tokens and the score vectors of its decode steps (not its first token's)."""
-    gen = cls(model, max_tokens=tokens, completion_batch_size=8, prefill_batch_size=8)
+    reading: set[int] = set()
+    lean = {"reads_logprobs": reading.__contains__} if cls is LeanBatchGenerator else {}
+    gen = cls(model, max_tokens=tokens, completion_batch_size=8, prefill_batch_size=8, **lean)
     uids = gen.insert(prompts, max_tokens=[tokens] * len(prompts), samplers=samplers)
-    if logprob_rows:
-        gen.logprob_uids.update(uids[i] for i in logprob_rows)
+    reading.update(uids[i] for i in logprob_rows)
     out = {uid: ([], []) for uid in uids}
     finished = 0
     while finished < len(uids):
