@@ -14,6 +14,11 @@ millionth of each other (the size of the differences that batching itself makes)
 float16 far more often, so those dtypes keep mlx-lm's step, token for token. A row's first token
 (sampled at the end of its prefill) always comes from mlx-lm's own step. The engine's non-finite
 check then reads the picked token's logit instead of its logprob.
+
+The step also does that check itself, on the batch's scores as they are (one gather, every
+`check_every`-th step and each row's first and last-by-length steps): read with the tokens, it
+costs no extra round trip, where stacking the rows' scores afterwards cost a copy of them all.
+Each response carries `finite` (True where unchecked).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ log = logging.getLogger(__name__)
 # What LeanGenerationBatch._step reads and writes of mlx-lm's GenerationBatch (0.32, pinned): another
 # mlx-lm without them keeps its own step rather than fail mid-request.
 CONTRACT = ("uids", "tokens", "prompt_cache", "samplers", "fallback_sampler", "logits_processors",
-            "_current_tokens", "_current_logprobs", "_next_tokens", "_next_logprobs", "_token_context")
+            "max_tokens", "_num_tokens", "_current_tokens", "_current_logprobs", "_next_tokens", "_next_logprobs",
+            "_token_context")
 
 
 def accepts_logits(sampler: Any) -> bool:
@@ -46,16 +52,23 @@ def needs_logprobs(dtype: mx.Dtype, samplers: list, reads_logprobs: bool) -> boo
 
 
 class LeanGenerationBatch(GenerationBatch):
-    """A GenerationBatch whose step normalizes the logits only when some row needs it.
+    """A GenerationBatch whose step normalizes the logits only when some row needs it, and checks
+    the picked tokens' scores for non-finite values.
 
-    `reads_logprobs(uid)` (set by the owner) says whether a sequence's request reads logprobs."""
+    `reads_logprobs(uid)` (set by the owner) says whether a sequence's request reads logprobs;
+    `check_every`: steps between non-finite checks (1: every step)."""
 
     reads_logprobs: Callable[[int], bool]
+    check_every: int = 1
+    _steps = 0
+    _next_finite: mx.array | None = None  # (rows, 1) bool for the queued step, None if unchecked
+    _current_finite: list[bool] | None = None
 
     def _step(self) -> tuple[list[int], list[mx.array]]:
         # The contract of GenerationBatch._step (mlx-lm 0.32): queue the next step, then return the
         # tokens and scores of the current one (computed by the previous call).
         self._current_tokens, self._current_logprobs = self._next_tokens, self._next_logprobs
+        current_finite = self._next_finite
         inputs = self._current_tokens
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
         logits, contexts = self._apply_processors(inputs, logits)
@@ -63,13 +76,45 @@ class LeanGenerationBatch(GenerationBatch):
         if needs_logprobs(logits.dtype, samplers, any(map(self.reads_logprobs, self.uids))):
             logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         self._next_tokens = self._sample(samplers, logits)
-        self._next_logprobs = list(logits)
-        mx.async_eval(self._next_tokens, self._next_logprobs, contexts)
-        mx.eval(inputs, self._current_logprobs)
+        self._next_finite = _picked_finite(logits, self._next_tokens) if self._checks_next() else None
+        self._next_logprobs = list(logits)  # views of `logits`: evaluated only if someone reads them
+        mx.async_eval(self._next_tokens, logits, contexts, *[f for f in (self._next_finite,) if f is not None])
         tokens = inputs.tolist()
+        self._current_finite = None if current_finite is None else [f[0] for f in current_finite.tolist()]
         for sequence, token in zip(self.tokens, tokens, strict=True):
             sequence.append(token)
         return tokens, self._current_logprobs
+
+    def _checks_next(self) -> bool:
+        """Whether the step being queued is checked: every `check_every`-th, and the last of any row
+        that ends by length (its request's warnings must be known when it finishes)."""
+        self._steps += 1
+        return self._steps % self.check_every == 0 or any(
+            n + 2 >= m for n, m in zip(self._num_tokens, self.max_tokens, strict=True))
+
+    def next(self) -> list:
+        responses = super().next()
+        flags = self._current_finite or [True] * len(responses)
+        for response, finite in zip(responses, flags, strict=False):
+            response.finite = finite
+        return responses
+
+    def extend(self, batch: GenerationBatch) -> None:
+        # New rows' first tokens (sampled by mlx-lm's own step) are checked as they join.
+        rows = len(self.uids)
+        joining = _picked_finite(mx.stack(batch._next_logprobs), batch._next_tokens) \
+            if batch._next_tokens is not None and batch._next_logprobs else None
+        super().extend(batch)
+        if joining is None or not rows:
+            self._next_finite = joining if not rows else self._next_finite
+        else:
+            mine = self._next_finite if self._next_finite is not None else mx.ones((rows, 1), mx.bool_)
+            self._next_finite = mx.concatenate([mine, joining])
+
+    def filter(self, keep: list[int]) -> None:
+        super().filter(keep)
+        if self._next_finite is not None:
+            self._next_finite = self._next_finite[mx.array(keep)] if keep else None
 
     def _apply_processors(self, inputs: mx.array, logits: mx.array) -> tuple[mx.array, list[mx.array]]:
         """Each row through its own logits processors (penalties, biases), with its token context."""
@@ -94,15 +139,22 @@ class LeanGenerationBatch(GenerationBatch):
         return mx.concatenate([s(scores[i : i + 1]) for i, s in enumerate(samplers)], axis=0)
 
 
+def _picked_finite(scores: mx.array, tokens: mx.array) -> mx.array:
+    """Whether each row's score at its picked token is finite, as a (rows, 1) bool array."""
+    return mx.isfinite(mx.take_along_axis(scores, tokens[:, None], axis=-1))
+
+
 class LeanBatchGenerator(BatchGenerator):
     """BatchGenerator decoding in a LeanGenerationBatch. `reads_logprobs(uid)`: whether that sequence's
-    request reads logprobs (its rows, and so the whole batch's, are then normalized)."""
+    request reads logprobs (its rows, and so the whole batch's, are then normalized); `check_every`:
+    decode steps between non-finite checks."""
 
     def __init__(self, model: Any, reads_logprobs: Callable[[int], bool] = lambda uid: False,
-                 **kwargs: Any) -> None:
+                 check_every: int = 1, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         batch = LeanGenerationBatch.empty(self.model, self.sampler)
         batch.reads_logprobs = reads_logprobs
+        batch.check_every = check_every
         missing = [name for name in CONTRACT if not hasattr(batch, name)]
         if missing:
             log.warning("mlx-lm's GenerationBatch lacks %s: decoding with its own step", ", ".join(missing))

@@ -44,13 +44,13 @@ from models.memory import device_info, parse_budget, process_memory
 from models.prefill import shapes_cost
 from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
-from models.single_stream import SingleStream, TokenStep
+from models.single_stream import SingleStream
 from models.stop_strings import StopStringMatcher
 from models.warmup import warm_shapes
 
 log = logging.getLogger(__name__)
 _STOP = object()
-CHECK_EVERY = 4  # batch steps between non-finite checks under the `warn` policy
+CHECK_EVERY = 4  # decode steps between non-finite checks under the `warn` policy
 # A request that wakes the idle worker while more are likely on their way (requests overlapped in the
 # last CONCURRENT_RECENTLY_S) waits for them: until none arrived for GATHER_GAP_S, at most `gather_s`
 # in all, so that the burst is prefilled together rather than its first request alone.
@@ -456,7 +456,8 @@ class MLXEngine:
             job.uid = next(self._single_uids)
             variant.single = SingleStream(variant.loaded.model, tokens, max_tokens, job.sampler, job.processors,
                                           stop_ids, job.uid, cache=cache, cached=job.cached_tokens,
-                                          pad_prefill=self.pad_prefill, logprobs=params.logprobs is not None)
+                                          pad_prefill=self.pad_prefill, logprobs=params.logprobs is not None,
+                                          check_every=self._check_every)
         else:
             if variant.single is not None and len(variant.jobs) >= self.max_batch_size:
                 self._handoff(variant)  # no room for both: the lone stream takes its batch slot first
@@ -480,6 +481,7 @@ class MLXEngine:
             tokenizer = variant.loaded.tokenizer
             variant.generator = LeanBatchGenerator(
                 variant.loaded.model, reads_logprobs=lambda uid: _reads_logprobs(variant.jobs.get(uid)),
+                check_every=self._check_every,
                 stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
                 completion_batch_size=self.max_batch_size,
                 prefill_batch_size=min(8, self.max_batch_size))
@@ -495,7 +497,6 @@ class MLXEngine:
         job = variant.jobs[single.uid]
         step, cache, context, left = single.handoff()
         self._check_finite(variant, [step])
-        self._read_check(variant)
         if single.uid in variant.jobs:
             self._on_token(variant, job, step)
         if job.done or single.uid not in variant.jobs:
@@ -543,9 +544,7 @@ class MLXEngine:
                 continue
             self._lap("decode")
             self.decode_steps += 1
-            self._check_finite(variant, responses)
-            if self.nonfinite_policy == "refuse":  # refuse before any of this step's text goes out
-                self._read_check(variant)
+            self._check_finite(variant, responses)  # a refusal comes before any of this step's text
             for response in responses:
                 job = variant.jobs.get(response.uid)
                 if job is not None:
@@ -564,39 +563,17 @@ class MLXEngine:
         self.worker_seconds[phase] += now - self._lap_start
         self._lap_start = now
 
+    @property
+    def _check_every(self) -> int:
+        """Decode steps between non-finite checks: each op costs the decode loop ~15 us on CUDA, so
+        under the `warn` policy every CHECK_EVERY-th step, each request's first, and its last by length
+        (an overflow persists in the KV cache, so it is caught within a few tokens)."""
+        return 1 if self.nonfinite_policy == "refuse" else CHECK_EVERY
+
     def _check_finite(self, variant: Variant, responses: list) -> None:
-        """Queue this step's non-finite check (float16 overflow) and read the previous one.
-
-        A lone stream checks its token on the device with the step itself. Batch rows are gathered
-        and checked in one go, evaluated with the next step rather than waited for now; each op costs
-        the decode loop ~15 us on CUDA, so under the `warn` policy only every CHECK_EVERY-th step and
-        each request's last step are checked (an overflow persists in the KV cache, so it is caught
-        within a few tokens). A request's last step is read before it finishes."""
-        previous = variant.pending_check
-        variant.pending_check = None
-        lone = [r for r in responses if isinstance(r, TokenStep)]
-        if lone:
-            self._apply_check(variant, [r.uid for r in lone], [r.finite for r in lone])
-        variant.check_steps += 1
-        every = self.nonfinite_policy == "refuse" or variant.check_steps % CHECK_EVERY == 0
-        rows = [r for r in responses if not isinstance(r, TokenStep) and (every or r.finish_reason)]
-        if rows:  # a handful of ops for the whole batch, not one per row
-            picked = mx.take_along_axis(mx.stack([r.logprobs for r in rows]), mx.array([[r.token] for r in rows]), 1)
-            finite = mx.isfinite(picked[:, 0])
-            mx.async_eval(finite)
-            variant.pending_check = ([r.uid for r in rows], finite)
-        if previous is not None:
-            self._apply_check(variant, *previous)
-
-    def _read_check(self, variant: Variant) -> None:
-        pending, variant.pending_check = variant.pending_check, None
-        if pending is not None:
-            self._apply_check(variant, *pending)
-
-    def _apply_check(self, variant: Variant, uids: list[int], finite: mx.array | list[bool]) -> None:
-        """Non-finite logits: warn the request, or refuse the dtype by policy."""
-        flags = finite if isinstance(finite, list) else finite.tolist()
-        bad = [uid for uid, ok in zip(uids, flags, strict=True) if not ok]
+        """Non-finite scores (float16 overflow), checked on the device with the step (`finite` on a
+        response; unchecked steps say True): warn the request, or refuse the dtype by policy."""
+        bad = [r.uid for r in responses if not getattr(r, "finite", True)]
         if not bad:
             return
         name, dtype = variant.key
@@ -642,7 +619,7 @@ class MLXEngine:
     @staticmethod
     def _token_logprob(variant: Variant, response: Any, top: int) -> TokenLogprob:
         tokenizer = variant.loaded.tokenizer
-        logprobs = response.logprobs.astype(mx.float32)
+        logprobs = response.logprobs.astype(mx.float32).reshape(-1)  # a lone stream's is (1, vocab)
         best: tuple[tuple[str, float], ...] = ()
         if top > 0:
             ids = mx.argsort(-logprobs)[:top].tolist()
@@ -651,7 +628,6 @@ class MLXEngine:
         return TokenLogprob(tokenizer.decode([response.token]), logprobs[response.token].item(), best)
 
     def _finish(self, variant: Variant, job: _Job, reason: str, now: float) -> None:
-        self._read_check(variant)  # its last tokens' warning must be in Finished
         variant.jobs.pop(job.uid, None)
         if variant.single is not None and variant.single.uid == job.uid:
             self._retire_single(variant)
@@ -675,7 +651,7 @@ class MLXEngine:
 
     def _fail_variant(self, variant: Variant, error: EngineError) -> None:
         self._fail_jobs(variant, error)
-        variant.generator = variant.single = variant.pending_check = None
+        variant.generator = variant.single = None
         variant.joining.clear()
         gc.collect()
         mx.clear_cache()

@@ -33,8 +33,6 @@ class Variant:
     generator: Any = None  # mlx-lm BatchGenerator, created when two requests overlap
     single: Any = None  # SingleStream: the one request, while it is alone
     joining: set[int] = field(default_factory=set)  # batch uids still in prefill while `single` decodes
-    pending_check: Any = None  # (uids, lazy finiteness) of the last step, read one step later
-    check_steps: int = 0  # decode steps seen by the non-finite check (it checks batch rows every few)
     jobs: dict[int, Any] = field(default_factory=dict)
     last_used: float = field(default_factory=time.time)
     requests_served: int = 0

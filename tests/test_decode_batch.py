@@ -151,3 +151,64 @@ def test_an_mlx_lm_without_the_expected_batch_keeps_its_own_step(bundled, monkey
     rows = decode(LeanBatchGenerator, model, prompts, tokens=6)
     assert [t for t, _ in rows] == [t for t, _ in decode(BatchGenerator, model, prompts, tokens=6)]
     assert all(normalized(s) for _, scores in rows for s in scores)
+
+
+class Poisoned:
+    """The model, with +inf logits from its `poison_from`-th call on (prefill calls count)."""
+
+    def __init__(self, model, poison_from: int) -> None:
+        self.model, self.poison_from, self.calls = model, poison_from, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, inputs, cache=None, **kwargs):
+        self.calls += 1
+        logits = self.model(inputs, cache=cache, **kwargs)
+        return logits + mx.inf if self.calls >= self.poison_from else logits
+
+
+def finite_flags(model, prompts, tokens: int, check_every: int) -> list[list[bool]]:
+    """Each row's `finite` per response of a LeanBatchGenerator."""
+    gen = LeanBatchGenerator(model, max_tokens=tokens, completion_batch_size=8, prefill_batch_size=8,
+                             check_every=check_every)
+    uids = gen.insert(prompts, max_tokens=[tokens] * len(prompts))
+    flags: dict[int, list[bool]] = {uid: [] for uid in uids}
+    while sum(len(f) for f in flags.values()) < tokens * len(uids):
+        for r in gen.next_generated():
+            flags[r.uid].append(r.finite)
+    return [flags[uid] for uid in uids]
+
+
+def test_the_step_checks_the_picked_scores_every_few_steps_first_and_last(bundled):
+    model, tokenizer = bundled
+    model.set_dtype(mx.float32)
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    assert finite_flags(model, prompts, 10, 1) == [[True] * 10] * 3  # nothing to flag
+    assert finite_flags(Poisoned(model, 1), prompts, 10, 1) == [[False] * 10] * 3  # every step checked
+    for row in finite_flags(Poisoned(model, 1), prompts, 10, 4):
+        # every 4th step (not the others), and the first and last token of each row
+        assert row[0] is False and row[-1] is False
+        assert 4 <= row.count(False) <= 6
+        assert all(True in row[i:i + 4] for i in range(1, 6))  # unchecked steps say True
+    # poisoned from a decode step on: the flags turn at that step, and no earlier
+    for row in finite_flags(Poisoned(model, 6), prompts, 10, 1):
+        turn = row.index(False)
+        assert 0 < turn and row[turn:] == [False] * (len(row) - turn)
+
+
+def test_the_lone_stream_checks_on_the_same_schedule(bundled):
+    from models.single_stream import SingleStream
+
+    model, tokenizer = bundled
+    model.set_dtype(mx.float32)
+    prompt = tokenizer.encode(PROMPTS[0])
+
+    def flags(m, check_every):
+        stream = SingleStream(m, prompt, 10, None, [], set(), uid=-1, check_every=check_every)
+        return [stream.step().finite for _ in range(10)]
+
+    assert flags(model, 4) == [True] * 10
+    assert flags(Poisoned(model, 1), 1) == [False] * 10
+    # checked: the first token, every 4th, and the last; unchecked tokens say finite
+    assert [not f for f in flags(Poisoned(model, 1), 4)] == [i % 4 == 0 or i == 9 for i in range(10)]
