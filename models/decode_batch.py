@@ -24,12 +24,15 @@ Each response carries `finite` (True where unchecked).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 from mlx_lm.sample_utils import greedy_sampler
+
+from models.batch_cache import MovingPromptBatch, merge_caches
 
 log = logging.getLogger(__name__)
 # What LeanGenerationBatch._step reads and writes of mlx-lm's GenerationBatch (0.32, pinned): another
@@ -160,3 +163,18 @@ class LeanBatchGenerator(BatchGenerator):
             log.warning("mlx-lm's GenerationBatch lacks %s: decoding with its own step", ", ".join(missing))
         else:
             self._generation_batch = batch  # new sequences are merged into it (extend), so it stays lean
+        # Reused caches join without extra copies (models.batch_cache), where mlx-lm is the one expected.
+        self._moves = isinstance(getattr(self, "_unprocessed_sequences", None), deque) and \
+            type(getattr(self, "_prompt_batch", None)) is PromptProcessingBatch
+        if self._moves:
+            self._prompt_batch = MovingPromptBatch.empty(
+                self.model, self.sampler, prefill_step_size=self._prompt_batch.prefill_step_size)
+
+    def _make_batch(self, n: int) -> PromptProcessingBatch:
+        # mlx-lm's queued sequence: (uid, segments, max_tokens, caches, ...)
+        joining = [self._unprocessed_sequences[i][3] for i in range(n)] if self._moves else []
+        batch = super()._make_batch(n)
+        merged = merge_caches(joining)
+        if merged is not None:
+            batch.prompt_cache = merged  # replaces mlx-lm's merge before anything evaluates it
+        return batch
