@@ -108,9 +108,9 @@ class LeanGenerationBatch(GenerationBatch):
         joining = _picked_finite(mx.stack(batch._next_logprobs), batch._next_tokens) \
             if batch._next_tokens is not None and batch._next_logprobs else None
         super().extend(batch)
-        if joining is None or not rows:
-            self._next_finite = joining if not rows else self._next_finite
-        else:
+        if not rows:
+            self._next_finite = joining
+        elif joining is not None:
             mine = self._next_finite if self._next_finite is not None else mx.ones((rows, 1), mx.bool_)
             self._next_finite = mx.concatenate([mine, joining])
 
