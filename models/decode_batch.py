@@ -79,7 +79,8 @@ class LeanGenerationBatch(GenerationBatch):
         if needs_logprobs(logits.dtype, samplers, any(map(self.reads_logprobs, self.uids))):
             logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         self._next_tokens = self._sample(samplers, logits)
-        self._next_finite = _picked_finite(logits, self._next_tokens) if self._checks_next() else None
+        self._steps += 1
+        self._next_finite = picked_finite(logits, self._next_tokens) if self._checks_next() else None
         self._next_logprobs = list(logits)  # views of `logits`: evaluated only if someone reads them
         mx.async_eval(self._next_tokens, logits, contexts, *[f for f in (self._next_finite,) if f is not None])
         tokens = inputs.tolist()
@@ -91,7 +92,6 @@ class LeanGenerationBatch(GenerationBatch):
     def _checks_next(self) -> bool:
         """Whether the step being queued is checked: every `check_every`-th, and the last of any row
         that ends by length (its request's warnings must be known when it finishes)."""
-        self._steps += 1
         return self._steps % self.check_every == 0 or any(
             n + 2 >= m for n, m in zip(self._num_tokens, self.max_tokens, strict=True))
 
@@ -105,7 +105,7 @@ class LeanGenerationBatch(GenerationBatch):
     def extend(self, batch: GenerationBatch) -> None:
         # New rows' first tokens (sampled by mlx-lm's own step) are checked as they join.
         rows = len(self.uids)
-        joining = _picked_finite(mx.stack(batch._next_logprobs), batch._next_tokens) \
+        joining = picked_finite(mx.stack(batch._next_logprobs), batch._next_tokens) \
             if batch._next_tokens is not None and batch._next_logprobs else None
         super().extend(batch)
         if not rows:
@@ -142,7 +142,7 @@ class LeanGenerationBatch(GenerationBatch):
         return mx.concatenate([s(scores[i : i + 1]) for i, s in enumerate(samplers)], axis=0)
 
 
-def _picked_finite(scores: mx.array, tokens: mx.array) -> mx.array:
+def picked_finite(scores: mx.array, tokens: mx.array) -> mx.array:
     """Whether each row's score at its picked token is finite, as a (rows, 1) bool array."""
     return mx.isfinite(mx.take_along_axis(scores, tokens[:, None], axis=-1))
 

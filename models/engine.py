@@ -456,7 +456,7 @@ class MLXEngine:
             job.uid = next(self._single_uids)
             variant.single = SingleStream(variant.loaded.model, tokens, max_tokens, job.sampler, job.processors,
                                           stop_ids, job.uid, cache=cache, cached=job.cached_tokens,
-                                          pad_prefill=self.pad_prefill, logprobs=params.logprobs is not None,
+                                          pad_prefill=self.pad_prefill, logprobs=_reads_logprobs(job),
                                           check_every=self._check_every)
         else:
             if variant.single is not None and len(variant.jobs) >= self.max_batch_size:

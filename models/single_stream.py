@@ -18,7 +18,7 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from models.decode_batch import needs_logprobs
+from models.decode_batch import needs_logprobs, picked_finite
 from models.prefill import prefill
 
 
@@ -78,7 +78,7 @@ class SingleStream:
         if queued % self.check_every and queued + 1 < self.max_tokens:
             return token, logprobs, token
         signed = token.astype(mx.int32)
-        finite = mx.isfinite(mx.take_along_axis(logprobs, signed[:, None], axis=-1)[:, 0])
+        finite = picked_finite(logprobs, signed)[:, 0]
         return token, logprobs, mx.where(finite, signed, -1 - signed)
 
     def step(self, queue_next: bool = True) -> TokenStep:
