@@ -19,6 +19,8 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
 from models.checkpoint import checkpoint_tensors, read_config, stored_floating_dtype
+from models.cpu_fusion import fuse_for_cpu
+from models.cpu_layout import laid_out, linear_weight_paths
 from models.dtypes import AUTO, dtype_name, mx_dtype, will_cast
 from models.errors import ModelLoadError
 from models.memory import bytes_by_dtype, parameter_count
@@ -57,18 +59,23 @@ def resolve_auto(folder: Path) -> str:
 
 
 def cast_parameters(model: nn.Module, dtype: str) -> int:
-    """Cast (set_dtype semantics + cast_predicate) and evaluate one parameter at a time.
+    """Cast (set_dtype semantics + cast_predicate) and evaluate one parameter at a time; on the CPU,
+    Linear weights also take the layout their dtype multiplies fastest in (models.cpu_layout).
 
     Returns the largest source tensor in bytes. `dtype` "auto" evaluates without casting.
     """
     target = None if dtype == AUTO else mx_dtype(dtype)
     predicate = getattr(model, "cast_predicate", None)
     params = tree_flatten(model.parameters())
+    linear_weights = linear_weight_paths(model)
     largest = 0
     for i, (path, source) in enumerate(params):
         params[i] = None  # our list must not keep the source alive either
         largest = max(largest, source.nbytes)
-        if target is not None and source.dtype != target and will_cast(path, dtype_name(source.dtype), predicate):
+        casts = target is not None and source.dtype != target and will_cast(path, dtype_name(source.dtype), predicate)
+        if path in linear_weights:
+            value = laid_out(source, target if casts else None)
+        elif casts:
             value = source.astype(target)
         else:
             value = source
@@ -97,6 +104,7 @@ def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = 
     try:
         model, config = mlx_lm_load_model(folder, lazy=True, trust_remote_code=trust_remote_code)
         largest = cast_parameters(model, concrete)
+        fuse_for_cpu(model)
         tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
     except ModelLoadError:
         raise
@@ -141,6 +149,7 @@ def derive_variant(source: LoadedModel, dtype: str, trust_remote_code: bool = Fa
     model, config = mlx_lm_load_model(source.path, lazy=True, trust_remote_code=trust_remote_code)
     model.update(source.model.parameters())
     largest = cast_parameters(model, dtype)
+    fuse_for_cpu(model)
     stats = _load_stats(model, base, start, largest, source=source.dtype)
     return LoadedModel(source.name, source.path, dtype, model, source.tokenizer, config, stats,
                        source.context_length)

@@ -1,0 +1,81 @@
+"""One decode step on the CPU: mlx-lm's model as `mlx_lm.load` builds it vs dtype-serve's changes to it,
+all in dtype-serve's LeanBatchGenerator, in one process, taking turns:
+
+    python -m bench.cpu_decode --shape llama-25m --dtype float32 --vocab 32000 --batch 1 8 16 --trials 7
+
+Configurations: `plain` (mlx-lm's load + set_dtype), `fused` (RMSNorm and RoPE compiled,
+models/cpu_fusion.py), `layout` (dtype-serve's load: column-major float32 Linear weights,
+models/cpu_layout.py, modules unfused) and `served` (both, as the server runs). The figure is the median
+step time after the prefill; ratios are plain's over each per trial (median over trials). Every
+configuration's tokens must match plain's.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from bench.baselines import load
+from bench.common import PROMPT, ensure_model, gpu_model_parser, write_result
+from bench.decode_step import decode
+
+
+def set_fused(model, fused: bool) -> None:
+    import mlx.nn as nn  # not at the top: MLX is imported only after the BLAS is chosen (bench.baselines.load)
+
+    from models.cpu_fusion import FusedRMSNorm, FusedRoPE
+
+    swaps = {nn.RMSNorm: FusedRMSNorm, nn.RoPE: FusedRoPE}
+    if not fused:
+        swaps = {v: k for k, v in swaps.items()}
+    for _, module in model.named_modules():
+        if type(module) in swaps:
+            module.__class__ = swaps[type(module)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = gpu_model_parser(__doc__, "cpu-decode")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--trials", type=int, default=7)
+    a = p.parse_args(argv)
+    folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
+    plain_model, tokenizer = load(str(folder), a.dtype)  # mlx-lm's load: plain modules, row-major weights
+    from models.cpu_fusion import compiles_on_cpu
+    from models.decode_batch import LeanBatchGenerator
+    from models.loader import load_variant
+
+    if not compiles_on_cpu():
+        raise SystemExit("MLX cannot compile CPU kernels here")
+    ours = load_variant(folder.name, folder, a.dtype).model
+    configs = {"plain": (plain_model, False), "fused": (plain_model, True), "layout": (ours, False),
+               "served": (ours, True)}
+    rows = {}
+    for batch in a.batch:
+        prompts = [tokenizer.encode(f"{i:02d} {PROMPT}") for i in range(batch)]
+        for model, fused in configs.values():  # warm every configuration's shapes
+            set_fused(model, fused)
+            decode(LeanBatchGenerator, model, prompts, 4)
+        steps: dict[str, list[float]] = {name: [] for name in configs}
+        for _ in range(a.trials):
+            tokens = {}
+            for name, (model, fused) in configs.items():
+                set_fused(model, fused)
+                tokens[name], step = decode(LeanBatchGenerator, model, prompts, a.tokens)
+                steps[name].append(step * 1e3)
+            if any(t != tokens["plain"] for t in tokens.values()):
+                raise SystemExit(f"batch {batch}: a configuration gave other tokens than the plain model")
+        rows[batch] = {f"{name}_step_ms": round(statistics.median(s), 2) for name, s in steps.items()}
+        for name in list(configs)[1:]:
+            ratios = [p / s for p, s in zip(steps["plain"], steps[name], strict=True)]
+            rows[batch][f"{name}_speedup"] = round(statistics.median(ratios), 3)
+            rows[batch][f"{name}_trials_speedup"] = [round(r, 3) for r in ratios]
+        print(f"batch {batch}: " + ", ".join(f"{k} {v}" for k, v in rows[batch].items() if "trials" not in k))
+    out = {"shape": a.shape, "dtype": a.dtype, "vocab": a.vocab, "tokens": a.tokens, "trials": a.trials,
+           "by_batch": rows}
+    print(f"wrote {write_result(a.name, out)}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""On the CPU, float32 Linear weights are stored column-major (the transpose of the checkpoint's layout).
+
+A Linear computes `x @ weight.T`. With the checkpoint's row-major weight, OpenBLAS spends most of a
+decode step's matrix products packing the weight (perf: `sgemm_incopy` took more time than the
+multiply kernel itself); stored the other way round, `weight.T` is row-major and the same products
+run 1.2-1.5x faster at 1-8 rows, bitwise the same (tests/test_cpu_layout.py, bench/fusion.py).
+Prefill-sized products are unchanged. bfloat16 and float16 run on MLX's own CPU kernels, which gain
+nothing from it, so their weights stay row-major; so do all weights on a GPU.
+
+The layout is applied while casting (models.loader.cast_parameters): the copy is made in the
+source's dtype before the cast, so a load's peak stays the final size plus about one tensor.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def linear_weight_paths(model: nn.Module) -> frozenset[str]:
+    """The parameter paths of `model`'s plain Linear weights when MLX runs on the CPU (else none)."""
+    if mx.default_device().type != mx.cpu:
+        return frozenset()
+    return frozenset(f"{name}.weight" if name else "weight"
+                     for name, module in model.named_modules() if type(module) is nn.Linear)
+
+
+def laid_out(value: mx.array, target: mx.Dtype | None) -> mx.array:
+    """A Linear weight cast to `target` (None: kept as is) in the layout its dtype multiplies fastest in
+    on the CPU: float32 column-major (transposed first, in the source dtype), others row-major.
+    Either is free when `value` already has it."""
+    final = target or value.dtype
+    if final == mx.float32:
+        transposed = mx.contiguous(value.T)
+        return (transposed if target is None else transposed.astype(target)).T
+    return mx.contiguous(value if target is None else value.astype(target))

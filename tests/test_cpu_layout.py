@@ -1,0 +1,70 @@
+"""Column-major float32 Linear weights on the CPU (models.cpu_layout): applied while loading and deriving,
+only to float32, and bitwise mlx-lm's results."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
+
+from models.cpu_layout import laid_out, linear_weight_paths
+from models.loader import derive_variant, load_variant
+from tests.conftest import BUNDLED
+
+pytestmark = pytest.mark.skipif(mx.default_device().type != mx.cpu, reason="the layout applies to the CPU only")
+
+
+def column_major(a: mx.array) -> bool:
+    itemsize = a.dtype.size
+    return memoryview(a).strides == (itemsize, a.shape[0] * itemsize)
+
+
+def row_major(a: mx.array) -> bool:
+    itemsize = a.dtype.size
+    return memoryview(a).strides == (a.shape[1] * itemsize, itemsize)
+
+
+@pytest.mark.parametrize("source", [mx.float32, mx.bfloat16])
+def test_laid_out_gives_float32_column_major_and_16_bit_row_major(source):
+    weight = mx.random.normal((48, 32), key=mx.random.key(0)).astype(source)
+    as_float32 = laid_out(weight, None if source == mx.float32 else mx.float32)
+    mx.eval(as_float32)
+    assert column_major(as_float32) and as_float32.shape == weight.shape
+    assert mx.array_equal(as_float32, weight.astype(mx.float32)).item()
+    again = laid_out(as_float32, None)  # a resident float32 weight, derived again
+    half = laid_out(as_float32, mx.float16)
+    mx.eval(again, half)
+    assert column_major(again) and row_major(half)
+    assert mx.array_equal(half, weight.astype(mx.float16)).item()
+
+
+def linear_weights(model: nn.Module) -> list[mx.array]:
+    return [m.weight for _, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def test_loaded_and_derived_variants_lay_out_their_linear_weights_by_dtype():
+    fp32 = load_variant("tiny", BUNDLED, "float32")
+    weights = linear_weights(fp32.model)
+    assert weights and len(weights) == len(linear_weight_paths(fp32.model))
+    assert all(column_major(w) for w in weights)
+    assert all(row_major(m.weight) for _, m in fp32.model.named_modules() if type(m) is nn.Embedding)
+    bf16 = derive_variant(fp32, "bfloat16")
+    assert all(row_major(w) for w in linear_weights(bf16.model))
+    back = derive_variant(bf16, "float32")
+    assert all(column_major(w) for w in linear_weights(back.model))
+    for a, b in zip(weights, linear_weights(back.model), strict=True):
+        assert mx.array_equal(a, b).item()
+
+
+def test_a_column_major_model_computes_mlx_lms_logits_bitwise():
+    ours = load_variant("tiny", BUNDLED, "float32")
+    theirs, tokenizer = load(str(BUNDLED))
+    theirs.set_dtype(mx.float32)
+    caches = [make_prompt_cache(m) for m in (ours.model, theirs)]
+    tokens = mx.array([tokenizer.encode("12+30=")])
+    for _ in range(6):  # the prompt, then one token at a time
+        a, b = (m(tokens, cache=c) for m, c in zip((ours.model, theirs), caches, strict=True))
+        assert mx.array_equal(a, b).item()
+        tokens = mx.argmax(a[:, -1:], axis=-1)
