@@ -3,9 +3,15 @@
 A Linear computes `x @ weight.T`. With the checkpoint's row-major weight, OpenBLAS spends most of a
 decode step's matrix products packing the weight (perf: `sgemm_incopy` took more time than the
 multiply kernel itself); stored the other way round, `weight.T` is row-major and the same products
-run 1.2-1.5x faster at 1-8 rows, bitwise the same (tests/test_cpu_layout.py, bench/fusion.py).
-Prefill-sized products are unchanged. bfloat16 and float16 run on MLX's own CPU kernels, which gain
-nothing from it, so their weights stay row-major; so do all weights on a GPU.
+run 1.2-1.5x faster at 1-8 rows, bitwise the same (tests/test_cpu_layout.py, bench/cpu_decode.py).
+Prefill-sized products are unchanged.
+
+A model whose output layer is its embedding (tied: no `lm_head`, as in most small models) gets the
+same for its embedding: a 151,936 x 896 head took 41 instead of 66 ms at 8 rows, and the token lookup,
+now strided, ~0.06 ms more per step (20 ms more per 1,000 prompt tokens).
+
+bfloat16 and float16 run on MLX's own CPU kernels, which gain nothing from it, so their weights stay
+row-major; so do all weights on a GPU.
 
 The layout is applied while casting (models.loader.cast_parameters): the copy is made in the
 source's dtype before the cast, so a load's peak stays the final size plus about one tensor.
@@ -18,11 +24,14 @@ import mlx.nn as nn
 
 
 def linear_weight_paths(model: nn.Module) -> frozenset[str]:
-    """The parameter paths of `model`'s plain Linear weights when MLX runs on the CPU (else none)."""
+    """The parameter paths of `model`'s plain Linear weights, and of its embeddings when they are also its
+    output layer, when MLX runs on the CPU (else none)."""
     if mx.default_device().type != mx.cpu:
         return frozenset()
-    return frozenset(f"{name}.weight" if name else "weight"
-                     for name, module in model.named_modules() if type(module) is nn.Linear)
+    modules = model.named_modules()
+    tied = not any(name.rsplit(".", 1)[-1] == "lm_head" for name, _ in modules)
+    kinds = (nn.Linear, nn.Embedding) if tied else (nn.Linear,)
+    return frozenset(f"{name}.weight" if name else "weight" for name, module in modules if type(module) in kinds)
 
 
 def laid_out(value: mx.array, target: mx.Dtype | None) -> mx.array:

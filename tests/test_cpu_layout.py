@@ -41,7 +41,8 @@ def test_laid_out_gives_float32_column_major_and_16_bit_row_major(source):
 
 
 def linear_weights(model: nn.Module) -> list[mx.array]:
-    return [m.weight for _, m in model.named_modules() if type(m) is nn.Linear]
+    """Linear weights, and the embedding: the bundled model's output layer is its embedding (tied)."""
+    return [m.weight for _, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)]
 
 
 def test_loaded_and_derived_variants_lay_out_their_linear_weights_by_dtype():
@@ -49,13 +50,25 @@ def test_loaded_and_derived_variants_lay_out_their_linear_weights_by_dtype():
     weights = linear_weights(fp32.model)
     assert weights and len(weights) == len(linear_weight_paths(fp32.model))
     assert all(column_major(w) for w in weights)
-    assert all(row_major(m.weight) for _, m in fp32.model.named_modules() if type(m) is nn.Embedding)
+    assert any(type(m) is nn.Embedding for _, m in fp32.model.named_modules())
     bf16 = derive_variant(fp32, "bfloat16")
     assert all(row_major(w) for w in linear_weights(bf16.model))
     back = derive_variant(bf16, "float32")
     assert all(column_major(w) for w in linear_weights(back.model))
     for a, b in zip(weights, linear_weights(back.model), strict=True):
         assert mx.array_equal(a, b).item()
+
+
+def test_an_untied_models_embedding_keeps_its_layout():
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=128,
+                           num_attention_heads=2, rms_norm_eps=1e-5, vocab_size=100, tie_word_embeddings=False)
+    paths = linear_weight_paths(llama.Model(args))
+    assert "lm_head.weight" in paths and "model.layers.0.mlp.down_proj.weight" in paths
+    assert "model.embed_tokens.weight" not in paths
+    tied = linear_weight_paths(llama.Model(llama.ModelArgs(**{**args.__dict__, "tie_word_embeddings": True})))
+    assert "model.embed_tokens.weight" in tied
 
 
 def test_a_column_major_model_computes_mlx_lms_logits_bitwise():
