@@ -15,8 +15,8 @@ from __future__ import annotations
 import statistics
 
 from bench.baselines import load
-from bench.common import PROMPT, ensure_model, gpu_model_parser, write_result
-from bench.decode_step import decode
+from bench.common import PROMPT, ensure_model
+from bench.decode_step import decode, step_arguments, write_steps
 
 
 def set_fused(model, fused: bool) -> None:
@@ -33,12 +33,7 @@ def set_fused(model, fused: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = gpu_model_parser(__doc__, "cpu-decode")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--trials", type=int, default=7)
-    a = p.parse_args(argv)
+    a = step_arguments(__doc__, "cpu-decode", 7, argv)
     folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
     plain_model, tokenizer = load(str(folder), a.dtype)  # mlx-lm's load: plain modules, row-major weights
     from models.cpu_fusion import compiles_on_cpu
@@ -71,10 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows[batch][f"{name}_speedup"] = round(statistics.median(ratios), 3)
             rows[batch][f"{name}_trials_speedup"] = [round(r, 3) for r in ratios]
         print(f"batch {batch}: " + ", ".join(f"{k} {v}" for k, v in rows[batch].items() if "trials" not in k))
-    out = {"shape": a.shape, "dtype": a.dtype, "vocab": a.vocab, "tokens": a.tokens, "trials": a.trials,
-           "by_batch": rows}
-    print(f"wrote {write_result(a.name, out)}")
-    return out
+    return write_steps(a, rows)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ mlx-lm's over ours per trial (median over trials). The tokens of both must match
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -32,13 +33,26 @@ def decode(cls, model, prompts: list[list[int]], tokens: int) -> tuple[list[list
     return [out[uid] for uid in uids], statistics.median(steps[1:])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = gpu_model_parser(__doc__, "decode-step")
+def step_arguments(doc: str, name: str, trials: int, argv: list[str] | None) -> argparse.Namespace:
+    """The options of a decode-step benchmark (this one and bench.cpu_decode)."""
+    p = gpu_model_parser(doc, name)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--trials", type=int, default=5)
-    a = p.parse_args(argv)
+    p.add_argument("--trials", type=int, default=trials)
+    return p.parse_args(argv)
+
+
+def write_steps(a: argparse.Namespace, rows: dict) -> dict:
+    """The result file of a decode-step benchmark: its options and the figures by batch size."""
+    out = {"shape": a.shape, "dtype": a.dtype, "vocab": a.vocab, "tokens": a.tokens, "trials": a.trials,
+           "by_batch": rows}
+    print(f"wrote {write_result(a.name, out)}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = step_arguments(__doc__, "decode-step", 5, argv)
     folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
     model, tokenizer = load(str(folder), a.dtype)
     from mlx_lm.generate import BatchGenerator
@@ -64,10 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "speedup": round(statistics.median(ratios), 3),
                        "trials_speedup": [round(r, 3) for r in ratios]}
         print(f"batch {batch}: {rows[batch]}")
-    out = {"shape": a.shape, "dtype": a.dtype, "vocab": a.vocab, "tokens": a.tokens, "trials": a.trials,
-           "by_batch": rows}
-    print(f"wrote {write_result(a.name, out)}")
-    return out
+    return write_steps(a, rows)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def laid_out(value: mx.array, target: mx.Dtype | None) -> mx.array:
     """A Linear weight cast to `target` (None: kept as is) in the layout its dtype multiplies fastest in
     on the CPU: float32 column-major (transposed first, in the source dtype), others row-major.
     Either is free when `value` already has it."""
-    final = target or value.dtype
+    final = value.dtype if target is None else target
     if final == mx.float32:
         transposed = mx.contiguous(value.T)
         return (transposed if target is None else transposed.astype(target)).T
