@@ -33,6 +33,7 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBat
 from mlx_lm.sample_utils import greedy_sampler
 
 from models.batch_cache import MovingPromptBatch, merge_caches
+from models.decode_mask import unmask_unpadded
 
 log = logging.getLogger(__name__)
 # What LeanGenerationBatch._step reads and writes of mlx-lm's GenerationBatch (0.32, pinned): another
@@ -108,6 +109,7 @@ class LeanGenerationBatch(GenerationBatch):
         joining = picked_finite(mx.stack(batch._next_logprobs), batch._next_tokens) \
             if batch._next_tokens is not None and batch._next_logprobs else None
         super().extend(batch)
+        unmask_unpadded(self.prompt_cache)
         if not rows:
             self._next_finite = joining
         elif joining is not None:
