@@ -87,16 +87,17 @@ def second_dtype(base: str, model: str, dtype: str, other: str) -> dict:
 def worker_time(base: str, since: dict | None = None) -> dict:
     """The server's worker time by phase (and decode steps), or its growth since `since`."""
     worker = httpx.get(f"{base}/memory", timeout=60).json()["worker"]
-    now = {**worker["seconds"], "decode_steps": worker["decode_steps"]}
+    now = {**worker["seconds"], "decode_steps": worker["decode_steps"], "unmasked_steps": worker["unmasked_steps"]}
     return {k: v - since[k] for k, v in now.items()} if since else now
 
 
 def worker_summary(rows: list[dict]) -> dict:
     """Where the worker spent the measured trials: share of its time per phase, ms per decode step."""
     total = {k: sum(r[k] for r in rows) for k in rows[0]}
-    steps = total.pop("decode_steps")
+    steps, unmasked = total.pop("decode_steps"), total.pop("unmasked_steps")
     wall = sum(total.values())
     return {"share": {k: round(v / wall, 3) for k, v in total.items()}, "decode_steps": steps,
+            "unmasked_steps": unmasked,
             "ms_per_step": {k: round(v / steps * 1e3, 3) for k, v in total.items()} if steps else {}}
 
 

@@ -65,6 +65,7 @@ class LeanGenerationBatch(GenerationBatch):
     reads_logprobs: Callable[[int], bool]
     check_every: int = 1
     _steps = 0
+    unmasked_steps = 0  # steps whose attention had no mask (models.decode_mask: no row padded)
     _next_finite: mx.array | None = None  # (rows, 1) bool for the queued step, None if unchecked
     _current_finite: list[bool] | None = None
 
@@ -75,6 +76,7 @@ class LeanGenerationBatch(GenerationBatch):
         current_finite = self._next_finite
         inputs = self._current_tokens
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
+        self.unmasked_steps += getattr(self.prompt_cache[0], "_padded", None) is False
         logits, contexts = self._apply_processors(inputs, logits)
         samplers = [self.fallback_sampler if s is None else s for s in (self.samplers or [None] * len(self.uids))]
         if needs_logprobs(logits.dtype, samplers, any(map(self.reads_logprobs, self.uids))):
@@ -171,6 +173,11 @@ class LeanBatchGenerator(BatchGenerator):
         if self._moves:
             self._prompt_batch = MovingPromptBatch.empty(
                 self.model, self.sampler, prefill_step_size=self._prompt_batch.prefill_step_size)
+
+    @property
+    def unmasked_steps(self) -> int:
+        """Decode steps so far whose attention ran without a mask (no row padded)."""
+        return getattr(self._generation_batch, "unmasked_steps", 0)
 
     def _make_batch(self, n: int) -> PromptProcessingBatch:
         # mlx-lm's queued sequence: (uid, segments, max_tokens, caches, ...)

@@ -136,6 +136,7 @@ class MLXEngine:
         # emit (checks, detokenizing, events), flush (hand-off to the event loops), report (fidelity)
         self.worker_seconds = dict.fromkeys(("idle", "admit", "decode", "emit", "flush", "report"), 0.0)
         self.decode_steps = 0
+        self.unmasked_steps = 0  # batch decode steps without an attention mask (models.decode_mask)
         self._lap_start = time.perf_counter()
         self._state = "created"
         self._failure: str | None = None
@@ -537,7 +538,9 @@ class MLXEngine:
                         _, joined = variant.generator.next()
                         responses += joined
                 else:
+                    unmasked = variant.generator.unmasked_steps
                     _, responses = variant.generator.next()
+                    self.unmasked_steps += variant.generator.unmasked_steps - unmasked
             except Exception as e:  # e.g. out of memory: fail this batch, keep the engine
                 log.exception("generation failed on %s/%s", *variant.key)
                 self._fail_variant(variant, GenerationFailedError(f"generation failed: {type(e).__name__}"))
@@ -740,7 +743,8 @@ class MLXEngine:
             "device": {**device_info(), "blas": blas_info().as_dict()},
             "budget": self.registry.report(),
             "worker": {"seconds": {k: round(v, 6) for k, v in self.worker_seconds.items()},
-                       "decode_steps": self.decode_steps, "gather_waits": self.gather_waits,
+                       "decode_steps": self.decode_steps, "unmasked_steps": self.unmasked_steps,
+                       "gather_waits": self.gather_waits,
                        "bursts_gathered": self.bursts_gathered, "handoffs": self.handoffs},
         }
 

@@ -91,3 +91,34 @@ async def test_a_client_sending_one_request_after_another_does_not_wait_for_a_bu
         assert engine.gather_waits == waits + 1
     finally:
         await close(ctx, client)
+
+
+async def test_a_gathered_burst_of_one_prompt_length_decodes_without_a_mask(monkeypatch):
+    """Requests that start together with prompts of one length leave no row padded, so their steps run
+    without an attention mask (models.decode_mask); a row joining later pads the batch and brings it back."""
+    from models import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)
+    app, ctx, client = await app_client(max_batch_size=8, max_queue=8, gather_ms=1000)
+    try:
+        engine = app.state.engine
+        sums = [{"prompt": f"{a}+{a + 4}=", "dtype": "float32", "max_tokens": 24, "ignore_eos": True}
+                for a in (12, 31, 47)]
+        await asyncio.gather(*(generate(client, **s) for s in sums))  # requests overlap: later bursts gather
+        steps, unmasked = engine.decode_steps, engine.unmasked_steps
+        await asyncio.gather(*(generate(client, **s) for s in sums))
+        assert engine.unmasked_steps - unmasked >= 20 and engine.decode_steps - steps >= 20
+        steps, unmasked = engine.decode_steps, engine.unmasked_steps
+        slow = [{**s, "max_tokens": 200} for s in sums]  # still decoding when the late one is in
+        late = {"prompt": "The dog ran", "dtype": "float32", "max_tokens": 40, "ignore_eos": True}
+        results = await asyncio.gather(*(generate(client, **s) for s in slow), later(client, late, 0.1))
+        assert all(r["usage"]["completion_tokens"] == 200 for r in results[:3])
+        masked = (engine.decode_steps - steps) - (engine.unmasked_steps - unmasked)
+        assert masked >= 39  # a row of another length pads the batch for its 40 tokens; none once it left
+        assert engine.unmasked_steps - unmasked >= 200 - 40 - 40
+        text = (await client.get("/metrics")).text
+        metric = next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                      if s.name == "dtype_serve_unmasked_decode_steps_total")
+        assert metric == engine.unmasked_steps
+    finally:
+        await close(ctx, client)

@@ -52,6 +52,8 @@ class _Snapshot:
             yield seconds
             yield CounterMetricFamily("dtype_serve_decode_steps", "Decode steps run (one per batch)",
                                       value=worker["decode_steps"])
+            yield CounterMetricFamily("dtype_serve_unmasked_decode_steps", "Batch decode steps whose attention "
+                                      "ran without a mask (no row padded)", value=worker["unmasked_steps"])
             yield CounterMetricFamily("dtype_serve_gather_waits", "Times a request that found the worker idle "
                                       "waited for others arriving with it (--gather-ms)", value=worker["gather_waits"])
             yield CounterMetricFamily("dtype_serve_bursts_gathered", "Waits that brought in at least one more "
