@@ -151,6 +151,11 @@ def picked_finite(scores: mx.array, tokens: mx.array) -> mx.array:
     return mx.isfinite(mx.take_along_axis(scores, tokens[:, None], axis=-1))
 
 
+# The tokens of mlx-lm's widest prefill step by default (8 rows of prefill_step_size): a step may take more
+# rows than prefill_batch_size while their tokens stay within it.
+PREFILL_TOKENS = 8 * 2048
+
+
 class LeanBatchGenerator(BatchGenerator):
     """BatchGenerator decoding in a LeanGenerationBatch. `reads_logprobs(uid)`: whether that sequence's
     request reads logprobs (its rows, and so the whole batch's, are then normalized); `check_every`:
@@ -173,6 +178,26 @@ class LeanBatchGenerator(BatchGenerator):
         if self._moves:
             self._prompt_batch = MovingPromptBatch.empty(
                 self.model, self.sampler, prefill_step_size=self._prompt_batch.prefill_step_size)
+        self._prefill_rows_min = self.prefill_batch_size
+
+    def _next(self) -> Any:  # mlx-lm 0.32's one round (a decode step, then a prefill step); next() and
+        if self._moves:       # next_generated() both call it
+            self.prefill_batch_size = self._prefill_rows()
+        return super()._next()
+
+    def _prefill_rows(self) -> int:
+        """Rows for the next prefill step: the configured number, or more while their tokens fit in
+        PREFILL_TOKENS. A burst of short or cached prompts then starts decoding together; taken 8 at a
+        time, each later 8 joined a step behind, padded, and padding keeps the attention mask
+        (models.decode_mask) for as long as they decode."""
+        step = self._prompt_batch.prefill_step_size
+        rows, tokens = len(self._prompt_batch), 0
+        for sequence in self._unprocessed_sequences:  # mlx-lm's: (uid, segments, ...)
+            need = min(sum(len(segment) for segment in sequence[1]), step)
+            if rows >= self._prefill_rows_min and tokens + need > PREFILL_TOKENS:
+                break
+            rows, tokens = rows + 1, tokens + need
+        return max(rows, self._prefill_rows_min)
 
     @property
     def unmasked_steps(self) -> int:

@@ -78,3 +78,27 @@ def test_decoding_gives_mlx_lms_tokens_with_and_without_padding(bundled, texts):
     assert ours == theirs
     same_length = len({len(p) for p in prompts}) == 1
     assert unmasked == ({True} if same_length else {False})
+
+
+def test_a_burst_of_short_prompts_is_prefilled_in_one_step_and_decodes_unmasked(bundled, monkeypatch):
+    import models.decode_batch as decode_batch
+
+    model, tokenizer = bundled
+    prompts = [tokenizer.encode(f"{a}+{a + 3}=") for a in range(10, 26)]  # 16 prompts of one length
+    theirs, _ = decode(model, BatchGenerator, prompts)
+
+    def run(prefill_tokens: int) -> tuple[list[list[int]], int]:
+        monkeypatch.setattr(decode_batch, "PREFILL_TOKENS", prefill_tokens)
+        gen = LeanBatchGenerator(model, max_tokens=10, completion_batch_size=16, prefill_batch_size=4)
+        uids = gen.insert(prompts, max_tokens=[10] * 16)
+        out, done = {uid: [] for uid in uids}, 0
+        while done < len(uids):
+            for r in gen.next_generated():
+                out[r.uid].append(r.token)
+                done += r.finish_reason is not None
+        return [out[uid] for uid in uids], gen.unmasked_steps
+
+    together, unmasked = run(8 * 2048)
+    assert together == theirs and unmasked >= 9  # all 16 joined at once: no row padded
+    in_fours, padded = run(4)  # the budget holds only the configured 4 rows a step: later ones padded
+    assert in_fours == theirs and padded <= unmasked - 5  # unmasked only while the first or last 4 ran alone
