@@ -157,9 +157,10 @@ PREFILL_TOKENS = 8 * 2048
 
 
 class LeanBatchGenerator(BatchGenerator):
-    """BatchGenerator decoding in a LeanGenerationBatch. `reads_logprobs(uid)`: whether that sequence's
-    request reads logprobs (its rows, and so the whole batch's, are then normalized); `check_every`:
-    decode steps between non-finite checks."""
+    """BatchGenerator decoding in a LeanGenerationBatch, whose prefill steps take as many short prompts as fit
+    (so a burst starts decoding together). `reads_logprobs(uid)`: whether that sequence's request reads
+    logprobs (its rows, and so the whole batch's, are then normalized); `check_every`: decode steps between
+    non-finite checks."""
 
     def __init__(self, model: Any, reads_logprobs: Callable[[int], bool] = lambda uid: False,
                  check_every: int = 1, **kwargs: Any) -> None:
@@ -180,8 +181,9 @@ class LeanBatchGenerator(BatchGenerator):
                 self.model, self.sampler, prefill_step_size=self._prompt_batch.prefill_step_size)
         self._prefill_rows_min = self.prefill_batch_size
 
-    def _next(self) -> Any:  # mlx-lm 0.32's one round (a decode step, then a prefill step); next() and
-        if self._moves:       # next_generated() both call it
+    def _next(self) -> Any:
+        # mlx-lm 0.32's round (a decode step, then a prefill step), which next() and next_generated() call
+        if self._moves:
             self.prefill_batch_size = self._prefill_rows()
         return super()._next()
 
