@@ -20,13 +20,10 @@ from bench.decode_step import decode, step_arguments, write_steps
 
 
 def set_fused(model, fused: bool) -> None:
-    import mlx.nn as nn  # not at the top: MLX is imported only after the BLAS is chosen (bench.baselines.load)
+    # not at the top: MLX is imported only after the BLAS is chosen (bench.baselines.load)
+    from models.cpu_fusion import FUSED_CLASSES
 
-    from models.cpu_fusion import FusedRMSNorm, FusedRoPE
-
-    swaps = {nn.RMSNorm: FusedRMSNorm, nn.RoPE: FusedRoPE}
-    if not fused:
-        swaps = {v: k for k, v in swaps.items()}
+    swaps = FUSED_CLASSES if fused else {v: k for k, v in FUSED_CLASSES.items()}
     for _, module in model.named_modules():
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]

@@ -52,7 +52,7 @@ class FusedRoPE(nn.RoPE):
         return fused_rope(x, offset, self.dims, self.traditional, self.base, self.scale)
 
 
-_SWAPS = {nn.RMSNorm: FusedRMSNorm, nn.RoPE: FusedRoPE}
+FUSED_CLASSES = {nn.RMSNorm: FusedRMSNorm, nn.RoPE: FusedRoPE}  # MLX class -> its fused twin
 _compiles: bool | None = None
 
 
@@ -77,7 +77,7 @@ def fuse_for_cpu(model: Any) -> int:
         return 0
     swapped = 0
     for _, module in model.named_modules():
-        fused = _SWAPS.get(type(module))
+        fused = FUSED_CLASSES.get(type(module))
         if fused is not None:
             module.__class__ = fused
             swapped += 1

@@ -76,7 +76,7 @@ class LeanGenerationBatch(GenerationBatch):
         current_finite = self._next_finite
         inputs = self._current_tokens
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
-        self.unmasked_steps += getattr(self.prompt_cache[0], "_padded", None) is False
+        self.unmasked_steps += getattr(self.prompt_cache[0], "last_unmasked", False)
         logits, contexts = self._apply_processors(inputs, logits)
         samplers = [self.fallback_sampler if s is None else s for s in (self.samplers or [None] * len(self.uids))]
         if needs_logprobs(logits.dtype, samplers, any(map(self.reads_logprobs, self.uids))):

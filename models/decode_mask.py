@@ -23,11 +23,13 @@ class UnpaddedDecodeCache(BatchKVCache):
     """BatchKVCache whose one-token mask is None while no row is padded."""
 
     _padded: bool | None = None  # None: unknown since the last change
+    last_unmasked = False  # whether the latest one-token step's attention went without a mask
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs: Any) -> Any:
-        if N == 1 and not return_array and kwargs.get("window_size") is None and not self._is_padded():
-            return None
-        return super().make_mask(N, return_array=return_array, **kwargs)
+        if N != 1:
+            return super().make_mask(N, return_array=return_array, **kwargs)
+        self.last_unmasked = not return_array and kwargs.get("window_size") is None and not self._is_padded()
+        return None if self.last_unmasked else super().make_mask(N, return_array=return_array, **kwargs)
 
     def _is_padded(self) -> bool:
         if self._padded is None:
