@@ -20,6 +20,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.compile_cache import remove_failed_library
+
 log = logging.getLogger(__name__)
 
 
@@ -57,17 +59,32 @@ _compiles: bool | None = None
 
 
 def compiles_on_cpu() -> bool:
-    """Whether MLX can compile fused CPU kernels here (it builds them with the system's C++ compiler)."""
+    """Whether MLX can compile fused CPU kernels here (it builds them with the system's C++ compiler).
+    A kernel library that fails to load (cut off by another process) is removed and built once more."""
     global _compiles
     if _compiles is None:
-        try:
-            x = mx.ones((2, 1, 8))
-            mx.eval(fused_rms_norm(x, mx.ones((8,)), 1e-5), fused_rope(x[:, None], mx.array(3), 8, False, 1e4, 1.0))
-            _compiles = True
-        except Exception as e:  # MLX raises RuntimeError when the JIT's compiler is missing or fails
-            log.warning("fused CPU kernels unavailable (%s): decoding with MLX's plain ops", type(e).__name__)
-            _compiles = False
+        for attempt in (1, 2):
+            try:
+                x = mx.ones((2, 1, 8))
+                mx.eval(fused_rms_norm(x, mx.ones((8,)), 1e-5),
+                        fused_rope(x[:, None], mx.array(3), 8, False, 1e4, 1.0))
+                _compiles = True
+                break
+            except Exception as e:  # MLX raises RuntimeError when the JIT's compiler is missing or fails
+                if attempt == 1 and remove_failed_library(e):
+                    continue
+                log.warning("fused CPU kernels unavailable (%s: %s): decoding with MLX's plain ops",
+                            type(e).__name__, str(e)[:200])
+                _compiles = False
     return _compiles
+
+
+def fused_kernels_state() -> str:
+    """For /memory: "fused" (the CPU decodes with fused kernels), "unavailable" (it cannot compile
+    them here), "not probed" (no model loaded on the CPU yet) or "not used" (a GPU)."""
+    if mx.default_device().type != mx.cpu:
+        return "not used"
+    return {None: "not probed", True: "fused", False: "unavailable"}[_compiles]
 
 
 def fuse_for_cpu(model: Any) -> int:

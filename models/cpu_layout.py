@@ -3,7 +3,8 @@
 A Linear computes `x @ weight.T`. With the checkpoint's row-major weight, OpenBLAS spends most of a
 decode step's matrix products packing the weight (perf: `sgemm_incopy` took more time than the
 multiply kernel itself); stored the other way round, `weight.T` is row-major and the same products
-run 1.2-1.5x faster at 1-8 rows, bitwise the same (tests/test_cpu_layout.py, bench/cpu_decode.py).
+run 1.2-1.5x faster at 1-8 rows (bench/cpu_decode.py), with the same tokens and logits within float32
+rounding: some CPUs' BLAS kernels sum the two layouts' products in another order (tests/test_cpu_layout.py).
 Prefill-sized products are unchanged.
 
 A model whose output layer is its embedding (tied: no `lm_head`, as in most small models) gets the

@@ -26,6 +26,7 @@ from mlx_lm.sample_utils import make_logits_processors
 from models.api import Finished, GenerationParams, Started, TextDelta, TokenLogprob, Usage
 from models.blas import blas_info
 from models.catalog import ModelCatalog
+from models.cpu_fusion import fused_kernels_state
 from models.decode_batch import LeanBatchGenerator
 from models.detokenizer import streaming_detokenizer
 from models.dtypes import AUTO, FLOATING, normalize_dtype
@@ -740,7 +741,7 @@ class MLXEngine:
         return {
             "variants": [v.describe() for v in self._variants.values()],
             "process": process_memory(),
-            "device": {**device_info(), "blas": blas_info().as_dict()},
+            "device": {**device_info(), "blas": blas_info().as_dict(), "cpu_kernels": fused_kernels_state()},
             "budget": self.registry.report(),
             "worker": {"seconds": {k: round(v, 6) for k, v in self.worker_seconds.items()},
                        "decode_steps": self.decode_steps, "unmasked_steps": self.unmasked_steps,

@@ -25,11 +25,15 @@ RENAMED = ("cblas_sgemm", "cblas_dgemm", "cblas_cgemm", "openblas_set_num_thread
 PREFIX = "scipy_"
 
 
+def cache_root() -> Path:
+    """dtype-serve's files per user: $DTYPE_SERVE_CACHE, else the XDG cache."""
+    return Path(os.environ.get("DTYPE_SERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dtype-serve"))
+
+
 def cache_dir() -> Path:
-    """Where the renamed copy lives: $DTYPE_SERVE_CACHE, else the XDG cache."""
-    root = os.environ.get("DTYPE_SERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dtype-serve")
-    return Path(root) / "blas"
+    """Where the renamed copy lives."""
+    return cache_root() / "blas"
 
 
 def wheel_library() -> Path | None:

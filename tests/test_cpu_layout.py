@@ -1,5 +1,5 @@
 """Column-major float32 Linear weights on the CPU (models.cpu_layout): applied while loading and deriving,
-only to float32, and bitwise mlx-lm's results."""
+only to float32, with mlx-lm's tokens and its logits within float32 rounding."""
 
 from __future__ import annotations
 
@@ -71,7 +71,9 @@ def test_an_untied_models_embedding_keeps_its_layout():
     assert "model.embed_tokens.weight" in tied
 
 
-def test_a_column_major_model_computes_mlx_lms_logits_bitwise():
+def test_a_column_major_model_computes_mlx_lms_tokens_and_logits_within_rounding():
+    # BLAS kernels may sum the two layouts' products in another order (OpenBLAS's AVX-512 ones do:
+    # ~5e-6 on logits of ~14), so equality holds only on some CPUs; a few float32 ulps hold on all.
     ours = load_variant("tiny", BUNDLED, "float32")
     theirs, tokenizer = load(str(BUNDLED))
     theirs.set_dtype(mx.float32)
@@ -79,5 +81,7 @@ def test_a_column_major_model_computes_mlx_lms_logits_bitwise():
     tokens = mx.array([tokenizer.encode("12+30=")])
     for _ in range(6):  # the prompt, then one token at a time
         a, b = (m(tokens, cache=c) for m, c in zip((ours.model, theirs), caches, strict=True))
-        assert mx.array_equal(a, b).item()
+        ulp = float(mx.finfo(mx.float32).eps) * mx.abs(b).max().item()
+        assert mx.abs(a - b).max().item() <= 64 * ulp
+        assert mx.array_equal(mx.argmax(a, axis=-1), mx.argmax(b, axis=-1)).item()
         tokens = mx.argmax(a[:, -1:], axis=-1)

@@ -112,18 +112,26 @@ def test_a_client_that_leaves_frees_its_slot_within_a_second(small_server, strea
 
 def test_a_queued_request_whose_client_left_never_runs(small_server):
     _, base = small_server
-    long = {"prompt": "The cat", "max_tokens": 200, "ignore_eos": True}
+    long = {"prompt": "The cat", "max_tokens": 200, "ignore_eos": True, "stream": True}
     before = served(base)
-    results = []
-    runners = [threading.Thread(target=lambda: results.append(httpx.post(f"{base}/generate", json=long, timeout=60)))
-               for _ in range(CAPACITY)]
+    results, running = [], threading.Semaphore(0)
+
+    def runner():
+        with httpx.stream("POST", f"{base}/generate", json=long, timeout=60) as r:
+            events = (line for line in r.iter_lines() if line.startswith("data: "))
+            next(events)
+            running.release()  # generating: it holds a slot
+            results.append((r.status_code, list(events)[-1]))
+
+    runners = [threading.Thread(target=runner) for _ in range(CAPACITY)]
     for t in runners:
         t.start()
-    time.sleep(0.2)  # both slots are taken now
+    for _ in range(CAPACITY):  # both slots are taken once each stream has sent text
+        assert running.acquire(timeout=60)
     with pytest.raises(httpx.ReadTimeout):  # this one waits in the queue, then its client leaves
-        httpx.post(f"{base}/generate", json={**long, "max_tokens": 5}, timeout=0.3)
+        httpx.post(f"{base}/generate", json={**long, "max_tokens": 5, "stream": False}, timeout=0.05)
     for t in runners:
         t.join(60)
-    assert [r.status_code for r in results] == [200] * CAPACITY
+    assert results == [(200, "data: [DONE]")] * CAPACITY
     time.sleep(0.3)
     assert served(base) == before + CAPACITY and in_flight(base) == 0
