@@ -1,5 +1,5 @@
 """Sequences with reused KV caches joining a batch: mlx-lm's BatchGenerator vs dtype-serve's
-LeanBatchGenerator (models/batch_cache.py), in one process, taking turns:
+LeanBatchGenerator (models/mlx_lm_ext/batch_cache.py), in one process, taking turns:
 
     python -m bench.admission --shape llama-25m --dtype float32 --vocab 32000 --rows 8 --trials 7
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import make_prompt_cache
 
-    from models.decode_batch import LeanBatchGenerator
+    from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 
     prompt = tokenizer.encode(PROMPT)
     stored = make_prompt_cache(model)

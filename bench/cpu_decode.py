@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
     plain_model, tokenizer = load(str(folder), a.dtype)  # mlx-lm's load: plain modules, row-major weights
     from models.cpu_fusion import compiles_on_cpu
-    from models.decode_batch import LeanBatchGenerator
     from models.loader import load_variant
+    from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 
     if not compiles_on_cpu():
         raise SystemExit("MLX cannot compile CPU kernels here")

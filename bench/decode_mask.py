@@ -1,4 +1,4 @@
-"""A decode step with and without the mask while no row is padded (models/decode_mask.py), next to
+"""A decode step with and without the mask while no row is padded (models/mlx_lm_ext/decode_mask.py), next to
 mlx-lm's BatchGenerator, in one process, taking turns:
 
     python -m bench.decode_mask --shape llama-1b --dtypes bfloat16 float16 float32 --batch 32 8 --trials 7
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     prepare_mlx()  # the BLAS before anything imports MLX (bench.baselines.load would be too late here)
     from mlx_lm.generate import BatchGenerator
 
-    import models.decode_batch as decode_batch
+    import models.mlx_lm_ext.batch_generator as decode_batch
 
     served = decode_batch.unmask_unpadded
     paths = {"mlx_lm": (BatchGenerator, served), "lean_masked": (decode_batch.LeanBatchGenerator, lambda caches: None),

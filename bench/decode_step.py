@@ -1,5 +1,5 @@
 """One decode step of a batch: mlx-lm's BatchGenerator vs dtype-serve's LeanBatchGenerator
-(models/decode_batch.py: greedy float32 rows skip the log-sum-exp), in one process, taking turns:
+(models/mlx_lm_ext/batch_generator.py: greedy float32 rows skip the log-sum-exp), in one process, taking turns:
 
     python -m bench.decode_step --shape llama-25m --dtype float32 --vocab 32000 --batch 1 8 16 --trials 5
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load(str(folder), a.dtype)
     from mlx_lm.generate import BatchGenerator
 
-    from models.decode_batch import LeanBatchGenerator
+    from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 
     rows = {}
     for batch in a.batch:

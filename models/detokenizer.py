@@ -46,9 +46,11 @@ def streaming_detokenizer(tokenizer: Any) -> Any:
     """mlx-lm's detokenizer for this tokenizer, unless that is the quadratic naive one."""
     from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
+    from models.mlx_lm_ext.internals import wrapped_tokenizer
+
     detokenizer = tokenizer.detokenizer
     if isinstance(detokenizer, NaiveStreamingDetokenizer):
-        return IncrementalDetokenizer(fast_decode(getattr(tokenizer, "_tokenizer", tokenizer)))
+        return IncrementalDetokenizer(fast_decode(wrapped_tokenizer(tokenizer)))
     return detokenizer
 
 

@@ -20,14 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import StopSequences
 from mlx_lm.sample_utils import make_logits_processors
 
 from models.api import Finished, GenerationParams, Started, TextDelta, TokenLogprob, Usage
 from models.blas import blas_info
 from models.catalog import ModelCatalog
 from models.cpu_fusion import fused_kernels_state
-from models.decode_batch import LeanBatchGenerator
 from models.detokenizer import streaming_detokenizer
 from models.dtypes import AUTO, FLOATING, normalize_dtype
 from models.errors import (
@@ -42,6 +40,9 @@ from models.errors import (
 from models.estimate import estimate_variant
 from models.fidelity import DEFAULT_DTYPES, FidelityJob
 from models.memory import device_info, parse_budget, process_memory
+from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
+from models.mlx_lm_ext.contract import check_contract
+from models.mlx_lm_ext.internals import no_stop_sequences
 from models.prefill import shapes_cost
 from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
@@ -137,11 +138,12 @@ class MLXEngine:
         # emit (checks, detokenizing, events), flush (hand-off to the event loops), report (fidelity)
         self.worker_seconds = dict.fromkeys(("idle", "admit", "decode", "emit", "flush", "report"), 0.0)
         self.decode_steps = 0
-        self.unmasked_steps = 0  # batch decode steps without an attention mask (models.decode_mask)
+        self.unmasked_steps = 0  # batch decode steps without an attention mask (models.mlx_lm_ext.decode_mask)
         self._lap_start = time.perf_counter()
         self._state = "created"
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
+        self.mlx_lm = check_contract()  # the private mlx-lm names the batch relies on, present or not
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -149,6 +151,9 @@ class MLXEngine:
         if self._thread is not None:
             raise RuntimeError("the engine was already started")
         self._state = "starting"
+        if self.mlx_lm.missing:
+            log.warning("mlx-lm %s (dtype-serve expects %s) lacks %s: those paths fall back to mlx-lm's own",
+                        self.mlx_lm.version, self.mlx_lm.pinned, ", ".join(self.mlx_lm.missing))
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self._thread.start()
         try:
@@ -476,7 +481,7 @@ class MLXEngine:
         return self._batch(variant).insert(
             [prompt], max_tokens=[max_tokens], caches=[cache], all_tokens=[context], samplers=[job.sampler],
             logits_processors=[job.processors],
-            stop_sequences=[StopSequences(None)] if job.params.ignore_eos else None)[0]
+            stop_sequences=no_stop_sequences() if job.params.ignore_eos else None)[0]
 
     def _batch(self, variant: Variant) -> LeanBatchGenerator:
         if variant.generator is None:
@@ -741,7 +746,8 @@ class MLXEngine:
         return {
             "variants": [v.describe() for v in self._variants.values()],
             "process": process_memory(),
-            "device": {**device_info(), "blas": blas_info().as_dict(), "cpu_kernels": fused_kernels_state()},
+            "device": {**device_info(), "blas": blas_info().as_dict(), "cpu_kernels": fused_kernels_state(),
+                       "mlx_lm": self.mlx_lm.as_dict()},
             "budget": self.registry.report(),
             "worker": {"seconds": {k: round(v, 6) for k, v in self.worker_seconds.items()},
                        "decode_steps": self.decode_steps, "unmasked_steps": self.unmasked_steps,
@@ -761,7 +767,7 @@ def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
 
 
 def _reads_logprobs(job: _Job | None) -> bool:
-    """Its rows' logits must be normalized (models.decode_batch)."""
+    """Its rows' logits must be normalized (models.step_rules)."""
     return job is not None and job.params.logprobs is not None
 
 

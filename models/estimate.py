@@ -8,19 +8,17 @@ from pathlib import Path
 
 from models.checkpoint import checkpoint_tensors, read_config, stored_floating_dtype
 from models.dtypes import AUTO, BYTES_PER_ELEMENT, FLOATING, SAFETENSORS_DTYPES, will_cast
+from models.mlx_lm_ext.internals import model_class
 
 _ELEMENT_BYTES = {name: size for name, size in SAFETENSORS_DTYPES.values()}
 
 
 def model_cast_predicate(config: dict) -> Callable[[str], bool] | None:
     """The model class's cast_predicate, without building the model (they do not use `self`)."""
+    prop = getattr(model_class(config), "cast_predicate", None)
     try:
-        from mlx_lm.utils import _get_classes
-
-        model_class, _ = _get_classes(config)
-        prop = getattr(model_class, "cast_predicate", None)
         return prop.fget(None) if isinstance(prop, property) else None
-    except Exception:
+    except Exception:  # a predicate that reads the model after all
         return None
 
 

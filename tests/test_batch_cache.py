@@ -1,4 +1,4 @@
-"""Reused KV caches join the batch (models.batch_cache): merged like mlx-lm merges them, with room for
+"""Reused KV caches join the batch (models.mlx_lm_ext.batch_cache): merged like mlx-lm merges them, with room for
 the next tokens, and moved from prefill to decoding without copies; the tokens stay mlx-lm's."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from models.batch_cache import MovingPromptBatch, merge_with_room
-from models.decode_batch import LeanBatchGenerator
+from models.mlx_lm_ext.batch_cache import MovingPromptBatch, merge_with_room
+from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 from tests.conftest import BUNDLED
 
 PROMPTS = ["12+30=", "The dog ran", "7+7=", "A quick brown fox jumps"]

@@ -12,7 +12,7 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 
 from models.cpu_fusion import FusedRMSNorm, FusedRoPE, compiles_on_cpu, fuse_for_cpu, fused_rms_norm, fused_rope
-from models.decode_batch import LeanBatchGenerator
+from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 from tests.conftest import BUNDLED
 
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]

@@ -1,4 +1,4 @@
-"""The lean decode step (models.decode_batch): greedy float32 rows skip the log-sum-exp, give the
+"""The lean decode step (models.mlx_lm_ext.batch_generator): greedy float32 rows skip the log-sum-exp, give the
 tokens mlx-lm's own step gives, and every row is normalized again as soon as one needs it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
-from models.decode_batch import LeanBatchGenerator
+from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 from models.sampling import HostSampler
 from tests.conftest import BUNDLED
 from tests.test_registry import app_client, close
@@ -140,9 +140,10 @@ def test_the_cpu_sampler_draws_alike_from_logits_and_logprobs_so_its_rows_stay_l
 def test_an_mlx_lm_without_the_expected_batch_keeps_its_own_step(bundled, monkeypatch):
     from mlx_lm.generate import GenerationBatch
 
-    from models import decode_batch
+    from models.mlx_lm_ext import batch_generator as decode_batch
 
-    monkeypatch.setattr(decode_batch, "CONTRACT", (*decode_batch.CONTRACT, "_renamed_in_a_later_mlx_lm"))
+    monkeypatch.setattr(decode_batch, "GENERATION_BATCH_ATTRIBUTES",
+                        (*decode_batch.GENERATION_BATCH_ATTRIBUTES, "_renamed_in_a_later_mlx_lm"))
     model, tokenizer = bundled
     model.set_dtype(mx.float32)
     prompts = [tokenizer.encode(p) for p in PROMPTS[:2]]

@@ -1,4 +1,4 @@
-"""A one-token step has no mask while no row of the batch is padded (models.decode_mask), follows the
+"""A one-token step has no mask while no row of the batch is padded (models.mlx_lm_ext.decode_mask), follows the
 padding as rows join and leave, and decodes mlx-lm's tokens."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache
 
-from models.decode_batch import LeanBatchGenerator
-from models.decode_mask import UnpaddedDecodeCache, unmask_unpadded
+from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
+from models.mlx_lm_ext.decode_mask import UnpaddedDecodeCache, unmask_unpadded
 from tests.conftest import BUNDLED
 
 
@@ -81,7 +81,7 @@ def test_decoding_gives_mlx_lms_tokens_with_and_without_padding(bundled, texts):
 
 
 def test_a_burst_of_short_prompts_is_prefilled_in_one_step_and_decodes_unmasked(bundled, monkeypatch):
-    import models.decode_batch as decode_batch
+    import models.mlx_lm_ext.batch_generator as decode_batch
 
     model, tokenizer = bundled
     prompts = [tokenizer.encode(f"{a}+{a + 3}=") for a in range(10, 26)]  # 16 prompts of one length

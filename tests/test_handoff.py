@@ -95,7 +95,7 @@ async def test_a_client_sending_one_request_after_another_does_not_wait_for_a_bu
 
 async def test_a_gathered_burst_of_one_prompt_length_decodes_without_a_mask(monkeypatch):
     """Requests that start together with prompts of one length leave no row padded, so their steps run
-    without an attention mask (models.decode_mask); a row joining later pads the batch and brings it back."""
+    without an attention mask (models.mlx_lm_ext.decode_mask); a row joining later pads the batch and brings it back."""
     from models import engine as engine_module
 
     monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)

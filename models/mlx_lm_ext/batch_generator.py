@@ -30,29 +30,13 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
-from mlx_lm.sample_utils import greedy_sampler
 
-from models.batch_cache import MovingPromptBatch, merge_caches
-from models.decode_mask import unmask_unpadded
+from models.mlx_lm_ext.batch_cache import MovingPromptBatch, merge_caches
+from models.mlx_lm_ext.contract import GENERATION_BATCH_ATTRIBUTES
+from models.mlx_lm_ext.decode_mask import unmask_unpadded
+from models.step_rules import needs_logprobs, picked_finite
 
 log = logging.getLogger(__name__)
-# What LeanGenerationBatch._step reads and writes of mlx-lm's GenerationBatch (0.32, pinned): another
-# mlx-lm without them keeps its own step rather than fail mid-request.
-CONTRACT = ("uids", "tokens", "prompt_cache", "samplers", "fallback_sampler", "logits_processors",
-            "max_tokens", "_num_tokens", "_current_tokens", "_current_logprobs", "_next_tokens", "_next_logprobs",
-            "_token_context")
-
-
-def accepts_logits(sampler: Any) -> bool:
-    """Whether `sampler` draws the same from raw logits as from log-probabilities: the argmax, and
-    samplers that say so (models.sampling.HostSampler normalizes each row itself)."""
-    return sampler is greedy_sampler or getattr(sampler, "accepts_logits", False)
-
-
-def needs_logprobs(dtype: mx.Dtype, samplers: list, reads_logprobs: bool) -> bool:
-    """Whether a step must normalize its logits: 16-bit logits (rounding can tie the argmax), a sampler
-    that reads the scores as normalized (mlx-lm's top-p), or a request that reads its logprobs."""
-    return dtype != mx.float32 or reads_logprobs or not all(accepts_logits(s) for s in samplers)
 
 
 class LeanGenerationBatch(GenerationBatch):
@@ -65,7 +49,7 @@ class LeanGenerationBatch(GenerationBatch):
     reads_logprobs: Callable[[int], bool]
     check_every: int = 1
     _steps = 0
-    unmasked_steps = 0  # steps whose attention had no mask (models.decode_mask: no row padded)
+    unmasked_steps = 0  # steps whose attention had no mask (models.mlx_lm_ext.decode_mask: no row padded)
     _next_finite: mx.array | None = None  # (rows, 1) bool for the queued step, None if unchecked
     _current_finite: list[bool] | None = None
 
@@ -146,11 +130,6 @@ class LeanGenerationBatch(GenerationBatch):
         return mx.concatenate([s(scores[i : i + 1]) for i, s in enumerate(samplers)], axis=0)
 
 
-def picked_finite(scores: mx.array, tokens: mx.array) -> mx.array:
-    """Whether each row's score at its picked token is finite, as a (rows, 1) bool array."""
-    return mx.isfinite(mx.take_along_axis(scores, tokens[:, None], axis=-1))
-
-
 # The tokens of mlx-lm's widest prefill step by default (8 rows of prefill_step_size): a step may take more
 # rows than prefill_batch_size while their tokens stay within it.
 PREFILL_TOKENS = 8 * 2048
@@ -168,12 +147,12 @@ class LeanBatchGenerator(BatchGenerator):
         batch = LeanGenerationBatch.empty(self.model, self.sampler)
         batch.reads_logprobs = reads_logprobs
         batch.check_every = check_every
-        missing = [name for name in CONTRACT if not hasattr(batch, name)]
+        missing = [name for name in GENERATION_BATCH_ATTRIBUTES if not hasattr(batch, name)]
         if missing:
             log.warning("mlx-lm's GenerationBatch lacks %s: decoding with its own step", ", ".join(missing))
         else:
             self._generation_batch = batch  # new sequences are merged into it (extend), so it stays lean
-        # Reused caches join without extra copies (models.batch_cache), where mlx-lm is the one expected.
+        # Reused caches join without extra copies (models.mlx_lm_ext.batch_cache), where mlx-lm is the one expected.
         self._moves = isinstance(getattr(self, "_unprocessed_sequences", None), deque) and \
             type(getattr(self, "_prompt_batch", None)) is PromptProcessingBatch
         if self._moves:
@@ -191,7 +170,7 @@ class LeanBatchGenerator(BatchGenerator):
         """Rows for the next prefill step: the configured number, or more while their tokens fit in
         PREFILL_TOKENS. A burst of short or cached prompts then starts decoding together; taken 8 at a
         time, each later 8 joined a step behind, padded, and padding keeps the attention mask
-        (models.decode_mask) for as long as they decode."""
+        (models.mlx_lm_ext.decode_mask) for as long as they decode."""
         step = self._prompt_batch.prefill_step_size
         rows, tokens = len(self._prompt_batch), 0
         for sequence in self._unprocessed_sequences:  # mlx-lm's: (uid, segments, ...)

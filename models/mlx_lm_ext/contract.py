@@ -1,0 +1,71 @@
+"""Every private (or version-bound) name of mlx-lm that models.mlx_lm_ext relies on, and the check of it.
+
+Names are "module:object.attribute" paths, resolved without building a model. Attributes that exist
+only on instances are listed apart and checked where an instance is first made (batch_generator).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+PINNED = "0.32.2"
+
+# Classes and functions imported or subclassed, and the methods overridden or called
+NAMES = (
+    "mlx_lm.generate:BatchGenerator", "mlx_lm.generate:BatchGenerator._next",
+    "mlx_lm.generate:BatchGenerator._make_batch", "mlx_lm.generate:BatchGenerator.insert",
+    "mlx_lm.generate:GenerationBatch", "mlx_lm.generate:GenerationBatch._step",
+    "mlx_lm.generate:GenerationBatch.extend", "mlx_lm.generate:GenerationBatch.filter",
+    "mlx_lm.generate:GenerationBatch.next",
+    "mlx_lm.generate:PromptProcessingBatch", "mlx_lm.generate:PromptProcessingBatch.split",
+    "mlx_lm.generate:StopSequences", "mlx_lm.generate:generation_stream",
+    "mlx_lm.models.cache:BatchKVCache", "mlx_lm.models.cache:BatchKVCache.make_mask",
+    "mlx_lm.models.cache:BatchKVCache.prepare", "mlx_lm.models.cache:BatchKVCache.finalize",
+    "mlx_lm.models.cache:BatchKVCache.filter", "mlx_lm.models.cache:BatchKVCache.extend",
+    "mlx_lm.models.cache:BatchKVCache.state", "mlx_lm.models.cache:KVCache",
+    "mlx_lm.utils:_get_classes",
+)
+# Instance attributes of GenerationBatch that LeanGenerationBatch._step reads and writes
+GENERATION_BATCH_ATTRIBUTES = (
+    "uids", "tokens", "prompt_cache", "samplers", "fallback_sampler", "logits_processors", "max_tokens",
+    "_num_tokens", "_current_tokens", "_current_logprobs", "_next_tokens", "_next_logprobs", "_token_context")
+# Instance attributes read elsewhere: BatchGenerator's queue of prompts (a deque of tuples whose 4th item
+# is a sequence's cache), its prompt batch; BatchKVCache's write index
+OTHER_INSTANCE_ATTRIBUTES = ("BatchGenerator._unprocessed_sequences", "BatchGenerator._prompt_batch",
+                             "BatchKVCache._idx", "TokenizerWrapper._tokenizer")
+
+
+def _resolves(path: str) -> bool:
+    module_name, _, dotted = path.partition(":")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    for part in dotted.split("."):
+        if not hasattr(target, part):
+            return False
+        target = getattr(target, part)
+    return True
+
+
+@dataclass(frozen=True)
+class ContractReport:
+    """The installed mlx-lm against the one the extension was written for."""
+
+    version: str
+    pinned: str
+    missing: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return {"version": self.version, "pinned": self.pinned, "missing": list(self.missing)}
+
+
+def check_contract() -> ContractReport:
+    """Which of NAMES the installed mlx-lm lacks (each one falls back, see docs/mlx-lm.md)."""
+    try:
+        installed = version("mlx-lm")
+    except PackageNotFoundError:
+        installed = "unknown"
+    return ContractReport(installed, PINNED, tuple(n for n in NAMES if not _resolves(n)))
