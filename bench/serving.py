@@ -7,7 +7,9 @@ turns, trial after trial (medians over `--trials`). Single stream: end-to-end to
 through HTTP vs stream_generate (in a process of its own, taking its turn in each trial).
 Concurrency: aggregate tokens/s and TTFT percentiles per client count.
 Results: bench/results/serving-<shape>-<dtype>-blas_<blas>[-vocab<n>][-sampled][-distinct].json.
-`--peers ours mlx_lm vllm_mlx` adds vllm-mlx, from its own venv (scripts/install-vllm-mlx.sh).
+`--peers ours mlx_lm vllm_mlx` adds vllm-mlx, from its own venv (scripts/install-vllm-mlx.sh);
+`--peers ours llama_cpp --gguf Q8_0` adds llama.cpp's llama-server (scripts/install-llama-cpp.sh) on the same
+weights as GGUF (bench/gguf.py: F32, F16, Q8_0, Q4_0), sent the prompt as our tokenizer's token ids.
 `--temperature 0.7 --top-p 0.9 --vocab 32000`: sampled requests on a model with a realistic vocabulary.
 """
 
@@ -53,15 +55,39 @@ def vllm_mlx_server(folder, port: int, blas: str, batch: int):
     return server(cmd, f"http://127.0.0.1:{port}/v1/models", env=blas_env(blas)), str(folder)
 
 
+def llama_cpp_server(folder, port: int, gguf_type: str, clients: int):
+    from bench.gguf import LLAMA_CPP, ensure_gguf
+
+    exe = LLAMA_CPP / "llama-server"
+    if not exe.exists():
+        raise SystemExit(f"{exe} missing: run scripts/install-llama-cpp.sh first")
+    model = ensure_gguf(folder, gguf_type)
+    slots = max(clients, 1)
+    cmd = [str(exe), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-cb",
+           "-c", str(1024 * slots), "--ignore-eos", "--log-disable"]
+    return server(cmd, f"http://127.0.0.1:{port}/health"), model.stem
+
+
+def prompt_ids(folder, prompt: str = PROMPT) -> list[int]:
+    """`prompt` as our tokenizer's ids: llama.cpp is sent these, so both servers see the same tokens."""
+    from mlx_lm.tokenizer_utils import load
+
+    return load(folder).encode(prompt)
+
+
 def body(model_id: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> dict:
     return {"model": model_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
 
 
-def start_peer(stack: ExitStack, peer: str, folder, dtype: str, blas: str, batch: int) -> tuple[str, str]:
+def start_peer(stack: ExitStack, peer: str, folder, dtype: str, blas: str, batch: int,
+               gguf_type: str = "F32") -> tuple[str, str]:
     """Start one server; its /v1/completions URL and the model id it answers to."""
     port = free_port()
-    ctx, model_id = ours(folder, dtype, port, blas, batch) if peer == "ours" else \
-        mlx_lm_server(folder, port, blas) if peer == "mlx_lm" else vllm_mlx_server(folder, port, blas, batch)
+    if peer == "llama_cpp":
+        ctx, model_id = llama_cpp_server(folder, port, gguf_type, batch)
+    else:
+        ctx, model_id = ours(folder, dtype, port, blas, batch) if peer == "ours" else \
+            mlx_lm_server(folder, port, blas) if peer == "mlx_lm" else vllm_mlx_server(folder, port, blas, batch)
     stack.enter_context(ctx)
     return f"http://127.0.0.1:{port}/v1/completions", model_id
 
@@ -73,7 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-client", type=int, default=3)
-    p.add_argument("--peers", nargs="+", default=["ours", "mlx_lm"], choices=["ours", "mlx_lm", "vllm_mlx"])
+    p.add_argument("--peers", nargs="+", default=["ours", "mlx_lm"],
+                   choices=["ours", "mlx_lm", "vllm_mlx", "llama_cpp"])
+    p.add_argument("--gguf", default="F32", choices=["F32", "F16", "Q8_0", "Q4_0"],
+                   help="llama_cpp: the GGUF type its weights are written in")
     p.add_argument("--blas", default="auto")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--trials", type=int, default=3, help="rounds in which every server takes its turn")
@@ -85,8 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--distinct-prompts", action="store_true",
                    help="a different prompt per request: no server can reuse a cached prompt prefix")
     a = p.parse_args(argv)
+    if "llama_cpp" in a.peers and a.distinct_prompts:
+        p.error("--distinct-prompts prefixes text; llama_cpp is sent token ids")
     folder = ensure_model(a.shape, a.dtype, vocab=a.vocab)
     result = {"shape": a.shape, "dtype": a.dtype, "vocab": a.vocab, "blas": a.blas, "max_tokens": a.max_tokens,
+              "gguf": a.gguf if "llama_cpp" in a.peers else None,
               "prompt_chars": len(PROMPT), "distinct_prompts": a.distinct_prompts,
               "temperature": a.temperature, "top_p": a.top_p}
     sampled = a.temperature > 0
@@ -99,8 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
         baseline.direct(PROMPT, a.max_tokens)  # warm-up
         peers = {}  # peer: its /v1/completions URL and the request body it is sent
         for peer in a.peers:
-            url, model_id = start_peer(stack, peer, folder, a.dtype, a.blas, a.batch)
+            url, model_id = start_peer(stack, peer, folder, a.dtype, a.blas, a.batch, a.gguf)
             peers[peer] = url, body(model_id, a.max_tokens, a.temperature, a.top_p)
+            if peer == "llama_cpp":
+                peers[peer][1]["prompt"] = prompt_ids(folder)
         for url, request in peers.values():  # warm-up
             asyncio.run(load_run(url, request, 1, 2, a.distinct_prompts, seed=-1))
         for trial in range(a.trials):
@@ -126,13 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
         if direct:
             one = next(r for r in result["ours"] if r["clients"] == 1)
             ratios["single_stream_vs_direct"] = round(one["single_stream_tok_s"] / result["direct"]["tok_s"], 3)
-        peers = [p for p in ("mlx_lm", "vllm_mlx") if p in result]
+        peers = [p for p in ("mlx_lm", "vllm_mlx", "llama_cpp") if p in result]
         for peer in peers:
             for mine, theirs in zip(result["ours"], result[peer], strict=True):
                 ratios[f"aggregate_vs_{peer}_at_{mine['clients']}"] = round(
                     mine["aggregate_tok_s"] / theirs["aggregate_tok_s"], 3)
-        for i, mine in enumerate(result["ours"] if peers else []):
-            best = max(result[peer][i]["aggregate_tok_s"] for peer in peers)
+        mlx_peers = [p for p in peers if p != "llama_cpp"]  # "the better peer": the better MLX server
+        for i, mine in enumerate(result["ours"] if mlx_peers else []):
+            best = max(result[peer][i]["aggregate_tok_s"] for peer in mlx_peers)
             ratios[f"aggregate_vs_best_peer_at_{mine['clients']}"] = round(mine["aggregate_tok_s"] / best, 3)
     result["ratios"] = ratios
     path = write_result(a.name or f"serving-{a.shape}-{a.dtype}-blas_{a.blas}"
