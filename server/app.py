@@ -29,7 +29,7 @@ def build_engine(settings: Settings) -> Engine:
     from models.engine import MLXEngine
 
     name, folder = resolve_startup_model(settings.model)
-    catalog = ModelCatalog({name: folder}, settings.model_dirs)
+    catalog = ModelCatalog({name: folder}, settings.model_dirs, aliases={settings.model: name})
     return MLXEngine(catalog, name, settings.dtype, max_batch_size=settings.max_batch_size,
                      warmup=settings.warmup, trust_remote_code=settings.trust_remote_code,
                      memory_budget=settings.memory_budget, idle_unload_s=settings.idle_unload_s,
