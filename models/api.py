@@ -85,7 +85,7 @@ class TokenizeParams:
     """A prompt to tokenize as generation would: `prompt`, or `messages` (and `tools`) through the chat template."""
 
     model: str | None = None
-    dtype: str | None = None  # a resident variant of this dtype, or loaded; None: any resident one
+    dtype: str | None = None  # loaded only if no variant of the model is resident (all share the tokenizer)
     prompt: str | None = None
     messages: tuple[dict, ...] | None = None
     tools: tuple[dict, ...] | None = None

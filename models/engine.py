@@ -291,13 +291,11 @@ class MLXEngine:
         return await self._call(lambda: self._detokenize(model, tokens))
 
     def _tokenizer_variant(self, model: str | None, dtype: str | None) -> Variant:
-        """A resident variant of the model (any dtype: they share the tokenizer), else the one loaded."""
+        """A resident variant of the model (any dtype: they share the tokenizer), else `dtype`'s, loaded."""
         name = self.catalog.canonical(model or self.default_model)
-        if dtype is None:
-            resident = next((v for v in self._variants.values() if v.loaded.name == name), None)
-            if resident is not None:
-                return resident
-        return self.registry.get(name, dtype)
+        resident = [v for v in self._variants.values() if v.loaded.name == name]
+        return next((v for v in resident if v.loaded.dtype == dtype), resident[0]) if resident \
+            else self.registry.get(name, dtype)
 
     def _tokenize(self, params: TokenizeParams) -> Tokenized:
         variant = self._tokenizer_variant(params.model, params.dtype)

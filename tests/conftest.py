@@ -6,6 +6,8 @@ from models.blas import configure_blas
 
 configure_blas("auto")
 
+import json  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -81,5 +83,27 @@ def stop_server(proc) -> None:
 def live_server():
     """One real server for the tests that need TCP (the openai SDK, streaming over sockets)."""
     proc, base = start_server()
+    yield base
+    stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def tools_model(tmp_path_factory) -> Path:
+    """The bundled model as `tiny-arith-tools`, its chat template rendering tools: each tool's name and a
+    `;`, then a newline, before the messages. Without tools it renders exactly as the bundled one."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-arith-tools"
+    shutil.copytree(BUNDLED, folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    tools = "{% if tools %}{% for tool in tools %}{{ tool['function']['name'] }};{% endfor %}{{ '\\n' }}{% endif %}"
+    config["chat_template"] = config["chat_template"].replace("{{ bos_token }}", "{{ bos_token }}" + tools, 1)
+    path.write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tools_server(tools_model):
+    """A real server on `tools_model`, started with its folder's path as --model (the SDK front-door tests)."""
+    proc, base = start_server("--model", str(tools_model))
     yield base
     stop_server(proc)
