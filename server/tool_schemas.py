@@ -33,3 +33,20 @@ def template_tool(name: str, description: str | None, parameters: JsonSchema | N
     if description is not None:
         function["description"] = description
     return {"type": "function", "function": function}
+
+
+def assistant_message(text: str, calls: list[tuple[str, str, dict]]) -> dict:
+    """An assistant turn as chat templates read it, with the tool calls it made: (id, name, arguments)."""
+    message: dict = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [{"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+                                 for call_id, name, args in calls]
+    return message
+
+
+def tool_result_message(call_id: str, content: str, name: str | None = None) -> dict:
+    """A tool's result as chat templates read it (role `tool`)."""
+    message = {"role": "tool", "tool_call_id": call_id, "content": content}
+    if name is not None:
+        message["name"] = name
+    return message
