@@ -12,7 +12,18 @@ from fastapi.middleware.cors import CORSMiddleware
 from models.api import Engine
 from server.errors import install_error_handlers
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
-from server.routes import admin, generate, health, inventory, metrics, openai, report, responses, tokenize
+from server.routes import (
+    admin,
+    anthropic,
+    generate,
+    health,
+    inventory,
+    metrics,
+    openai,
+    report,
+    responses,
+    tokenize,
+)
 from server.settings import Settings
 from server.warmup import warm_http
 
@@ -80,6 +91,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(tokenize.router)
     app.include_router(responses.router)
+    app.include_router(anthropic.router)
     app.include_router(report.router)
     app.include_router(metrics.router)
     document_limits(app, settings)
