@@ -106,7 +106,7 @@ def document_limits(app: FastAPI, settings: Settings) -> None:
         if app.openapi_schema is None:
             schema = build()
             for component in schema.get("components", {}).get("schemas", {}).values():
-                for name in ("max_tokens", "max_completion_tokens"):
+                for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                     field = component.get("properties", {}).get(name)
                     for option in (field or {}).get("anyOf", [field] if field else []):
                         if option.get("type") == "integer":

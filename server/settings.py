@@ -92,12 +92,12 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-def check_max_tokens(max_tokens: int | None, settings: Settings) -> int | None:
-    """`max_tokens` if within the configured cap (None: the server's default), else a 422."""
+def check_max_tokens(max_tokens: int | None, settings: Settings, field: str = "max_tokens") -> int | None:
+    """`max_tokens` if within the configured cap (None: the server's default), else a 422 naming `field`."""
     from fastapi import HTTPException
 
     if max_tokens is not None and max_tokens > settings.max_tokens_limit:
-        raise HTTPException(422, f"max_tokens: must be at most {settings.max_tokens_limit}")
+        raise HTTPException(422, f"{field}: must be at most {settings.max_tokens_limit}")
     return max_tokens
 
 

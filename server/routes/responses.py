@@ -58,7 +58,7 @@ def call_arguments(encoded: str) -> dict:
     except ValueError:
         value = None
     if not isinstance(value, dict):
-        raise HTTPException(422, "input: a function_call's arguments must be a JSON object, encoded as a string")
+        raise HTTPException(400, "input: a function_call's arguments must be a JSON object, encoded as a string")
     return value
 
 
@@ -68,7 +68,7 @@ def generation_params(body: ResponsesRequest, settings: Settings) -> GenerationP
     if body.tools and body.tool_choice != "none":
         tools = tuple(template_tool(t.name, t.description, t.parameters) for t in body.tools)
     return GenerationParams(messages=input_messages(body), tools=tools, model=model, dtype=dtype,
-                            max_tokens=check_max_tokens(body.max_output_tokens, settings),
+                            max_tokens=check_max_tokens(body.max_output_tokens, settings, "max_output_tokens"),
                             temperature=body.temperature, top_p=body.top_p)
 
 
