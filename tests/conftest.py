@@ -89,14 +89,19 @@ def live_server():
 
 @pytest.fixture(scope="session")
 def tools_model(tmp_path_factory) -> Path:
-    """The bundled model as `tiny-arith-tools`, its chat template rendering tools: each tool's name and a
-    `;`, then a newline, before the messages. Without tools it renders exactly as the bundled one."""
+    """The bundled model as `tiny-arith-tools`, its chat template rendering tools (each tool's name and a
+    `;`, then a newline, before the messages) and tool calls (name, then the arguments as JSON, after the
+    message's content). Without them it renders exactly as the bundled one."""
     folder = tmp_path_factory.mktemp("models") / "tiny-arith-tools"
     shutil.copytree(BUNDLED, folder)
     path = folder / "tokenizer_config.json"
     config = json.loads(path.read_text())
     tools = "{% if tools %}{% for tool in tools %}{{ tool['function']['name'] }};{% endfor %}{{ '\\n' }}{% endif %}"
-    config["chat_template"] = config["chat_template"].replace("{{ bos_token }}", "{{ bos_token }}" + tools, 1)
+    calls = ("{% if message['tool_calls'] is defined %}{% for call in message['tool_calls'] %}"
+             "{{ call['function']['name'] }}{{ call['function']['arguments'] | tojson }}{% endfor %}{% endif %}")
+    template = config["chat_template"].replace("{{ bos_token }}", "{{ bos_token }}" + tools, 1)
+    assert template.endswith("{% endfor %}")
+    config["chat_template"] = template.removesuffix("{% endfor %}") + calls + "{% endfor %}"
     path.write_text(json.dumps(config))
     return folder
 
