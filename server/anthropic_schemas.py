@@ -107,3 +107,33 @@ class MessagesRequest(CountTokensRequest):
         if value is not None:
             raise ValueError("not supported: use temperature and top_p")
         return None
+
+
+# status -> (Anthropic's status, Anthropic's error type); validation errors are 400s there
+ERROR_TYPES: dict[int, tuple[int, str]] = {
+    400: (400, "invalid_request_error"), 401: (401, "authentication_error"), 403: (403, "permission_error"),
+    404: (404, "not_found_error"), 413: (413, "request_too_large"), 422: (400, "invalid_request_error"),
+    429: (429, "rate_limit_error"), 500: (500, "api_error"), 503: (503, "overloaded_error"),
+    507: (507, "api_error"),
+}
+
+
+class AnthropicError(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(BaseModel):
+    type: str = "error"
+    error: AnthropicError
+
+
+def anthropic_error(status: int, message: str) -> tuple[int, dict]:
+    """Anthropic's status and body for an error this server reports with `status`."""
+    status, type_ = ERROR_TYPES.get(status, (status, "api_error" if status >= 500 else "invalid_request_error"))
+    return status, {"type": "error", "error": {"type": type_, "message": message}}
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Whether a request path belongs to the Anthropic front door (its errors take Anthropic's shape)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")

@@ -7,6 +7,9 @@ import anthropic
 import httpx
 import pytest
 
+from server.app import create_app
+from tests.conftest import make_settings
+
 MODEL = "tiny-arith-tools"
 GREEDY = {"extra_body": {"temperature": 0}}
 ASK = [{"role": "user", "content": "17+25="}]
@@ -102,3 +105,16 @@ async def test_tools_on_a_template_without_them_are_refused(client):
                                                 "tools": [ADD]})
     assert r.status_code == 400 and r.json() == {"type": "error", "error": {
         "type": "invalid_request_error", "message": "tools: this model's chat template does not render tools"}}
+
+
+async def test_key_and_body_limit_errors_in_anthropic_shape():
+    """The API key and body limit are checked before routing; those errors take the front door's shape too."""
+    app = create_app(make_settings(api_key=("secret",), max_body_bytes=1024, warmup=False))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        r = await c.post("/v1/messages", json={"model": MODEL, "max_tokens": 8, "messages": ASK})
+        assert r.status_code == 401 and r.json()["type"] == "error"
+        assert r.json()["error"]["type"] == "authentication_error"
+        r = await c.post("/v1/messages/count_tokens", content=b"x" * 2000, headers={"authorization": "Bearer secret"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+        r = await c.post("/v1/chat/completions", json={"messages": ASK})
+        assert r.status_code == 401 and r.json()["error"]["status"] == 401  # the OpenAI shape elsewhere

@@ -10,12 +10,18 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from models.api import Finished, GenerationParams, TokenizeParams
 from models.errors import EngineError
-from server.anthropic_schemas import CountTokensRequest, MessagesRequest, TextBlock, ToolUseBlock
+from server.anthropic_schemas import (
+    AnthropicErrorBody,
+    CountTokensRequest,
+    MessagesRequest,
+    TextBlock,
+    ToolUseBlock,
+    anthropic_error,
+)
 from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
 from server.routes.openai import split_model_id, variant_id, warnings_body
@@ -23,30 +29,6 @@ from server.schemas import STREAM_RESPONSE
 from server.settings import check_max_tokens
 from server.streaming import ClientDisconnected, collect_unless_disconnected, first_event
 from server.tool_schemas import assistant_message, template_tool, tool_result_message
-
-# status -> (Anthropic's status, Anthropic's error type); validation errors are 400s there
-ERROR_TYPES: dict[int, tuple[int, str]] = {
-    400: (400, "invalid_request_error"), 401: (401, "authentication_error"), 403: (403, "permission_error"),
-    404: (404, "not_found_error"), 413: (413, "request_too_large"), 422: (400, "invalid_request_error"),
-    429: (429, "rate_limit_error"), 500: (500, "api_error"), 503: (503, "overloaded_error"),
-    507: (507, "api_error"),
-}
-
-
-class AnthropicError(BaseModel):
-    type: str
-    message: str
-
-
-class AnthropicErrorBody(BaseModel):
-    type: str = "error"
-    error: AnthropicError
-
-
-def anthropic_error(status: int, message: str) -> tuple[int, dict]:
-    """Anthropic's status and body for an error this server reports with `status`."""
-    status, type_ = ERROR_TYPES.get(status, (status, "api_error" if status >= 500 else "invalid_request_error"))
-    return status, {"type": "error", "error": {"type": type_, "message": message}}
 
 
 async def _app_error_response(request: Request, exc: Exception) -> Response:
