@@ -112,3 +112,28 @@ def tools_server(tools_model):
     proc, base = start_server("--model", str(tools_model))
     yield base
     stop_server(proc)
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """(event name, data) of each server-sent event in a body."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        if "event" in fields:
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def fail_first_step(monkeypatch):
+    """Fault injection: the next decode step raises, as an out-of-memory would."""
+    from models.single_stream import SingleStream
+
+    original, calls = SingleStream.step, []
+
+    def failing_step(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("simulated out of memory")
+        return original(self)
+
+    monkeypatch.setattr(SingleStream, "step", failing_step)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from server.app import create_app
-from tests.conftest import make_settings
+from tests.conftest import fail_first_step, make_settings, sse_events
 
 MODEL = "tiny-arith-tools"
 GREEDY = {"extra_body": {"temperature": 0}}
@@ -118,3 +118,22 @@ async def test_key_and_body_limit_errors_in_anthropic_shape():
         assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
         r = await c.post("/v1/chat/completions", json={"messages": ASK})
         assert r.status_code == 401 and r.json()["error"]["status"] == 401  # the OpenAI shape elsewhere
+
+
+async def test_a_failure_mid_stream_is_an_error_event(client, monkeypatch):
+    fail_first_step(monkeypatch)
+    r = await client.post("/v1/messages", json={"model": "tiny-arith", "max_tokens": 8, "messages": ASK,
+                                                "stream": True})
+    events = sse_events(r.text)
+    assert [name for name, _ in events] == ["message_start", "content_block_start", "error"]
+    assert events[-1][1]["type"] == "error" and events[-1][1]["error"]["type"] == "overloaded_error"
+    monkeypatch.undo()
+    r = await client.post("/v1/messages", json={"model": "tiny-arith", "max_tokens": 8, "messages": ASK,
+                                                "temperature": 0})
+    assert r.json()["content"][0]["text"] == "42"
+
+
+def test_the_model_string_given_at_start_is_accepted(claude, tools_model):
+    m = claude.messages.create(model=f"{tools_model}:float32", max_tokens=8, messages=ASK, **GREEDY)
+    assert m.content[0].text == "42" and m.model == f"{MODEL}:float32"
+    assert claude.messages.count_tokens(model=str(tools_model), messages=ASK).input_tokens == 7

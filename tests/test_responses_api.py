@@ -7,6 +7,8 @@ import openai
 import pytest
 from openai import OpenAI
 
+from tests.conftest import fail_first_step, sse_events
+
 MODEL = "tiny-arith-tools"
 ADD = {"type": "function", "name": "add", "description": "adds", "parameters": {"type": "object"}}
 
@@ -96,3 +98,16 @@ def test_errors_in_openai_shape(oai, tools_server):
     r = httpx.post(f"{tools_server}/v1/responses", content=b"{", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert oai.responses.create(model=MODEL, input="17+25=", temperature=0).output_text == "42"
+
+
+async def test_a_failure_mid_stream_is_response_failed(client, monkeypatch):
+    fail_first_step(monkeypatch)
+    r = await client.post("/v1/responses", json={"input": "17+25=", "stream": True})
+    events = sse_events(r.text)
+    assert [name for name, _ in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                            "response.content_part.added", "response.failed"]
+    failed = events[-1][1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
+    monkeypatch.undo()
+    r = await client.post("/v1/responses", json={"input": "17+25=", "temperature": 0})
+    assert r.json()["output"][0]["content"][0]["text"] == "42"
