@@ -11,6 +11,7 @@ from typing import Protocol
 class GenerationParams:
     prompt: str | None = None
     messages: tuple[dict, ...] | None = None  # chat: rendered with the tokenizer's template
+    tools: tuple[dict, ...] | None = None  # chat: tool definitions the template renders (never parsed back)
     model: str | None = None
     dtype: str | None = None  # canonical name or None for the startup default
     max_tokens: int | None = None  # None: the server default, capped by the context left
@@ -76,6 +77,29 @@ class Finished:
     total_s: float
     decode_tokens_per_second: float
     warnings: tuple[str, ...] = field(default=())
+    stop_sequence: str | None = None  # the stop string that ended it, when one did
+
+
+@dataclass(frozen=True)
+class TokenizeParams:
+    """A prompt to tokenize as generation would: `prompt`, or `messages` (and `tools`) through the chat template."""
+
+    model: str | None = None
+    dtype: str | None = None  # loaded only if no variant of the model is resident (all share the tokenizer)
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    tools: tuple[dict, ...] | None = None
+    add_special_tokens: bool | None = None  # None: as generation does (BOS unless the text starts with it)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    model: str  # the canonical model name
+    tokens: tuple[int, ...]
+    token_strs: tuple[str, ...]  # each token's text as the tokenizer spells it
+    max_model_len: int
 
 
 class Engine(Protocol):
@@ -93,3 +117,5 @@ class Engine(Protocol):
     async def memory(self) -> dict: ...
     def health(self) -> dict: ...
     def model_names(self) -> list[str]: ...
+    async def tokenize(self, params: TokenizeParams) -> Tokenized: ...
+    async def detokenize(self, model: str | None, tokens: tuple[int, ...]) -> str: ...

@@ -32,12 +32,21 @@ def resolve_startup_model(ref: str) -> tuple[str, Path]:
 
 
 class ModelCatalog:
-    def __init__(self, models: dict[str, Path], model_dirs: tuple[Path, ...] = ()) -> None:
+    def __init__(self, models: dict[str, Path], model_dirs: tuple[Path, ...] = (),
+                 aliases: dict[str, str] | None = None) -> None:
         self._models = dict(models)
         self._dirs = tuple(Path(d).resolve() for d in model_dirs)
+        # other ids of a startup model: the exact `--model` string, which vLLM's and mlx_lm.server's
+        # clients send back as the model id
+        self._aliases = {alias: name for alias, name in (aliases or {}).items() if name in self._models}
+
+    def canonical(self, name: str) -> str:
+        """The name a model is known by (its variants, responses, /models) for any id it may be sent as."""
+        return self._aliases.get(name, name)
 
     def resolve(self, name: str) -> Path:
         """The folder of an allowed model; path-like or unknown names never touch the disk."""
+        name = self.canonical(name)
         if name in self._models:
             return self._models[name]
         if _PLAIN_NAME.match(name) and ".." not in name:

@@ -22,7 +22,16 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
 
-from models.api import Finished, GenerationParams, Started, TextDelta, TokenLogprob, Usage
+from models.api import (
+    Finished,
+    GenerationParams,
+    Started,
+    TextDelta,
+    Tokenized,
+    TokenizeParams,
+    TokenLogprob,
+    Usage,
+)
 from models.blas import blas_info
 from models.catalog import ModelCatalog
 from models.cpu_fusion import fused_kernels_state
@@ -44,6 +53,7 @@ from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 from models.mlx_lm_ext.contract import check_contract
 from models.mlx_lm_ext.internals import no_stop_sequences
 from models.prefill import shapes_cost
+from models.prompt_encoding import encode_text, render_chat
 from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
 from models.single_stream import SingleStream
@@ -265,7 +275,7 @@ class MLXEngine:
 
     async def estimate(self, model: str | None, dtype: str | None) -> list[dict]:
         """Bytes a variant would hold, from the safetensors headers (no weights read)."""
-        name = model or self.default_model
+        name = self.catalog.canonical(model or self.default_model)
 
         def run() -> list[dict]:
             folder = self.catalog.resolve(name)
@@ -276,6 +286,42 @@ class MLXEngine:
 
     async def memory(self) -> dict:
         return await self._call(self._memory_report)
+
+    async def tokenize(self, params: TokenizeParams) -> Tokenized:
+        """A prompt's token ids exactly as generation would encode it."""
+        return await self._call(lambda: self._tokenize(params))
+
+    async def detokenize(self, model: str | None, tokens: tuple[int, ...]) -> str:
+        """The text of token ids (special tokens included); ids outside the vocabulary are a 400."""
+        return await self._call(lambda: self._detokenize(model, tokens))
+
+    def _tokenizer_variant(self, model: str | None, dtype: str | None) -> Variant:
+        """A resident variant of the model (any dtype: they share the tokenizer), else `dtype`'s, loaded."""
+        name = self.catalog.canonical(model or self.default_model)
+        resident = [v for v in self._variants.values() if v.loaded.name == name]
+        return next((v for v in resident if v.loaded.dtype == dtype), resident[0]) if resident \
+            else self.registry.get(name, dtype)
+
+    def _tokenize(self, params: TokenizeParams) -> Tokenized:
+        variant = self._tokenizer_variant(params.model, params.dtype)
+        tokenizer = variant.loaded.tokenizer
+        if params.messages is not None:
+            text = render_chat(tokenizer, list(params.messages), list(params.tools) if params.tools else None,
+                               add_generation_prompt=params.add_generation_prompt,
+                               continue_final_message=params.continue_final_message)
+        else:
+            text = params.prompt or ""
+        tokens = encode_text(tokenizer, text, params.add_special_tokens)
+        return Tokenized(variant.loaded.name, tuple(tokens), tuple(tokenizer.convert_ids_to_tokens(tokens)),
+                         variant.loaded.context_length)
+
+    def _detokenize(self, model: str | None, tokens: tuple[int, ...]) -> str:
+        variant = self._tokenizer_variant(model, None)
+        tokenizer = variant.loaded.tokenizer
+        vocab = len(tokenizer.get_vocab())
+        if any(not 0 <= t < vocab for t in tokens):
+            raise InvalidRequestError(f"tokens: ids must be in [0, {vocab})")
+        return tokenizer.decode(list(tokens))
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the worker thread and await its result."""
@@ -418,12 +464,10 @@ class MLXEngine:
     def _encode(self, variant: Variant, params: GenerationParams) -> list[int]:
         tokenizer = variant.loaded.tokenizer
         if params.messages is not None:
-            text = tokenizer.apply_chat_template(list(params.messages), add_generation_prompt=True,
-                                                 tokenize=False)
+            text = render_chat(tokenizer, list(params.messages), list(params.tools) if params.tools else None)
         else:
             text = params.prompt or ""
-        bos = tokenizer.bos_token
-        tokens = tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+        tokens = encode_text(tokenizer, text)
         if not tokens:
             raise InvalidRequestError("the prompt is empty after tokenization")
         return tokens
@@ -649,7 +693,7 @@ class MLXEngine:
             model=variant.loaded.name, dtype=variant.loaded.dtype, finish_reason=reason,
             usage=Usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens),
             time_to_first_token_s=first - job.arrival, total_s=now - job.arrival,
-            decode_tokens_per_second=rate, warnings=tuple(job.warnings)))
+            decode_tokens_per_second=rate, warnings=tuple(job.warnings), stop_sequence=job.matcher.hit))
 
     @staticmethod
     def _fail_jobs(variant: Variant, error: EngineError) -> None:
@@ -692,7 +736,7 @@ class MLXEngine:
 
     def _get_report(self, model: str | None, dtypes: tuple[str, ...] | None,
                     prompts: tuple[str, ...] | None) -> FidelityJob:
-        name = model or self.default_model
+        name = self.catalog.canonical(model or self.default_model)
         folder = self.catalog.resolve(name)
         wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or DEFAULT_DTYPES)}))
         key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest())

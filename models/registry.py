@@ -79,6 +79,7 @@ class VariantRegistry:
 
     # ---- names -------------------------------------------------------------------------------
     def key(self, model: str, dtype: str | None) -> Key:
+        model = self.catalog.canonical(model)
         folder = self.catalog.resolve(model)
         dtype = normalize_dtype(dtype) if dtype else self.default_dtype
         if dtype == AUTO:
@@ -170,7 +171,7 @@ class VariantRegistry:
         before = mx.get_active_memory()
         self._drop(key)
         self.pinned.discard(key)
-        return {"model": model, "dtype": key[1], "freed_bytes": before - mx.get_active_memory()}
+        return {"model": key[0], "dtype": key[1], "freed_bytes": before - mx.get_active_memory()}
 
     def unload_idle(self, now: float) -> None:
         if not self.idle_unload_s:

@@ -7,6 +7,7 @@ class StopStringMatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
         self._pending = ""
+        self.hit: str | None = None  # the stop string found, once one is
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit, whether a stop string was hit)."""
@@ -15,7 +16,7 @@ class StopStringMatcher:
         self._pending += text
         hits = [(self._pending.find(s), s) for s in self.stops if s in self._pending]
         if hits:
-            index = min(i for i, _ in hits)
+            index, self.hit = min(hits)
             out, self._pending = self._pending[:index], ""
             return out, True
         keep = 0

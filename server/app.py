@@ -12,7 +12,18 @@ from fastapi.middleware.cors import CORSMiddleware
 from models.api import Engine
 from server.errors import install_error_handlers
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
-from server.routes import admin, generate, health, inventory, metrics, openai, report
+from server.routes import (
+    admin,
+    anthropic,
+    generate,
+    health,
+    inventory,
+    metrics,
+    openai,
+    report,
+    responses,
+    tokenize,
+)
 from server.settings import Settings
 from server.warmup import warm_http
 
@@ -29,7 +40,7 @@ def build_engine(settings: Settings) -> Engine:
     from models.engine import MLXEngine
 
     name, folder = resolve_startup_model(settings.model)
-    catalog = ModelCatalog({name: folder}, settings.model_dirs)
+    catalog = ModelCatalog({name: folder}, settings.model_dirs, aliases={settings.model: name})
     return MLXEngine(catalog, name, settings.dtype, max_batch_size=settings.max_batch_size,
                      warmup=settings.warmup, trust_remote_code=settings.trust_remote_code,
                      memory_budget=settings.memory_budget, idle_unload_s=settings.idle_unload_s,
@@ -78,6 +89,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(inventory.router)
     app.include_router(admin.router)
     app.include_router(openai.router)
+    app.include_router(tokenize.router)
+    app.include_router(responses.router)
+    app.include_router(anthropic.router)
     app.include_router(report.router)
     app.include_router(metrics.router)
     document_limits(app, settings)
@@ -92,7 +106,7 @@ def document_limits(app: FastAPI, settings: Settings) -> None:
         if app.openapi_schema is None:
             schema = build()
             for component in schema.get("components", {}).get("schemas", {}).values():
-                for name in ("max_tokens", "max_completion_tokens"):
+                for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                     field = component.get("properties", {}).get(name)
                     for option in (field or {}).get("anyOf", [field] if field else []):
                         if option.get("type") == "integer":

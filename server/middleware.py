@@ -8,15 +8,22 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.anthropic_schemas import anthropic_error, is_anthropic_path
+
 log = logging.getLogger(__name__)
 
 # Exact raw paths that need no key: liveness and readiness probes.
 OPEN_PATHS = frozenset({"/health", "/health/ready"})
 
 
-async def send_error(send: Send, status: int, type_: str, message: str, headers: list | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": None,
-                                 "status": status}}).encode()
+async def send_error(send: Send, status: int, type_: str, message: str, headers: list | None = None,
+                     scope: Scope | None = None) -> None:
+    """The error in the shape of the front door the request came to: Anthropic's, or everyone else's."""
+    if scope is not None and is_anthropic_path(scope.get("path", "")):
+        status, payload = anthropic_error(status, message)
+    else:
+        payload = {"error": {"message": message, "type": type_, "param": None, "code": None, "status": status}}
+    body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
@@ -57,7 +64,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         await send_error(send, 401, "authentication_error", "a valid API key is required "
-                         "(Authorization: Bearer <key>)", [(b"www-authenticate", b"Bearer")])
+                         "(Authorization: Bearer <key>)", [(b"www-authenticate", b"Bearer")], scope)
 
 
 class BodyLimitMiddleware:
@@ -78,11 +85,11 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await send_error(send, 400, "invalid_request_error", "invalid Content-Length")
+                    await send_error(send, 400, "invalid_request_error", "invalid Content-Length", scope=scope)
                     return
         if declared is not None:
             if declared > self.max_bytes:
-                await send_error(send, 413, "request_too_large", too_large)
+                await send_error(send, 413, "request_too_large", too_large, scope=scope)
                 return
             await self.app(scope, receive, send)
             return
@@ -96,7 +103,7 @@ class BodyLimitMiddleware:
                 break
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                await send_error(send, 413, "request_too_large", too_large)
+                await send_error(send, 413, "request_too_large", too_large, scope=scope)
                 return
             if not message.get("more_body", False):
                 break

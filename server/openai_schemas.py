@@ -95,7 +95,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: StrictBool = False
+    logprobs: StrictBool | None = Field(None, description="null or false: none (OpenAI accepts null)")
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: Annotated[list, Field(max_length=0, description="tool calling is not supported")] | None = None

@@ -92,12 +92,12 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-def check_max_tokens(max_tokens: int | None, settings: Settings) -> int | None:
-    """`max_tokens` if within the configured cap (None: the server's default), else a 422."""
+def check_max_tokens(max_tokens: int | None, settings: Settings, field: str = "max_tokens") -> int | None:
+    """`max_tokens` if within the configured cap (None: the server's default), else a 422 naming `field`."""
     from fastapi import HTTPException
 
     if max_tokens is not None and max_tokens > settings.max_tokens_limit:
-        raise HTTPException(422, f"max_tokens: must be at most {settings.max_tokens_limit}")
+        raise HTTPException(422, f"{field}: must be at most {settings.max_tokens_limit}")
     return max_tokens
 
 
@@ -112,13 +112,29 @@ def _cli_parser() -> argparse.ArgumentParser:
                         help="TOML file with settings (keys as below, e.g. dtype = \"bfloat16\")")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
+        help_text = field.description
+        if not any(m in help_text for m in ("default:", "; default", "(default")):  # some say what theirs means
+            help_text += f" (default: {default_text(field)})"
         if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif name in ("model_dirs", "api_key", "cors_origins"):
-            parser.add_argument(flag, nargs="+", default=None, help=field.description)
+            parser.add_argument(flag, nargs="+", default=None, help=help_text)
         else:
-            parser.add_argument(flag, default=None, help=field.description)
+            parser.add_argument(flag, default=None, help=help_text)
     return parser
+
+
+def default_text(field: Any) -> str:
+    """A setting's default as --help shows it. The parser's own defaults stay None, so that only the
+    flags given override the environment and the config file."""
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "none"
+    return str(value).replace("%", "%%")  # argparse formats help with %
 
 
 def load_settings(argv: list[str] | None = None) -> Settings:

@@ -6,6 +6,8 @@ from models.blas import configure_blas
 
 configure_blas("auto")
 
+import json  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -83,3 +85,55 @@ def live_server():
     proc, base = start_server()
     yield base
     stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def tools_model(tmp_path_factory) -> Path:
+    """The bundled model as `tiny-arith-tools`, its chat template rendering tools (each tool's name and a
+    `;`, then a newline, before the messages) and tool calls (name, then the arguments as JSON, after the
+    message's content). Without them it renders exactly as the bundled one."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-arith-tools"
+    shutil.copytree(BUNDLED, folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    tools = "{% if tools %}{% for tool in tools %}{{ tool['function']['name'] }};{% endfor %}{{ '\\n' }}{% endif %}"
+    calls = ("{% if message['tool_calls'] is defined %}{% for call in message['tool_calls'] %}"
+             "{{ call['function']['name'] }}{{ call['function']['arguments'] | tojson }}{% endfor %}{% endif %}")
+    template = config["chat_template"].replace("{{ bos_token }}", "{{ bos_token }}" + tools, 1)
+    assert template.endswith("{% endfor %}")
+    config["chat_template"] = template.removesuffix("{% endfor %}") + calls + "{% endfor %}"
+    path.write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tools_server(tools_model):
+    """A real server on `tools_model`, started with its folder's path as --model (the SDK front-door tests)."""
+    proc, base = start_server("--model", str(tools_model))
+    yield base
+    stop_server(proc)
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """(event name, data) of each server-sent event in a body."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        if "event" in fields:
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def fail_first_step(monkeypatch):
+    """Fault injection: the next decode step raises, as an out-of-memory would."""
+    from models.single_stream import SingleStream
+
+    original, calls = SingleStream.step, []
+
+    def failing_step(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("simulated out of memory")
+        return original(self)
+
+    monkeypatch.setattr(SingleStream, "step", failing_step)

@@ -6,7 +6,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from server.settings import load_settings
+from server.settings import Settings, _cli_parser, load_settings
 from tests.conftest import BUNDLED, ROOT
 
 
@@ -62,6 +62,20 @@ def test_help_explains_each_setting():
     for flag in ("--model", "--dtype", "--host", "--port", "--config", "--max-tokens-limit", "--blas"):
         assert flag in out
     assert "DTYPE_SERVE_" in out
+
+
+def test_help_shows_each_settings_default():
+    out = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    text = " ".join(out.split())  # argparse wraps lines
+    for expected in ("--port PORT port to bind (default: 8000)", "(default: auto)", "(default: 16)",
+                     "never evict the default variant (default: on)", "(default: 4194304)",
+                     "--nonfinite-policy NONFINITE_POLICY when a dtype yields non-finite logits: warn in "
+                     "the response, or refuse that dtype (default: warn)"):
+        assert expected in text
+    parser = _cli_parser()
+    helps = {a.dest: a.help for a in parser._actions}
+    assert all("default" in helps[name] for name in Settings.model_fields)
 
 
 def test_cli_rejects_bad_dtype_with_a_clear_message():

@@ -6,7 +6,7 @@ import shutil
 from models.api import GenerationParams
 from models.catalog import ModelCatalog
 from models.engine import MLXEngine
-from models.errors import GenerationFailedError
+from models.errors import InvalidRequestError
 from server.app import create_app
 from server.warmup import warm_http
 from tests.conftest import BUNDLED, make_settings
@@ -22,7 +22,7 @@ async def test_http_warm_up_reaches_routing_past_the_key_check():
 
 async def test_engine_warms_up_with_a_tokenizer_that_has_no_chat_template(tmp_path):
     """The warm-up renders the chat template once; a model without one still starts, and a chat
-    request to it gets the same error it always got."""
+    request to it is refused as the client's mistake (400), saying why."""
     folder = tmp_path / "no-template"
     shutil.copytree(BUNDLED, folder)
     config_path = folder / "tokenizer_config.json"
@@ -37,8 +37,8 @@ async def test_engine_warms_up_with_a_tokenizer_that_has_no_chat_template(tmp_pa
             async for _ in engine.generate(GenerationParams(messages=({"role": "user", "content": "1+1="},))):
                 pass
             raise AssertionError("a chat request without a template should fail")
-        except GenerationFailedError:
-            pass
+        except InvalidRequestError as e:
+            assert str(e) == "this model's tokenizer has no chat template: send a plain prompt"
     finally:
         await engine.stop()
 

@@ -132,7 +132,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                           chunk, lambda model, usage: {"id": rid, "object": "chat.completion.chunk",
                                                        "created": created, "model": model, "choices": [],
                                                        "usage": usage},
-                          chat=True, wants_logprobs=body.logprobs)
+                          chat=True, wants_logprobs=bool(body.logprobs))
 
 
 async def _respond(engine: Engine, request: Request, params: GenerationParams, stream: bool, include_usage: bool,
