@@ -11,8 +11,8 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from models.api import Engine
 from server.errors import install_error_handlers
-from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
-from server.routes import admin, generate, health, inventory, metrics, openai, report
+from server.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
+from server.routes import admin, console, generate, health, inventory, metrics, openai, report
 from server.settings import Settings
 from server.warmup import warm_http
 
@@ -72,7 +72,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                            allow_headers=["*"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key)  # outermost: before anything else
+        # outermost: before anything else; the console page holds no data and is open
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key, open_paths=OPEN_PATHS | console.PUBLIC_PATHS)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(inventory.router)
@@ -80,6 +81,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(report.router)
     app.include_router(metrics.router)
+    app.include_router(console.router)
     document_limits(app, settings)
     return app
 
