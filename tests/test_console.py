@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import expect  # the page's CSP forbids eval, so waits go through locators
 
 from server.app import create_app
 from server.routes.console import PUBLIC_PATHS
@@ -87,12 +90,37 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"console-{name}.png"), full_page=True)
 
 
+@contextmanager
+def traffic(base: str, clients: int = 3):
+    """Clients streaming float32 generations one after another until the block ends, for the live view."""
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            with httpx.stream("POST", base + "/generate", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                              json={"prompt": "The cat", "dtype": "float32", "max_tokens": 120, "ignore_eos": True,
+                                    "stream": True}) as r:
+                r.raise_for_status()  # a failure shows as pytest's unhandled-thread-exception warning
+                for _ in r.iter_lines():
+                    pass
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+
+
 def enter_key(page, base: str) -> None:
     page.goto(base + "/")
     page.wait_for_selector("#key-form:not([hidden])")
     page.fill("#key-input", "wrong-key")
     page.click("#key-form button")
-    page.wait_for_function("document.querySelector('#key-error').textContent.includes('refused')")
+    expect(page.locator("#key-error")).to_contain_text("refused")
     page.fill("#key-input", KEY)
     page.click("#key-form button")
     page.wait_for_selector("#key-form", state="hidden")
@@ -133,7 +161,29 @@ def test_console_in_a_real_browser(browser, keyed_server):
     page.fill("#play-max-tokens", "24")
     page.click("#play-run")
     page.wait_for_selector('#pane-b[data-state="done"]')
+    assert page.inner_text("#pane-a .out") and page.inner_text("#pane-b .out")
+    # sampled hot with one seed, the two dtypes' texts part: both are marked from the first differing character
+    page.fill("#play-temperature", "2")
+    page.fill("#play-seed", "7")
+    page.fill("#play-max-tokens", "48")
+    page.click("#play-run")
+    page.wait_for_selector('#pane-b[data-state="done"]')
+    a, b = page.inner_text("#pane-a .out"), page.inner_text("#pane-b .out")
+    assert a != b
+    common = len(os.path.commonprefix([a, b]))
+    assert f"diverge at character {common} " in page.inner_text("#divergence")
+    assert page.inner_text("#pane-a mark") == a[common:] and page.inner_text("#pane-b mark") == b[common:]
     shot(page, "playground")
+    page.fill("#play-temperature", "0")
+    page.fill("#play-seed", "")
+    # chat: the tokenizer's template through /v1/chat/completions, the turn kept in the log
+    page.select_option("#play-mode", "chat")
+    page.uncheck("#play-compare")
+    page.fill("#play-prompt", "17+25=")
+    page.click("#play-run")
+    page.wait_for_selector('#pane-a[data-state="done"]')
+    assert page.inner_text("#pane-a .out") == "42"
+    assert page.locator("#chat-log p").count() == 2
 
     # Report: float32 against bfloat16, started from the page, its progress, then the chart and the table
     page.click('#tabs button[data-view="report"]')
@@ -152,11 +202,13 @@ def test_console_in_a_real_browser(browser, keyed_server):
     shot(page, "report")
 
     # Live: per variant counters and the last time to first token of this page's requests
-    page.click('#tabs button[data-view="live"]')
     row = '#live-table tr[data-variant="tiny-arith:float32"]'
-    page.wait_for_selector(row)
+    with traffic(keyed_server):
+        page.click('#tabs button[data-view="live"]')
+        # a rate needs two polls of the counters
+        expect(page.locator(f"{row} td:nth-child(3)")).to_have_text(re.compile(r"\d"), timeout=60_000)
+        shot(page, "live")
     assert re.search(r"\d\.\d{3} s", page.inner_text(row))
-    shot(page, "live")
     assert errors == []
     context.close()
 

@@ -117,6 +117,11 @@ async function refreshMemory() {
     return seg;
   }));
   bar.setAttribute("aria-label", `${bytes(budget.used_bytes)} of ${bytes(budget.budget_bytes)} used`);
+  $("#budget-legend").replaceChildren(...segments.map(([label, n, color]) => {
+    const swatch = el("span", { class: "swatch" });
+    swatch.style.background = color;
+    return el("li", {}, swatch, `${label} ${bytes(n)}`);
+  }));
   $("#budget-text").textContent = `${bytes(budget.used_bytes)} used of ${bytes(budget.budget_bytes)} ` +
     `(${pct(budget.used_bytes / budget.budget_bytes)}), ${bytes(budget.free_bytes)} free; MLX active ` +
     `${bytes(memory.process.active_bytes)}, peak ${bytes(memory.process.peak_bytes)}, cache ${bytes(memory.process.cache_bytes)}`;
@@ -240,7 +245,7 @@ function renderReport(result) {
 function drawChart(result) {
   const [key, label, format] = METRICS.find(([k]) => k === $("#report-metric").value) || METRICS[0];
   const entries = Object.values(result.dtypes).filter((d) => typeof d[key] === "number");
-  const W = 640, H = 300, left = 70, bottom = 40, top = 20;
+  const W = 640, H = 320, left = 70, bottom = 40, top = 40;
   const max = Math.max(...entries.map((d) => d[key]), 1e-12);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${label} per dtype` });
   const y = (v) => top + (H - top - bottom) * (1 - v / max);
@@ -264,7 +269,7 @@ function drawChart(result) {
     chart.append(svg("line", { x1: left, x2: W - 10, y1: y(ref[key]), y2: y(ref[key]), stroke: "#1d2330",
       "stroke-dasharray": "4 3" }));
   }
-  chart.append(svg("text", { x: left, y: 13, "font-size": 12, "font-weight": 600 }, `${label} · ${result.model}`));
+  chart.append(svg("text", { x: left, y: 14, "font-size": 13, "font-weight": 600 }, `${label} · ${result.model}`));
   $("#report-chart").replaceChildren(chart);
 }
 function selectDtype(dtype) {
@@ -367,6 +372,7 @@ $("#play-form").addEventListener("submit", async (ev) => {
   const compare = $("#play-compare").checked;
   const [paneA, paneB] = [$("#pane-a"), $("#pane-b")];
   paneB.hidden = !compare;
+  paneA.dataset.state = paneB.dataset.state = "waiting";
   $("#divergence").hidden = true;
   state.controller = new AbortController();
   $("#play-run").disabled = true;
