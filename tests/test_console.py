@@ -80,7 +80,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def keyed_server():
-    proc, base = start_server("--api-key", KEY)
+    proc, base = start_server("--api-key", KEY, "--memory-budget", "32MiB")  # a budget the bar can show
     yield base
     stop_server(proc)
 
@@ -145,6 +145,11 @@ def test_console_in_a_real_browser(browser, keyed_server):
     assert "float32 4.05 MiB" in page.inner_text('#resident tr[data-variant="tiny-arith:float32"]')
     assert page.locator("#budget-bar > div").count() >= 2
     shot(page, "memory")
+    # an estimate row's button loads float16; its Unload button frees it again
+    page.click('#estimates tr:has(td:text-is("float16")) button')
+    page.click('#resident tr[data-variant="tiny-arith:float16"] button')
+    page.wait_for_selector('#resident tr[data-variant="tiny-arith:float16"]', state="detached")
+    expect(page.locator("#loads")).to_contain_text(re.compile(r"unloaded tiny-arith:float16, 2\.0\d MiB freed"))
 
     # Playground: the same prompt at two dtypes, streamed, side by side
     page.click('#tabs button[data-view="playground"]')
