@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from models.api import Engine
 from server.errors import install_error_handlers
 from server.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
+from server.request_id import RequestIdMiddleware
 from server.routes import admin, console, generate, health, inventory, metrics, openai, report
 from server.settings import Settings
 from server.warmup import warm_http
@@ -69,11 +70,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        # outermost: before anything else; the console page holds no data and is open
+        # before routing or parsing; the console's page holds no data and is open
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key, open_paths=OPEN_PATHS | console.PUBLIC_PATHS)
+    app.add_middleware(RequestIdMiddleware)  # outside the key check, so a refusal carries the id too
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(inventory.router)

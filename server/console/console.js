@@ -320,6 +320,7 @@ async function streamOne(dtype, onText, signal) {
   const r = await fetch(chat ? "/v1/chat/completions" : "/generate",
     { method: "POST", headers: headers(true), body: JSON.stringify(body), signal });
   if (!r.ok) await raise(r);
+  const rid = ` · request ${r.headers.get("x-request-id")}`;
   let text = "", summary = null, firstAt = null;
   for await (const { event, data } of sse(r)) {
     if (data === "[DONE]") break;
@@ -334,13 +335,13 @@ async function streamOne(dtype, onText, signal) {
     const tokens = summary?.usage?.completion_tokens;
     const decodeS = firstAt ? (performance.now() - firstAt) / 1000 : 0;
     return { text, stats: `${tokens ?? "?"} tokens · ${tokens && decodeS ? (tokens / decodeS).toFixed(1) : "–"} tokens/s ` +
-      `measured in the browser · first text after ${fixed(firstAt ? (firstAt - began) / 1000 : null, 3)} s` };
+      `measured in the browser · first text after ${fixed(firstAt ? (firstAt - began) / 1000 : null, 3)} s${rid}` };
   }
   const t = summary.timings;
   state.lastTtft[`${summary.model}:${summary.dtype}`] = t.time_to_first_token_s;
   return { text, stats: `${summary.usage.completion_tokens} tokens · ${fixed(t.tokens_per_second, 1)} tokens/s · ` +
     `first token ${fixed(t.time_to_first_token_s, 3)} s · ${summary.finish_reason} · ${fixed(seconds, 2)} s in all` +
-    (summary.warnings.length ? ` · ${summary.warnings.join("; ")}` : "") };
+    (summary.warnings.length ? ` · ${summary.warnings.join("; ")}` : "") + rid };
 }
 function firstDifference(a, b) {
   let i = 0;
