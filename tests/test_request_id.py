@@ -41,13 +41,23 @@ async def test_a_stream_carries_the_id(client):
         assert "[DONE]" in "".join([line async for line in r.aiter_lines()])
 
 
-async def test_refusals_without_a_key_carry_the_id_too():
+async def test_refusals_and_internal_errors_carry_the_id_too():
     app = create_app(make_settings(api_key=("k",), warmup=False, max_body_bytes=2048))
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
     async with app.router.lifespan_context(app):
         await app.state.start_task
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        # Starlette re-raises an unhandled error after answering 500; a server would log it, not crash
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             r = await c.get("/memory", headers={"X-Request-Id": "no-key-1"})
             assert r.status_code == 401 and r.headers["x-request-id"] == "no-key-1"
             r = await c.post("/generate", content=b"x" * 4096,
                              headers={"X-Request-Id": "big-1", "Authorization": "Bearer k"})
             assert r.status_code == 413 and r.headers["x-request-id"] == "big-1"
+            r = await c.get("/broken", headers={"X-Request-Id": "bug-1", "Authorization": "Bearer k"})
+            assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
+            assert r.json()["error"]["type"] == "internal_error"
