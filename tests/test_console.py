@@ -142,6 +142,7 @@ def test_console_in_a_real_browser(browser, keyed_server):
     page.select_option("#load-dtype", "float32")
     page.click("#load-form button")
     page.wait_for_selector('#resident tr[data-variant="tiny-arith:float32"]')
+    expect(page.locator("#load-notes")).to_contain_text("loaded tiny-arith:float32")
     assert "float32 4.05 MiB" in page.inner_text('#resident tr[data-variant="tiny-arith:float32"]')
     assert page.locator("#budget-bar > div").count() >= 2
     shot(page, "memory")
@@ -149,7 +150,7 @@ def test_console_in_a_real_browser(browser, keyed_server):
     page.click('#estimates tr:has(td:text-is("float16")) button')
     page.click('#resident tr[data-variant="tiny-arith:float16"] button')
     page.wait_for_selector('#resident tr[data-variant="tiny-arith:float16"]', state="detached")
-    expect(page.locator("#loads")).to_contain_text(re.compile(r"unloaded tiny-arith:float16, 2\.0\d MiB freed"))
+    expect(page.locator("#load-notes")).to_contain_text(re.compile(r"unloaded tiny-arith:float16, 2\.0\d MiB freed"))
 
     # Playground: the same prompt at two dtypes, streamed, side by side
     page.click('#tabs button[data-view="playground"]')

@@ -143,7 +143,6 @@ async function refreshMemory() {
   $("#device").textContent = `${device.name} · ${device.backend}${device.blas ? ` · ${device.blas.vendor}` : ""}`;
   if (!$("#estimates tbody").children.length) await refreshEstimates();
   else markFits(budget.free_bytes);
-  state.freeBytes = budget.free_bytes;
 }
 async function refreshEstimates() {
   const model = $("#load-model").value;
@@ -187,7 +186,12 @@ async function unloadVariant(model, dtype) {
   } catch (e) { showError(e); }
   await refreshMemory().catch(showError);
 }
-function showNote(text) { $("#loads").append(el("li", { class: "muted" }, text)); }
+// the outcome of the page's own loads and unloads, newest first, the last five
+function showNote(text) {
+  const notes = $("#load-notes");
+  notes.prepend(el("li", { class: "muted" }, text));
+  while (notes.children.length > 5) notes.lastChild.remove();
+}
 $("#load-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   loadVariant($("#load-model").value, $("#load-dtype").value);
