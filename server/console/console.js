@@ -241,8 +241,8 @@ function renderReport(result) {
   $("#report-table tbody").replaceChildren(...Object.values(result.dtypes).map((d) => el("tr", { "data-dtype": d.dtype },
     el("td", {}, d.dtype), el("td", { class: "num" }, pct(d.top1_agreement)), el("td", { class: "num" }, fixed(d.kl_mean, 5)),
     el("td", { class: "num" }, fixed(d.kl_max, 5)), el("td", { class: "num" }, pct(d.task_accuracy)),
-    el("td", { class: "num" }, bytes(d.total_bytes)), el("td", { class: "num" }, ratio(d.total_bytes, ref.total_bytes)),
-    el("td", { class: "num" }, fixed(d.decode_tok_s, 1)), el("td", { class: "num" }, ratio(d.decode_tok_s, ref.decode_tok_s)),
+    el("td", { class: "num" }, `${bytes(d.total_bytes)} (${ratio(d.total_bytes, ref.total_bytes)})`),
+    el("td", { class: "num" }, `${fixed(d.decode_tok_s, 1)} (${ratio(d.decode_tok_s, ref.decode_tok_s)})`),
     el("td", { class: "num" }, fixed(d.prefill_tok_s, 1)), el("td", { class: "num" }, pct(d.nonfinite_share)))));
   drawChart(result);
 }
