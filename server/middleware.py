@@ -24,10 +24,11 @@ async def send_error(send: Send, status: int, type_: str, message: str, headers:
 
 
 class ApiKeyMiddleware:
-    """Every route but the probes needs `Authorization: Bearer <key>`, compared in constant time.
+    """Every path but `open_paths` (default: the probes) needs `Authorization: Bearer <key>`, compared in
+    constant time.
 
     The check runs on the raw path before routing, so no spelling of a path (`//v1`, `/V1`,
-    `%2F`) reaches a route without a key; only the exact open paths (the probes) are.
+    `%2F`) reaches a route without a key; only the exact open paths are open.
     """
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], open_paths: frozenset[str] = OPEN_PATHS) -> None:
