@@ -12,6 +12,14 @@ if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u
   (apt-get update -qq && apt-get install -y -qq --no-install-recommends libopenblas0-pthread) >/dev/null 2>&1 \
     || echo "note: could not install libopenblas0-pthread; float32 stays on the reference BLAS"
 fi
+# The console's browser test (tests/test_console.py) drives Debian's Chromium through Playwright.
+case ",$EXTRAS," in *,test,*)
+  if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+     && ! [ -x /usr/bin/chromium ]; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 \
+      || echo "note: could not install chromium; tests/test_console.py will fail until it is installed"
+  fi ;;
+esac
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 if [ "${CUDA:-0}" = 1 ]; then

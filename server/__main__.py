@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         from models.fidelity import main as compare
 
         return compare(argv[1:])
+    if argv[:1] in (["ps"], ["models"]):  # `dtype-serve ps|models`: a running server's variants, as a table
+        from server.terminal import main as terminal
+
+        return terminal(argv)
     from server.settings import load_settings
 
     try:

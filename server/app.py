@@ -11,10 +11,12 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from models.api import Engine
 from server.errors import install_error_handlers
-from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from server.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
+from server.request_id import RequestIdMiddleware
 from server.routes import (
     admin,
     anthropic,
+    console,
     generate,
     health,
     inventory,
@@ -80,10 +82,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key)  # outermost: before anything else
+        # before routing or parsing; the console's page holds no data and is open
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key, open_paths=OPEN_PATHS | console.PUBLIC_PATHS)
+    app.add_middleware(RequestIdMiddleware)  # outside the key check, so a refusal carries the id too
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(inventory.router)
@@ -94,6 +98,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(anthropic.router)
     app.include_router(report.router)
     app.include_router(metrics.router)
+    app.include_router(console.router)
     document_limits(app, settings)
     return app
 

@@ -24,6 +24,7 @@ from models.errors import (
     QueueFullError,
     UnknownDtypeError,
 )
+from server.request_id import request_id
 from server.streaming import ClientDisconnected
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", "internal server error")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        rid = request_id(request.scope)
+        log.exception("unhandled error (request %s)", rid)
+        # Starlette answers this one outside the middleware stack, so the request id is set here
+        return error_response(500, "internal_error", "internal server error",
+                              headers={"X-Request-Id": rid} if rid else None)

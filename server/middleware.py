@@ -12,7 +12,7 @@ from server.anthropic_schemas import anthropic_error, is_anthropic_path
 
 log = logging.getLogger(__name__)
 
-# Exact raw paths that need no key: liveness and readiness probes.
+# Exact raw paths that need no key: liveness and readiness probes (app.py adds the console's static page).
 OPEN_PATHS = frozenset({"/health", "/health/ready"})
 
 
@@ -31,15 +31,17 @@ async def send_error(send: Send, status: int, type_: str, message: str, headers:
 
 
 class ApiKeyMiddleware:
-    """Every route but the probes needs `Authorization: Bearer <key>`, compared in constant time.
+    """Every path but `open_paths` (default: the probes) needs `Authorization: Bearer <key>`, compared in
+    constant time.
 
     The check runs on the raw path before routing, so no spelling of a path (`//v1`, `/V1`,
-    `%2F`) reaches a route without a key; only the exact probe paths are open.
+    `%2F`) reaches a route without a key; only the exact open paths are open.
     """
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
         self.keys = tuple(k.encode() for k in keys)
+        self.open_paths = open_paths
 
     def _authorized(self, scope: Scope) -> bool:
         supplied = b""
@@ -60,7 +62,7 @@ class ApiKeyMiddleware:
             return
         raw = scope.get("raw_path")
         path = raw.split(b"?", 1)[0].decode("latin-1") if raw else scope.get("path", "")
-        if path in OPEN_PATHS or self._authorized(scope):
+        if path in self.open_paths or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         await send_error(send, 401, "authentication_error", "a valid API key is required "
