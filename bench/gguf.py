@@ -6,9 +6,9 @@ Q4_0 through llama.cpp's own llama-quantize (scripts/install-llama-cpp.sh builds
 
 Writes <folder>/model-<TYPE>.gguf; `--check` compares llama-server's greedy tokens on it with dtype-serve's
 at float32 (bench/results/gguf-agreement-<TYPE>.json). The tokenizer goes in as its token list (a BPE with
-no merges); the benchmark sends token ids, so llama.cpp's own text tokenization never decides what a prompt is. q and k
-projections are permuted as llama.cpp's converter does (its llama RoPE rotates adjacent pairs, mlx-lm's
-and Hugging Face's the two halves), so greedy tokens agree at float32 (`check` below).
+no merges that apply); the benchmark sends token ids, so llama.cpp's own text tokenization never decides
+what a prompt is. q and k projections are permuted as llama.cpp's converter does (its llama RoPE rotates
+adjacent pairs, mlx-lm's and Hugging Face's the two halves), so greedy tokens agree at float32 (`--check`).
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def write_gguf(folder: Path, out: Path, float_type: str = "F32") -> Path:
     writer.add_tokenizer_pre("default")
     writer.add_token_list([token for token, _ in vocab])
     writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for _, i in vocab])
-    writer.add_token_merges([])
+    # llama.cpp's BPE needs a merges list; one of two control tokens never applies to text
+    writer.add_token_merges([f"{vocab[0][0]} {vocab[1][0]}"])
     for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
         if isinstance(config.get(key), int):
             add(config[key])

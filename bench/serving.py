@@ -64,7 +64,7 @@ def llama_cpp_server(folder, port: int, gguf_type: str, clients: int):
     model = ensure_gguf(folder, gguf_type)
     slots = max(clients, 1)
     cmd = [str(exe), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-cb",
-           "-c", str(1024 * slots), "--ignore-eos", "--log-disable"]
+           "-c", str(1024 * slots), "--ignore-eos"]
     return server(cmd, f"http://127.0.0.1:{port}/health"), model.stem
 
 
