@@ -19,13 +19,17 @@ def main(argv: list[str] | None = None) -> int:
         from models.fidelity import main as compare
 
         return compare(argv[1:])
-    from server.settings import load_settings
+    from server.settings import ConfigFileError, load_settings
 
     try:
         settings = load_settings(argv)
     except ValidationError as e:
         for err in e.errors():
-            print(f"dtype-serve: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+            message = err["msg"].removeprefix("Value error, ")
+            print(f"dtype-serve: {'.'.join(map(str, err['loc']))}: {message}", file=sys.stderr)
+        return 2
+    except ConfigFileError as e:
+        print(f"dtype-serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn

@@ -9,17 +9,20 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import tomllib
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
 from models.catalog import default_model_ref
 from models.dtypes import ALIASES, DTYPE_NAMES, normalize_dtype
+from models.sizes import parse_size
 
 ENV_PREFIX = "DTYPE_SERVE_"
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
@@ -34,7 +37,9 @@ class Settings(BaseSettings):
                        f"(aliases {', '.join(ALIASES)}); auto keeps the checkpoint's dtype")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
-    model_dirs: tuple[Path, ...] = Field((), description="folders whose model subfolders requests may load")
+    model_dirs: Annotated[tuple[Path, ...], NoDecode] = Field(
+        (), description=f"folders whose model subfolders requests may load (in the environment: "
+        f"separated by {os.pathsep!r})")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none")
     max_batch_size: int = Field(16, ge=1, le=512, description="requests decoded together per variant")
@@ -65,7 +70,8 @@ class Settings(BaseSettings):
         "warn", description="when a dtype yields non-finite logits: warn in the response, or refuse that dtype")
     trust_remote_code: bool = Field(False, description="allow model folders that ship Python code")
     warmup: bool = Field(True, description="run one short generation after loading the default variant")
-    log_level: str = Field("info", description="debug, info, warning or error")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="debug, info, warning, error or critical")
 
     @field_validator("api_key", "cors_origins", mode="before")
     @classmethod
@@ -74,10 +80,50 @@ class Settings(BaseSettings):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
 
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _path_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(v for v in value.split(os.pathsep) if v.strip())
+        return value
+
     @field_validator("dtype")
     @classmethod
     def _canonical_dtype(cls, value: str) -> str:
         return normalize_dtype(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_size(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            parse_size(value)
+        return value
+
+    @field_validator("prompt_cache_bytes")
+    @classmethod
+    def _cache_size(cls, value: str) -> str:
+        parse_size(value, allow_zero=True)
+        return value
+
+    @field_validator("model_dirs")
+    @classmethod
+    def _existing_folders(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        for folder in value:
+            if not folder.is_dir():
+                raise ValueError(f"{os.fspath(folder)!r} is not a folder")
+        return value
+
+    @field_validator("blas")
+    @classmethod
+    def _blas_choice(cls, value: str) -> str:
+        if value not in ("auto", "none") and not Path(value).expanduser().is_file():
+            raise ValueError(f"must be auto, none or the path of a BLAS library; {value!r} is no file")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -121,13 +167,25 @@ def _cli_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ConfigFileError(ValueError):
+    """A config file that is missing or not valid TOML, or a value no source could decode."""
+
+
 def load_settings(argv: list[str] | None = None) -> Settings:
-    """Build Settings from CLI arguments, the environment and an optional config file."""
+    """Build Settings from CLI arguments, the environment and an optional config file.
+
+    Raises pydantic's ValidationError for bad values, ConfigFileError for an unreadable file."""
     args = vars(_cli_parser().parse_args(argv))
-    config = args.pop("config")
+    config = args.pop("config") or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if config and not Path(config).is_file():
+        raise ConfigFileError(f"config file {os.fspath(config)!r} is not a file")
     cli: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
-    token = _config_file.set(config)
+    token = _config_file.set(Path(config) if config else None)
     try:
         return Settings(**cli)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"config file {os.fspath(config)!r} is not valid TOML: {e}") from None
+    except SettingsError as e:
+        raise ConfigFileError(str(e)) from None
     finally:
         _config_file.reset(token)
