@@ -7,11 +7,10 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from models.api import Engine
 from server.errors import install_error_handlers
-from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, JsonCORSMiddleware
 from server.routes import admin, generate, health, inventory, metrics, openai, report
 from server.settings import Settings
 from server.warmup import warm_http
@@ -67,12 +66,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     install_error_handlers(app)
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+    # The last added runs first: CORS (preflights carry no key), then the key, then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key)  # outermost: before anything else
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key)
+    if settings.cors_origins:
+        app.add_middleware(JsonCORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(inventory.router)
