@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     prompt_cache_bytes: str = Field("0.05", description="per variant, KV cache kept to reuse shared prompt "
                                     "prefixes: 1GiB, 500MB, a fraction of device memory (0.05), or 0 for none")
     idle_unload_s: float | None = Field(None, gt=0, description="unload variants unused this long (seconds)")
-    pin_default: bool = Field(True, description="never evict the default variant")
+    pin_default: bool = Field(True, description="never evict or unload the default variant; off: it may be "
+                              "unloaded and loads again on demand (readiness stays 200)")
     blas: str = Field("auto", description="BLAS under MLX on Linux: auto | none | PATH to a CBLAS library")
     blas_threads: int | None = Field(None, ge=1, description="BLAS thread count (default: the library's)")
     api_key: Annotated[tuple[str, ...], NoDecode] = Field(

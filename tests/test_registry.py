@@ -184,3 +184,27 @@ async def test_a_variant_in_use_is_never_evicted(model_dir):
         assert r.status_code == 200
     finally:
         await close(ctx, client)
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])  # the bundled model's own dtype, by both names
+async def test_the_pinned_default_variant_cannot_be_unloaded(roomy, dtype):
+    r = await roomy.delete(f"/models/tiny-arith/{dtype}")
+    assert r.status_code == 409 and r.json()["error"]["type"] == "conflict", r.text
+    assert "pinned" in r.json()["error"]["message"] and "retry-after" not in r.headers
+    resident = [(v["model"], v["dtype"]) for v in (await roomy.get("/memory")).json()["variants"]]
+    assert ("tiny-arith", "bfloat16") in resident
+    assert (await roomy.get("/health/ready")).status_code == 200
+    r = await roomy.post("/generate", json={"prompt": "17+25=", "max_tokens": 8})
+    assert r.json()["text"] == "42"
+
+
+async def test_without_pinning_the_default_unloads_and_comes_back_on_demand():
+    app, ctx, client = await app_client(pin_default=False)
+    try:
+        assert (await client.delete("/models/tiny-arith/bfloat16")).status_code == 200
+        assert (await client.get("/memory")).json()["variants"] == []
+        assert (await client.get("/health/ready")).status_code == 200  # ready: the default loads on demand
+        r = await client.post("/generate", json={"prompt": "17+25=", "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["text"] == "42"
+    finally:
+        await close(ctx, client)
