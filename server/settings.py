@@ -65,7 +65,15 @@ class Settings(BaseSettings):
         (), description="API key(s) every route but /health needs (Bearer); several: comma-separated")
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field((), description="origins allowed by CORS (off if none)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body; larger is a 413")
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request head (all headers)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request head (request line and "
+                                  "headers); larger is a 431")
+    max_headers: int = Field(100, ge=8, le=10_000, description="most request headers; more is a 431")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600, description="a request's headers must arrive within this "
+                                    "(from the connection's opening or the request's first byte); else 408 and close")
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request's body must arrive within this "
+                                  "after its headers; else 408 and close")
+    keep_alive_s: float = Field(5.0, gt=0, le=3600, description="an idle connection between requests is closed "
+                                "after this")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     nonfinite_policy: Literal["warn", "refuse"] = Field(
         "warn", description="when a dtype yields non-finite logits: warn in the response, or refuse that dtype")
