@@ -139,10 +139,11 @@ class LimitedH11Protocol(H11Protocol):
         if phase == "head" and not self._head_started:  # nothing sent at all: just an idle connection
             self.transport.close()
             return
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.disconnected = True  # the app waiting for the body sees a disconnect
-            self.cycle.message_event.set()
-            if self.cycle.response_started:
+        if phase == "body" and self.cycle is not None:  # (during a head, the cycle is the previous request's)
+            if not self.cycle.response_complete:
+                self.cycle.disconnected = True  # the app waiting for the body sees a disconnect
+                self.cycle.message_event.set()
+            if self.cycle.response_started:  # an answer is out (or under way): nothing more can be said
                 self.transport.close()
                 return
         what = "request headers" if phase == "head" else "request body"
