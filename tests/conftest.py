@@ -41,6 +41,14 @@ async def client(app):
         yield c
 
 
+# What the catch-alls log (server/errors.py, models/engine.py): an exception nobody expected, i.e. a bug.
+CATCH_ALL_MESSAGES = ("unhandled error", "admitting a request failed", "engine call failed")
+
+
+def caught_by_catch_all(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage() in CATCH_ALL_MESSAGES]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

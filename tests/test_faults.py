@@ -11,7 +11,7 @@ import pytest
 from models.errors import EngineUnavailableError
 from models.single_stream import SingleStream
 from server.app import create_app
-from tests.conftest import BUNDLED, make_settings
+from tests.conftest import BUNDLED, caught_by_catch_all, make_settings
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ async def still_serving(client):
     ("weights-folder", ["weights-folder/model.safetensors", "not a regular file"]),
     ("config-folder", ["config-folder/config.json", "cannot be read"]),
 ])
-async def test_broken_checkpoints_are_clear_errors_and_nothing_else_breaks(client, name, words):
+async def test_broken_checkpoints_are_clear_errors_and_nothing_else_breaks(client, name, words, caplog):
     _, c = client
     requests = [c.post("/generate", json={"prompt": "1+1=", "model": name}),
                 c.post("/models/load", json={"model": name, "dtype": "float16"})]
@@ -86,6 +86,7 @@ async def test_broken_checkpoints_are_clear_errors_and_nothing_else_breaks(clien
             assert w in message, message
         assert "Traceback" not in r.text and "/tmp" not in r.text and "/work" not in r.text
     await still_serving(c)
+    assert caught_by_catch_all(caplog) == []
 
 
 async def test_an_error_inside_generation_fails_that_request_only(client, monkeypatch):

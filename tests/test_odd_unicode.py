@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from tests.conftest import caught_by_catch_all
+
 LONE = ["\\ud800", "\\udfff", "a\\udc00b", "\\udc00\\ud800"]  # high, low, inside text, a reversed pair
 VALID = ["\\u0000", "\\ufeff", "\\uffff", "\\u202e", "e\\u0301", "\\ud83d\\ude00", "\\u00a0\\u2028"]
 
@@ -33,16 +35,18 @@ async def post(client, route: str, raw: str):
 
 
 @pytest.mark.parametrize("text", LONE)
-async def test_lone_surrogates_are_422_everywhere(client, text):
+async def test_lone_surrogates_are_422_everywhere(client, text, caplog):
     for route, raw in bodies(text):
         r, body = await post(client, route, raw)
         assert r.status_code == 422, (route, raw, r.text)
         assert body["error"]["type"] == "invalid_request_error" and "retry-after" not in r.headers
+    assert caught_by_catch_all(caplog) == []
 
 
 @pytest.mark.parametrize("text", VALID)
-async def test_valid_odd_unicode_is_served(client, text):
+async def test_valid_odd_unicode_is_served(client, text, caplog):
     for route, raw in bodies(text):
         r, body = await post(client, route, raw)
         assert r.status_code == 200, (route, raw, r.text)
         assert "usage" in body
+    assert caught_by_catch_all(caplog) == []
