@@ -74,6 +74,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             dtype, element_bytes = SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             start, end = (int(x) for x in entry["data_offsets"])
+            if any(d < 0 for d in shape) or not 0 <= start <= end:
+                raise ValueError("negative size or offsets")
         except (KeyError, TypeError, ValueError):
             raise ModelLoadError(f"{label}: tensor {name!r} has an invalid header entry") from None
         count = 1

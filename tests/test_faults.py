@@ -6,6 +6,7 @@ import shutil
 import struct
 
 import httpx
+import mlx.core as mx
 import pytest
 
 from models.errors import EngineUnavailableError
@@ -40,6 +41,16 @@ def broken_models(tmp_path_factory):
     config_folder = copy("config-folder") / "config.json"
     config_folder.unlink()
     config_folder.mkdir()
+    config = json.loads((BUNDLED / "config.json").read_text())
+    (copy("bad-types") / "config.json").write_text(json.dumps({**config, "hidden_size": "wide"}))
+    (copy("bad-tokenizer") / "tokenizer.json").write_text("{not json")
+    (copy("deep-tokenizer") / "tokenizer.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    header = json.dumps({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]}}).encode()
+    (copy("negative-shape") / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    weights = copy("missing-tensor") / "model.safetensors"
+    tensors = mx.load(str(weights))
+    tensors.pop("model.norm.weight")
+    mx.save_safetensors(str(weights), tensors, metadata={"format": "mlx"})
     return root
 
 
@@ -57,6 +68,9 @@ async def still_serving(client):
     assert r.status_code == 200 and r.json()["text"] == "42"
 
 
+HEADERS_INTACT = {"wrong-arch", "bad-types", "bad-tokenizer", "deep-tokenizer", "missing-tensor"}
+
+
 @pytest.mark.parametrize("name,words", [
     ("truncated", ["truncated/model.safetensors", "truncated"]),
     ("corrupt", ["corrupt/model.safetensors"]),
@@ -68,12 +82,17 @@ async def still_serving(client):
     ("deep-header", ["deep-header/model.safetensors", "nested too deeply"]),
     ("weights-folder", ["weights-folder/model.safetensors", "not a regular file"]),
     ("config-folder", ["config-folder/config.json", "cannot be read"]),
+    ("bad-types", ["bad-types/config.json", "TypeError"]),
+    ("bad-tokenizer", ["bad-tokenizer's tokenizer files", "tokenizer.json"]),
+    ("deep-tokenizer", ["deep-tokenizer's tokenizer files", "RecursionError"]),
+    ("negative-shape", ["negative-shape/model.safetensors", "invalid header entry"]),
+    ("missing-tensor", ["missing-tensor/", "model*.safetensors", "model.norm.weight"]),
 ])
 async def test_broken_checkpoints_are_clear_errors_and_nothing_else_breaks(client, name, words, caplog):
     _, c = client
     requests = [c.post("/generate", json={"prompt": "1+1=", "model": name}),
                 c.post("/models/load", json={"model": name, "dtype": "float16"})]
-    if name != "wrong-arch":  # the headers of an unknown architecture still give an estimate
+    if name not in HEADERS_INTACT:  # an estimate reads only config.json and the safetensors headers
         requests.append(c.get("/memory/estimate", params={"model": name}))
     for request in requests:
         r = await request
