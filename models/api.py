@@ -37,9 +37,12 @@ class Started:
 
 @dataclass(frozen=True)
 class TokenLogprob:
+    """A token's log-probability and its `top` alternatives; None where the logits were not finite
+    (a float16 overflow gives NaN), since JSON has no NaN or infinity."""
+
     token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    logprob: float | None
+    top: tuple[tuple[str, float | None], ...] = ()
 
 
 @dataclass(frozen=True)

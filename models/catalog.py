@@ -51,9 +51,8 @@ class ModelCatalog:
             return self._models[name]
         if _PLAIN_NAME.match(name) and ".." not in name:
             for root in self._dirs:
-                candidate = root / name
-                if candidate.is_dir() and candidate.resolve().parent == root:
-                    return candidate
+                if self._servable(root / name):
+                    return root / name
         raise ModelNotFoundError(f"model {name!r} is not available; available: {', '.join(self.names())}")
 
     def names(self) -> list[str]:
@@ -61,9 +60,19 @@ class ModelCatalog:
         for root in self._dirs:
             if root.is_dir():
                 found += sorted(p.name for p in root.iterdir()
-                                if p.is_dir() and _PLAIN_NAME.match(p.name) and (p / "config.json").exists()
+                                if _PLAIN_NAME.match(p.name) and self._servable(p) and (p / "config.json").exists()
                                 and p.name not in found)
         return found
+
+    def _servable(self, candidate: Path) -> bool:
+        """A folder whose real location, symbolic links followed, lies inside an allowed folder."""
+        try:
+            if not candidate.is_dir():
+                return False
+            target = candidate.resolve(strict=True)
+        except (OSError, RuntimeError):  # a link loop, a folder removed meanwhile
+            return False
+        return any(target != root and target.is_relative_to(root) for root in self._dirs)
 
     def startup_names(self) -> list[str]:
         return list(self._models)

@@ -23,6 +23,7 @@ class TensorInfo:
 
 
 def read_config(folder: Path) -> dict:
+    """The parsed config.json; every way it can be broken is a ModelLoadError naming the file."""
     path = folder / "config.json"
     try:
         with open(path, encoding="utf-8") as f:
@@ -31,33 +32,37 @@ def read_config(folder: Path) -> dict:
         raise ModelLoadError(f"{folder.name}/config.json is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{folder.name}/config.json is not valid JSON ({type(e).__name__})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{folder.name}/config.json is nested too deeply to parse") from None
+    except OSError as e:  # a folder, a dangling link, no permission...
+        raise ModelLoadError(f"{folder.name}/config.json cannot be read ({_os_reason(e)})") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{folder.name}/config.json is not a JSON object")
     return config
+
+
+def _os_reason(e: OSError) -> str:
+    """Why a file could not be read, without its path."""
+    return e.strerror or type(e).__name__
 
 
 def weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder.name} has no model*.safetensors file")
+    for path in files:
+        if not path.is_file():
+            raise ModelLoadError(f"{folder.name}/{path.name} is not a regular file")
     return files
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse one file's header and check that every tensor lies inside the file."""
     label = f"{path.parent.name}/{path.name}"
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ModelLoadError(f"{label} is truncated (no header)")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > min(_MAX_HEADER_BYTES, size - 8):
-            raise ModelLoadError(f"{label} is corrupt or truncated (header length {header_len})")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ModelLoadError(f"{label} has a corrupt header") from None
+    try:
+        header, size, header_len = _read_header(path, label)
+    except OSError as e:
+        raise ModelLoadError(f"{label} cannot be read ({_os_reason(e)})") from None
     if not isinstance(header, dict):
         raise ModelLoadError(f"{label} has a corrupt header")
     data_size = size - 8 - header_len
@@ -69,6 +74,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             dtype, element_bytes = SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             start, end = (int(x) for x in entry["data_offsets"])
+            if any(d < 0 for d in shape) or not 0 <= start <= end:
+                raise ValueError("negative size or offsets")
         except (KeyError, TypeError, ValueError):
             raise ModelLoadError(f"{label}: tensor {name!r} has an invalid header entry") from None
         count = 1
@@ -79,6 +86,24 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise ModelLoadError(f"{label} is truncated or corrupt at tensor {name!r}")
         tensors[name] = TensorInfo(name, dtype, shape, nbytes)
     return tensors
+
+
+def _read_header(path: Path, label: str) -> tuple[object, int, int]:
+    """(parsed JSON header, file size, header length) of a safetensors file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelLoadError(f"{label} is truncated (no header)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise ModelLoadError(f"{label} is corrupt or truncated (header length {header_len})")
+        try:
+            return json.loads(f.read(header_len)), size, header_len
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelLoadError(f"{label} has a corrupt header") from None
+        except RecursionError:
+            raise ModelLoadError(f"{label} has a corrupt header (nested too deeply)") from None
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, TensorInfo]:

@@ -12,6 +12,7 @@ import gc
 import hashlib
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -677,8 +678,9 @@ class MLXEngine:
         if top > 0:
             ids = mx.argsort(-logprobs)[:top].tolist()
             values = logprobs[mx.array(ids)].tolist()
-            best = tuple((tokenizer.decode([i]), v) for i, v in zip(ids, values, strict=True))
-        return TokenLogprob(tokenizer.decode([response.token]), logprobs[response.token].item(), best)
+            best = tuple((tokenizer.decode([i]), _finite_or_none(v)) for i, v in zip(ids, values, strict=True))
+        return TokenLogprob(tokenizer.decode([response.token]), _finite_or_none(logprobs[response.token].item()),
+                            best)
 
     def _finish(self, variant: Variant, job: _Job, reason: str, now: float) -> None:
         variant.jobs.pop(job.uid, None)
@@ -798,6 +800,11 @@ class MLXEngine:
                        "gather_waits": self.gather_waits,
                        "bursts_gathered": self.bursts_gathered, "handoffs": self.handoffs},
         }
+
+
+def _finite_or_none(value: float) -> float | None:
+    """A logprob as JSON can carry it: NaN and infinities (non-finite logits) become None."""
+    return value if math.isfinite(value) else None
 
 
 def _generates(commands: list) -> int:

@@ -6,7 +6,7 @@ __all__ = [
     "EngineError", "ModelNotFoundError", "ModelLoadError", "InvalidRequestError",
     "EngineUnavailableError", "GenerationFailedError", "UnknownDtypeError", "MemoryBudgetError",
     "QueueFullError",
-    "DtypeRefusedError",
+    "DtypeRefusedError", "VariantPinnedError",
 ]
 
 
@@ -40,6 +40,10 @@ class UnknownDtypeError(EngineError, ValueError):
 
 class DtypeRefusedError(EngineError):
     """A dtype refused for a model by the non-finite policy (e.g. float16 overflowing)."""
+
+
+class VariantPinnedError(EngineError):
+    """An unload of the pinned default variant, which stays resident while the server runs."""
 
 
 class QueueFullError(EngineError):

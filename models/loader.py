@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,17 +103,27 @@ def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = 
     checkpoint_tensors(folder)
     concrete = resolve_auto(folder) if dtype == AUTO else dtype
     base, start = _start_measuring()
-    try:
+    # mlx-lm and safetensors raise many types: each stage names the files it reads, never a path.
+    with _loading(name, f"{folder.name}/config.json and model*.safetensors"):
         model, config = mlx_lm_load_model(folder, lazy=True, trust_remote_code=trust_remote_code)
+    with _loading(name, f"{folder.name}/model*.safetensors"):
         largest = cast_parameters(model, concrete)
         fuse_for_cpu(model)
+    with _loading(name, f"{folder.name}'s tokenizer files (tokenizer.json, tokenizer_config.json)"):
         tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
-    except ModelLoadError:
-        raise
-    except Exception as e:  # mlx-lm and safetensors raise many types; name the folder, not the path
-        raise ModelLoadError(f"could not load model {name!r}: {type(e).__name__}: {_short(e)}") from None
     stats = _load_stats(model, base, start, largest, source="checkpoint")
     return LoadedModel(name, folder, concrete, model, tokenizer, config, stats, _context_length(config))
+
+
+@contextmanager
+def _loading(name: str, files: str) -> Iterator[None]:
+    """Turn any failure while reading `files` into a ModelLoadError that names them."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"could not load model {name!r} from {files}: {type(e).__name__}: {_short(e)}") from None
 
 
 def _start_measuring() -> tuple[int, float]:
@@ -133,7 +145,8 @@ def _load_stats(model: nn.Module, base: int, start: float, largest: int, source:
 
 def _short(e: Exception) -> str:
     """An exception message without filesystem paths."""
-    text = str(e).splitlines()[0] if str(e) else ""
+    lines = str(e).splitlines()
+    text = " ".join(lines[:2]) if lines and lines[0].rstrip().endswith(":") else (lines[0] if lines else "")
     return " ".join(w if "/" not in w else Path(w.strip("'\",")).name for w in text.split())[:300]
 
 

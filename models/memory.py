@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from models.dtypes import dtype_name
+from models.sizes import parse_size
 
 
 def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
@@ -57,8 +58,6 @@ def process_memory() -> dict:
             "cache_bytes": mx.get_cache_memory()}
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 DEFAULT_BUDGET_SHARE = 0.75
 
 
@@ -70,16 +69,7 @@ def parse_budget(value: str | None, total: int | None = None, *, allow_zero: boo
     total = total or device_info()["total_memory_bytes"]
     if value is None or str(value).strip() == "":
         return int(total * DEFAULT_BUDGET_SHARE)
-    text = str(value).strip().lower().replace(" ", "")
-    number = text.rstrip("kmgtib")
-    unit = text[len(number):]
-    if unit not in _UNITS:
-        raise ValueError(f"memory budget {value!r}: unknown unit")
-    amount = float(number)
-    if unit == "" and 0 < amount <= 1 and "." in number:
-        return int(total * amount)
-    if amount == 0 and allow_zero:
-        return 0
-    if amount <= 0:
-        raise ValueError(f"memory budget {value!r} must be positive")
-    return int(amount * _UNITS[unit])
+    try:
+        return parse_size(value, allow_zero=allow_zero).of(total)
+    except ValueError as e:
+        raise ValueError(f"memory budget {e}") from None

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from models.catalog import ModelCatalog
 from models.dtypes import AUTO, normalize_dtype
-from models.errors import DtypeRefusedError, InvalidRequestError, MemoryBudgetError
+from models.errors import DtypeRefusedError, InvalidRequestError, MemoryBudgetError, VariantPinnedError
 from models.estimate import estimate_variant
 from models.loader import LoadedModel, derive_variant, load_variant, resolve_auto
 from models.memory import floating_dtypes, unique_bytes
@@ -166,11 +166,13 @@ class VariantRegistry:
         variant = self.variants.get(key)
         if variant is None:
             raise InvalidRequestError(f"{model}/{key[1]} is not resident")
+        if key in self.pinned:
+            raise VariantPinnedError(f"{model}/{key[1]} is the pinned default variant and stays resident "
+                                     "(start the server with --no-pin-default to allow unloading it)")
         if variant.busy:
             raise InvalidRequestError(f"{model}/{key[1]} is serving {len(variant.jobs)} request(s)")
         before = mx.get_active_memory()
         self._drop(key)
-        self.pinned.discard(key)
         return {"model": key[0], "dtype": key[1], "freed_bytes": before - mx.get_active_memory()}
 
     def unload_idle(self, now: float) -> None:

@@ -23,19 +23,24 @@ def main(argv: list[str] | None = None) -> int:
         from server.terminal import main as terminal
 
         return terminal(argv)
-    from server.settings import load_settings
+    from server.settings import ConfigFileError, load_settings
 
     try:
         settings = load_settings(argv)
     except ValidationError as e:
         for err in e.errors():
-            print(f"dtype-serve: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+            message = err["msg"].removeprefix("Value error, ")
+            print(f"dtype-serve: {'.'.join(map(str, err['loc']))}: {message}", file=sys.stderr)
+        return 2
+    except ConfigFileError as e:
+        print(f"dtype-serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
     from models.errors import EngineError
     from server.app import create_app
+    from server.http_protocol import ConnectionLimits, LimitedH11Protocol
 
     try:
         app = create_app(settings)
@@ -48,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     AppStatus.disable_automatic_graceful_drain()
     # uvicorn re-raises SIGTERM after its graceful shutdown; a drained shutdown is a clean exit (0).
     signal.signal(signal.SIGTERM, lambda *_: None)
+    limits = ConnectionLimits(max_head_bytes=settings.max_header_bytes, max_headers=settings.max_headers,
+                              head_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=settings.drain_timeout_s,
-                h11_max_incomplete_event_size=settings.max_header_bytes)
+                timeout_graceful_shutdown=settings.drain_timeout_s, http=LimitedH11Protocol.factory(limits),
+                timeout_keep_alive=settings.keep_alive_s)
     return 0
 
 

@@ -7,11 +7,10 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from models.api import Engine
 from server.errors import install_error_handlers
-from server.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
+from server.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, JsonCORSMiddleware
 from server.request_id import RequestIdMiddleware
 from server.routes import (
     admin,
@@ -80,14 +79,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     install_error_handlers(app)
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    # The last added runs first: the request id (every answer carries it), CORS (preflights carry no key),
+    # then the key (the console's page holds no data and is open), then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        # before routing or parsing; the console's page holds no data and is open
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key, open_paths=OPEN_PATHS | console.PUBLIC_PATHS)
-    app.add_middleware(RequestIdMiddleware)  # outside the key check, so a refusal carries the id too
+    if settings.cors_origins:
+        app.add_middleware(JsonCORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(inventory.router)

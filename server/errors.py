@@ -23,6 +23,7 @@ from models.errors import (
     ModelNotFoundError,
     QueueFullError,
     UnknownDtypeError,
+    VariantPinnedError,
 )
 from server.request_id import request_id
 from server.streaming import ClientDisconnected
@@ -36,6 +37,7 @@ _ENGINE_ERRORS: list[tuple[type[EngineError], int, str]] = [
     (DtypeRefusedError, 422, "dtype_refused"),
     (ModelNotFoundError, 404, "model_not_found"),
     (InvalidRequestError, 400, "invalid_request_error"),
+    (VariantPinnedError, 409, "conflict"),
     (ModelLoadError, 500, "model_load_error"),
     (EngineUnavailableError, 503, "service_unavailable"),
     (GenerationFailedError, 503, "generation_failed"),

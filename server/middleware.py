@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: API keys and request body limits, before any routing or parsing."""
+"""Pure ASGI middleware: CORS, API keys and request body limits, before any routing or parsing."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import hmac
 import json
 import logging
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.anthropic_schemas import anthropic_error, is_anthropic_path
@@ -28,6 +31,24 @@ async def send_error(send: Send, status: int, type_: str, message: str, headers:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in our JSON error shape.
+
+    Installed outside the API-key check: browsers send preflights without credentials, so they are
+    answered from the CORS settings alone; the actual request still needs its key.
+    """
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
+        message = response.body.decode() + " (see --cors-origins)"
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                       "code": None, "status": response.status_code}},
+                            status_code=response.status_code, headers=headers)
 
 
 class ApiKeyMiddleware:

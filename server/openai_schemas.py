@@ -73,17 +73,22 @@ class CompletionRequest(_SamplingFields):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+# Constrained strings are checked as Unicode when parsed, so a lone surrogate ("\\ud800") is a 422,
+# as in `prompt`, instead of reaching the tokenizer.
+MessageText = Annotated[str, Field(max_length=1_000_000)]
+
+
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: MessageText
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: MessageText | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=256)
 
     def text(self) -> str:
         if isinstance(self.content, list):

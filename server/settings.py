@@ -9,17 +9,20 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import tomllib
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
 from models.catalog import default_model_ref
 from models.dtypes import ALIASES, DTYPE_NAMES, normalize_dtype
+from models.sizes import parse_size
 
 ENV_PREFIX = "DTYPE_SERVE_"
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
@@ -34,7 +37,9 @@ class Settings(BaseSettings):
                        f"(aliases {', '.join(ALIASES)}); auto keeps the checkpoint's dtype")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
-    model_dirs: tuple[Path, ...] = Field((), description="folders whose model subfolders requests may load")
+    model_dirs: Annotated[tuple[Path, ...], NoDecode] = Field(
+        (), description=f"folders whose model subfolders requests may load (in the environment: "
+        f"separated by {os.pathsep!r})")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none")
     max_batch_size: int = Field(16, ge=1, le=512, description="requests decoded together per variant")
@@ -52,20 +57,30 @@ class Settings(BaseSettings):
     prompt_cache_bytes: str = Field("0.05", description="per variant, KV cache kept to reuse shared prompt "
                                     "prefixes: 1GiB, 500MB, a fraction of device memory (0.05), or 0 for none")
     idle_unload_s: float | None = Field(None, gt=0, description="unload variants unused this long (seconds)")
-    pin_default: bool = Field(True, description="never evict the default variant")
+    pin_default: bool = Field(True, description="never evict or unload the default variant; off: it may be "
+                              "unloaded and loads again on demand (readiness stays 200)")
     blas: str = Field("auto", description="BLAS under MLX on Linux: auto | none | PATH to a CBLAS library")
     blas_threads: int | None = Field(None, ge=1, description="BLAS thread count (default: the library's)")
     api_key: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="API key(s) every route but /health needs (Bearer); several: comma-separated")
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field((), description="origins allowed by CORS (off if none)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body; larger is a 413")
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request head (all headers)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request head (request line and "
+                                  "headers); larger is a 431")
+    max_headers: int = Field(100, ge=8, le=10_000, description="most request headers; more is a 431")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600, description="a request's headers must arrive within this "
+                                    "(from the connection's opening or the request's first byte); else 408 and close")
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request's body must arrive within this "
+                                  "after its headers; else 408 and close")
+    keep_alive_s: float = Field(5.0, gt=0, le=3600, description="an idle connection between requests is closed "
+                                "after this")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     nonfinite_policy: Literal["warn", "refuse"] = Field(
         "warn", description="when a dtype yields non-finite logits: warn in the response, or refuse that dtype")
     trust_remote_code: bool = Field(False, description="allow model folders that ship Python code")
     warmup: bool = Field(True, description="run one short generation after loading the default variant")
-    log_level: str = Field("info", description="debug, info, warning or error")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="debug, info, warning, error or critical")
 
     @field_validator("api_key", "cors_origins", mode="before")
     @classmethod
@@ -74,10 +89,50 @@ class Settings(BaseSettings):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
 
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _path_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(v for v in value.split(os.pathsep) if v.strip())
+        return value
+
     @field_validator("dtype")
     @classmethod
     def _canonical_dtype(cls, value: str) -> str:
         return normalize_dtype(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_size(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            parse_size(value)
+        return value
+
+    @field_validator("prompt_cache_bytes")
+    @classmethod
+    def _cache_size(cls, value: str) -> str:
+        parse_size(value, allow_zero=True)
+        return value
+
+    @field_validator("model_dirs")
+    @classmethod
+    def _existing_folders(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        for folder in value:
+            if not folder.is_dir():
+                raise ValueError(f"{os.fspath(folder)!r} is not a folder")
+        return value
+
+    @field_validator("blas")
+    @classmethod
+    def _blas_choice(cls, value: str) -> str:
+        if value not in ("auto", "none") and not Path(value).expanduser().is_file():
+            raise ValueError(f"must be auto, none or the path of a BLAS library; {value!r} is no file")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -137,13 +192,25 @@ def default_text(field: Any) -> str:
     return str(value).replace("%", "%%")  # argparse formats help with %
 
 
+class ConfigFileError(ValueError):
+    """A config file that is missing or not valid TOML, or a value no source could decode."""
+
+
 def load_settings(argv: list[str] | None = None) -> Settings:
-    """Build Settings from CLI arguments, the environment and an optional config file."""
+    """Build Settings from CLI arguments, the environment and an optional config file.
+
+    Raises pydantic's ValidationError for bad values, ConfigFileError for an unreadable file."""
     args = vars(_cli_parser().parse_args(argv))
-    config = args.pop("config")
+    config = args.pop("config") or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if config and not Path(config).is_file():
+        raise ConfigFileError(f"config file {os.fspath(config)!r} is not a file")
     cli: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
-    token = _config_file.set(config)
+    token = _config_file.set(Path(config) if config else None)
     try:
         return Settings(**cli)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"config file {os.fspath(config)!r} is not valid TOML: {e}") from None
+    except SettingsError as e:
+        raise ConfigFileError(str(e)) from None
     finally:
         _config_file.reset(token)

@@ -43,14 +43,23 @@ async def client(app):
         yield c
 
 
+# What the catch-alls log (server/errors.py, models/engine.py): an exception nobody expected, i.e. a bug.
+CATCH_ALL_MESSAGES = ("unhandled error", "admitting a request failed", "engine call failed")
+
+
+def caught_by_catch_all(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage() in CATCH_ALL_MESSAGES]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(*args: str, env: dict | None = None, timeout: float = 120):
-    """A real `dtype-serve` process on a free port; returns (process, base URL) once ready."""
+def start_server(*args: str, env: dict | None = None, timeout: float = 120, preexec_fn=None):
+    """A real `dtype-serve` process on a free port; returns (process, base URL) once ready.
+    `preexec_fn` runs in the child before it starts (e.g. to lower its resource limits)."""
     import os
     import subprocess
     import sys
@@ -59,7 +68,7 @@ def start_server(*args: str, env: dict | None = None, timeout: float = 120):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning", *args],
                             cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:

@@ -3,14 +3,16 @@
 import asyncio
 import json
 import shutil
+import struct
 
 import httpx
+import mlx.core as mx
 import pytest
 
 from models.errors import EngineUnavailableError
 from models.single_stream import SingleStream
 from server.app import create_app
-from tests.conftest import BUNDLED, make_settings
+from tests.conftest import BUNDLED, caught_by_catch_all, make_settings
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,25 @@ def broken_models(tmp_path_factory):
     (copy("no-config") / "config.json").unlink()
     (copy("bad-config") / "config.json").write_text("{not json")
     (copy("wrong-arch") / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    (copy("deep-config") / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    deep_header = b"{" + b'"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (copy("deep-header") / "model.safetensors").write_bytes(struct.pack("<Q", len(deep_header)) + deep_header)
+    folder_weights = copy("weights-folder") / "model.safetensors"
+    folder_weights.unlink()
+    folder_weights.mkdir()
+    config_folder = copy("config-folder") / "config.json"
+    config_folder.unlink()
+    config_folder.mkdir()
+    config = json.loads((BUNDLED / "config.json").read_text())
+    (copy("bad-types") / "config.json").write_text(json.dumps({**config, "hidden_size": "wide"}))
+    (copy("bad-tokenizer") / "tokenizer.json").write_text("{not json")
+    (copy("deep-tokenizer") / "tokenizer.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    header = json.dumps({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]}}).encode()
+    (copy("negative-shape") / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    weights = copy("missing-tensor") / "model.safetensors"
+    tensors = mx.load(str(weights))
+    tensors.pop("model.norm.weight")
+    mx.save_safetensors(str(weights), tensors, metadata={"format": "mlx"})
     return root
 
 
@@ -47,6 +68,9 @@ async def still_serving(client):
     assert r.status_code == 200 and r.json()["text"] == "42"
 
 
+HEADERS_INTACT = {"wrong-arch", "bad-types", "bad-tokenizer", "deep-tokenizer", "missing-tensor"}
+
+
 @pytest.mark.parametrize("name,words", [
     ("truncated", ["truncated/model.safetensors", "truncated"]),
     ("corrupt", ["corrupt/model.safetensors"]),
@@ -54,21 +78,34 @@ async def still_serving(client):
     ("no-config", ["no-config/config.json", "missing"]),
     ("bad-config", ["bad-config/config.json"]),
     ("wrong-arch", ["wrong-arch"]),
+    ("deep-config", ["deep-config/config.json", "nested too deeply"]),
+    ("deep-header", ["deep-header/model.safetensors", "nested too deeply"]),
+    ("weights-folder", ["weights-folder/model.safetensors", "not a regular file"]),
+    ("config-folder", ["config-folder/config.json", "cannot be read"]),
+    ("bad-types", ["bad-types/config.json", "TypeError"]),
+    ("bad-tokenizer", ["bad-tokenizer's tokenizer files", "tokenizer.json"]),
+    ("deep-tokenizer", ["deep-tokenizer's tokenizer files", "RecursionError"]),
+    ("negative-shape", ["negative-shape/model.safetensors", "invalid header entry"]),
+    ("missing-tensor", ["missing-tensor/", "model*.safetensors", "model.norm.weight"]),
 ])
-async def test_broken_checkpoints_are_clear_errors_and_nothing_else_breaks(client, name, words):
+async def test_broken_checkpoints_are_clear_errors_and_nothing_else_breaks(client, name, words, caplog):
     _, c = client
     requests = [c.post("/generate", json={"prompt": "1+1=", "model": name}),
                 c.post("/models/load", json={"model": name, "dtype": "float16"})]
-    if name != "wrong-arch":  # the headers of an unknown architecture still give an estimate
+    if name not in HEADERS_INTACT:  # an estimate reads only config.json and the safetensors headers
         requests.append(c.get("/memory/estimate", params={"model": name}))
     for request in requests:
         r = await request
-        assert 400 <= r.status_code < 600 and r.status_code != 404, r.text
+        # deterministic: never a 503 or a Retry-After that would send clients back for the same error
+        assert 400 <= r.status_code < 600 and r.status_code not in (404, 503), r.text
+        assert "retry-after" not in r.headers
         message = r.json()["error"]["message"]
+        assert "internal error" not in message, message
         for w in words:
             assert w in message, message
         assert "Traceback" not in r.text and "/tmp" not in r.text and "/work" not in r.text
     await still_serving(c)
+    assert caught_by_catch_all(caplog) == []
 
 
 async def test_an_error_inside_generation_fails_that_request_only(client, monkeypatch):

@@ -2,6 +2,7 @@
 response that breaks the schema. Generation is kept short by the settings, not by the fuzzer."""
 
 import asyncio
+import logging
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
 from server.app import create_app
-from tests.conftest import make_settings
+from tests.conftest import CATCH_ALL_MESSAGES, make_settings
 
 APP = create_app(make_settings(max_tokens_limit=8, default_max_tokens=8, warmup=False))
 
@@ -36,6 +37,21 @@ CONFIG = SchemathesisConfig.from_dict({"checks": {
 schema = schemathesis.openapi.from_asgi("/openapi.json", app_with_engine_running, config=CONFIG)
 
 
+class CatchAllRecords(logging.Handler):
+    """Keeps what the catch-alls log during the sweep: each one is a bug to fix at its cause."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() in CATCH_ALL_MESSAGES:
+            self.messages.append(f"{record.getMessage()}: {record.exc_info and record.exc_info[1]!r}")
+
+
+CATCH_ALL = CatchAllRecords()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def running_engine():
     """Start the app's lifespan on a loop of its own: schemathesis calls the ASGI app synchronously."""
@@ -53,7 +69,9 @@ def running_engine():
     thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
     thread.start()
     assert started.wait(120)
+    logging.getLogger().addHandler(CATCH_ALL)
     yield
+    logging.getLogger().removeHandler(CATCH_ALL)
     loop.call_soon_threadsafe(stop.set)
     thread.join(60)
 
@@ -70,3 +88,7 @@ def test_api_conforms_to_its_schema(case):
 
 def test_at_least_a_thousand_cases_ran():
     assert len(CASES) >= 1000, f"only {len(CASES)} cases"
+
+
+def test_no_case_reached_a_catch_all():
+    assert CATCH_ALL.messages == []

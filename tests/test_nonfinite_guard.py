@@ -1,6 +1,7 @@
 """float16 overflow while serving: a warning by default, a refusal under the `refuse` policy."""
 
 import asyncio
+import json
 
 import httpx
 import mlx.core as mx
@@ -79,6 +80,46 @@ async def test_refuse_policy_refuses_the_dtype_and_keeps_the_rest(model_dir):
         assert (await client.post("/generate", json=body("float32"))).status_code == 200
         ok = await client.post("/generate", json={"prompt": "17+25=", "max_tokens": 8})
         assert ok.status_code == 200 and ok.json()["text"] == "42"
+    finally:
+        await client.aclose()
+        await ctx.__aexit__(None, None, None)
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, which Python writes but JSON does not have."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def sse_events(text: str) -> list:
+    data = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [strict_json(d) for d in data[:-1]]
+
+
+async def test_logprobs_of_non_finite_logits_are_null_in_valid_json(model_dir):
+    ctx, client = await serve(model_dir)
+    try:
+        completion = {"prompt": "The cat", "model": "overflow:float16", "max_tokens": 3, "logprobs": 2}
+        chat = {"model": "overflow:float16", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                "logprobs": True, "top_logprobs": 2}
+        r = await client.post("/v1/completions", json=completion)
+        assert r.status_code == 200, r.text
+        logprobs = strict_json(r.text)["choices"][0]["logprobs"]
+        assert logprobs["token_logprobs"] == [None] * 3
+        assert all(v is None for top in logprobs["top_logprobs"] for v in top.values())
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200, r.text
+        content = strict_json(r.text)["choices"][0]["logprobs"]["content"]
+        assert [e["logprob"] for e in content] == [None] * 3
+        assert all(t["logprob"] is None for e in content for t in e["top_logprobs"])
+        for route, request in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
+            r = await client.post(route, json={**request, "stream": True})
+            assert r.status_code == 200
+            assert len(sse_events(r.text)) >= 2
+        finite = await client.post("/v1/completions", json={**completion, "model": "overflow:float32"})
+        assert all(isinstance(v, float) for v in finite.json()["choices"][0]["logprobs"]["token_logprobs"])
     finally:
         await client.aclose()
         await ctx.__aexit__(None, None, None)

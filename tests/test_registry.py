@@ -1,6 +1,7 @@
 """Variants under a memory budget: estimates, refusals, LRU eviction, single loads, unloading."""
 
 import asyncio
+import shutil
 import sys
 
 import httpx
@@ -182,5 +183,56 @@ async def test_a_variant_in_use_is_never_evicted(model_dir):
         assert (await task).status_code == 200
         r = await client.post("/generate", json={"prompt": "1+1=", "dtype": "float16", "max_tokens": 4})
         assert r.status_code == 200
+    finally:
+        await close(ctx, client)
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])  # the bundled model's own dtype, by both names
+async def test_the_pinned_default_variant_cannot_be_unloaded(roomy, dtype):
+    r = await roomy.delete(f"/models/tiny-arith/{dtype}")
+    assert r.status_code == 409 and r.json()["error"]["type"] == "conflict", r.text
+    assert "pinned" in r.json()["error"]["message"] and "retry-after" not in r.headers
+    resident = [(v["model"], v["dtype"]) for v in (await roomy.get("/memory")).json()["variants"]]
+    assert ("tiny-arith", "bfloat16") in resident
+    assert (await roomy.get("/health/ready")).status_code == 200
+    r = await roomy.post("/generate", json={"prompt": "17+25=", "max_tokens": 8})
+    assert r.json()["text"] == "42"
+
+
+async def test_without_pinning_the_default_unloads_and_comes_back_on_demand():
+    app, ctx, client = await app_client(pin_default=False)
+    try:
+        assert (await client.delete("/models/tiny-arith/bfloat16")).status_code == 200
+        assert (await client.get("/memory")).json()["variants"] == []
+        assert (await client.get("/health/ready")).status_code == 200  # ready: the default loads on demand
+        r = await client.post("/generate", json={"prompt": "17+25=", "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["text"] == "42"
+    finally:
+        await close(ctx, client)
+
+
+async def test_model_dirs_list_only_what_can_be_served_and_follow_links_that_stay_inside(tmp_path):
+    from tests.conftest import BUNDLED
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    shutil.copytree(BUNDLED, allowed / "real")
+    shutil.copytree(BUNDLED, allowed / "nested" / "deep")
+    shutil.copytree(BUNDLED, outside / "elsewhere")
+    (allowed / "link-inside").symlink_to(allowed / "real")
+    (allowed / "link-nested").symlink_to(allowed / "nested" / "deep")
+    (allowed / "link-outside").symlink_to(outside / "elsewhere")
+    (allowed / "link-to-root").symlink_to(allowed)
+    (allowed / "link-loop").symlink_to(allowed / "link-loop")
+    (allowed / "link-dangling").symlink_to(tmp_path / "gone")
+    app, ctx, client = await app_client(model_dirs=(allowed,))
+    try:
+        listed = {m["id"] for m in (await client.get("/v1/models")).json()["data"] if ":" not in m["id"]}
+        assert listed == {"tiny-arith", "real", "link-inside", "link-nested"}
+        for name in listed:
+            r = await client.post("/generate", json={"prompt": "17+25=", "max_tokens": 8, "model": name})
+            assert r.status_code == 200 and r.json()["text"] == "42", (name, r.text)
+        for name in ("link-outside", "link-to-root", "link-loop", "link-dangling"):
+            r = await client.post("/generate", json={"prompt": "1+1=", "model": name})
+            assert r.status_code == 404 and "/tmp" not in r.text, (name, r.text)
     finally:
         await close(ctx, client)

@@ -99,3 +99,45 @@ async def test_cors_is_closed_by_default(client):
     r = await client.options("/generate", headers={"Origin": "http://evil.example",
                                                    "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in r.headers
+
+
+ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+async def browser_facing():
+    """API keys and CORS for one origin, as a server that browsers call."""
+    app = create_app(make_settings(api_key=KEYS, cors_origins=(ORIGIN,), warmup=False))
+    async with app.router.lifespan_context(app):
+        await app.state.start_task
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                     timeout=60) as client:
+            yield client
+
+
+def preflight(origin: str) -> dict:
+    return {"Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+async def test_cors_preflight_needs_no_key_but_the_request_does(browser_facing):
+    r = await browser_facing.options("/v1/chat/completions", headers=preflight(ORIGIN))
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    chat = {"messages": [{"role": "user", "content": "17+25="}], "max_tokens": 8}
+    refused = await browser_facing.post("/v1/chat/completions", json=chat, headers={"Origin": ORIGIN})
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    assert refused.headers["access-control-allow-origin"] == ORIGIN  # the page can read why
+    ok = await browser_facing.post("/v1/chat/completions", json=chat,
+                                   headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEYS[0]}"})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "42"
+    assert ok.headers["access-control-allow-origin"] == ORIGIN
+
+
+async def test_cors_preflight_of_another_origin_is_a_json_refusal(browser_facing):
+    r = await browser_facing.options("/v1/chat/completions", headers=preflight("https://evil.example"))
+    assert r.status_code == 400 and "origin" in r.json()["error"]["message"]
+    assert "access-control-allow-origin" not in r.headers
+    plain = await browser_facing.options("/v1/chat/completions")  # not a preflight: the key applies
+    assert plain.status_code == 401

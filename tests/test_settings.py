@@ -1,5 +1,6 @@
 """Configuration precedence: CLI > environment > config file > defaults."""
 
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,34 @@ def test_cli_rejects_bad_dtype_with_a_clear_message():
                           text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "unknown dtype 'float8'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,env,words", [
+    (["--memory-budget", "abc"], {}, "memory_budget: 'abc' is not a size"),
+    (["--memory-budget", "1e400"], {}, "memory_budget: '1e400' is not a finite size"),
+    (["--prompt-cache-bytes", "-1"], {}, "prompt_cache_bytes: '-1' must be positive"),
+    (["--log-level", "loud"], {}, "log_level:"),
+    (["--model-dirs", "/no/such/folder"], {}, "model_dirs: '/no/such/folder' is not a folder"),
+    (["--blas", "/no/such/libblas.so"], {}, "blas: must be auto, none or the path"),
+    (["--config", "/no/such/file.toml"], {}, "config file '/no/such/file.toml' is not a file"),
+    (["--config", "BAD_TOML"], {}, "is not valid TOML"),
+    ([], {"DTYPE_SERVE_MODEL_DIRS": "/no/such/folder"}, "model_dirs: '/no/such/folder' is not a folder"),
+    (["--model", "/no/such/model"], {}, "is neither a folder nor a Hugging Face id"),
+])
+def test_every_bad_setting_is_one_line_and_exit_code_2(tmp_path, args, env, words):
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("port = \n")
+    args = [str(bad_toml) if a == "BAD_TOML" else a for a in args]
+    # --port 0: should a bad value slip through, the server starts on a free port and the timeout ends it
+    proc = subprocess.run([sys.executable, "-m", "server", "--port", "0", "--no-warmup", "--log-level", "warning",
+                           *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=60)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("dtype-serve: ") and words in lines[0], proc.stderr[-2000:]
+
+
+def test_model_dirs_from_the_environment_are_path_separated(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.setenv("DTYPE_SERVE_MODEL_DIRS", f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}")
+    assert load_settings([]).model_dirs == (tmp_path / "a", tmp_path / "b")

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.deps import ReadyEngine
-from server.schemas import ERROR_RESPONSES, Dtype
+from server.schemas import ERROR_RESPONSES, Dtype, ErrorBody
 
 router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
@@ -25,6 +25,7 @@ async def load(body: LoadRequest, engine: ReadyEngine) -> dict:
     return await engine.load(body.model, body.dtype)
 
 
-@router.delete("/models/{model:path}/{dtype}", summary="Unload a resident variant and free its memory")
+@router.delete("/models/{model:path}/{dtype}", summary="Unload a resident variant and free its memory",
+               responses={409: {"model": ErrorBody, "description": "the pinned default variant stays resident"}})
 async def unload(model: str, dtype: Dtype, engine: ReadyEngine) -> dict:
     return await engine.unload(model, dtype)

@@ -70,7 +70,7 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> dict:
-    def item(token: str, logprob: float) -> dict:
+    def item(token: str, logprob: float | None) -> dict:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
