@@ -73,7 +73,9 @@ class HostSampler:
         rows = rows - rows.max(axis=-1, keepdims=True)
         if 0 < self.top_p < 1:
             rows = np.where(rows < top_p_threshold(rows, self.top_p), -np.inf, rows)
-        weights = np.exp(rows / self.temperature)
+        # float64: a temperature below float32's range would divide by zero; the rest underflow to weight 0
+        with np.errstate(over="ignore"):
+            weights = np.exp(rows / np.float64(self.temperature))
         mass = np.cumsum(weights, axis=-1)
         # u in (0, total]: the first token whose cumulative mass reaches it has a weight above 0
         u = (1.0 - self.rng.random(len(rows))) * mass[:, -1]

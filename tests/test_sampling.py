@@ -44,6 +44,14 @@ def test_host_draws_follow_the_distribution_within_the_nucleus():
     assert (cold == 0).mean() > 0.9
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-46, 1e-300])
+def test_a_temperature_below_float32s_range_draws_the_argmax_without_warnings(temperature):
+    logits = mx.array([[0.5, 3.0, -1.0, 2.9], [7.0, 1.0, 6.5, 0.0]])
+    with np.errstate(divide="raise", invalid="raise"):  # as schemathesis found: both, at float32
+        tokens = HostSampler(temperature, 1.0, np.random.default_rng(0))(logits)
+    assert tokens.tolist() == [1, 0]
+
+
 def test_seeds_reproduce_and_unseeded_settings_share_one_sampler():
     lp = _logprobs(4, 500, 1.0)
     draws = [make_request_sampler(0.8, 0.95, seed)(lp).tolist() for seed in (3, 3, 4)]
