@@ -23,6 +23,9 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     ignore_eos: bool = False  # generate max_tokens even past end-of-sequence (benchmarks, load tests)
+    # Requests reuse cached prompt prefixes only within one scope (the server derives it from the
+    # tenant and the request's cache_salt): an opaque string, never shown to anyone.
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True)

@@ -452,7 +452,7 @@ class MLXEngine:
         job.prompt_tokens = len(tokens)
         job.detokenizer = streaming_detokenizer(variant.loaded.tokenizer)
         job.matcher = StopStringMatcher(params.stop)
-        cache, job.cached_tokens = variant.prefix.fetch(tokens)
+        cache, job.cached_tokens = variant.prefix.fetch(tokens, params.cache_scope)
         if not variant.jobs and self.single_stream and not burst:
             stop_ids = set() if params.ignore_eos else set(variant.loaded.tokenizer.eos_token_ids)
             job.uid = next(self._single_uids)
@@ -510,17 +510,18 @@ class MLXEngine:
     def _drop_sequence(self, variant: Variant, uid: int) -> None:
         """Stop decoding one sequence, wherever it is decoded; keep its KV cache for reuse."""
         variant.joining.discard(uid)
+        scope = variant.jobs[uid].params.cache_scope
         if variant.single is not None and variant.single.uid == uid:
-            self._retire_single(variant)
+            self._retire_single(variant, scope)
         elif variant.generator is not None:
             for cache, tokens in variant.generator.remove([uid], return_prompt_caches=True).values():
-                variant.prefix.store(tokens, cache)
+                variant.prefix.store(tokens, cache, scope)
 
     @staticmethod
-    def _retire_single(variant: Variant) -> None:
+    def _retire_single(variant: Variant, scope: str) -> None:
         single, variant.single = variant.single, None
         variant.joining.clear()
-        variant.prefix.store(*single.cached_context())
+        variant.prefix.store(*single.cached_context(), scope)
 
     def _step_all(self) -> None:
         for variant in list(self._variants.values()):
@@ -553,8 +554,8 @@ class MLXEngine:
                 job = variant.jobs.get(response.uid)
                 if job is not None:
                     self._on_token(variant, job, response)
-                if getattr(response, "prompt_cache", None):  # a finished batch sequence
-                    variant.prefix.store(response.all_tokens, response.prompt_cache)
+                    if getattr(response, "prompt_cache", None):  # a finished batch sequence
+                        variant.prefix.store(response.all_tokens, response.prompt_cache, job.params.cache_scope)
             variant.joining.difference_update(r.uid for r in joined)
             if variant.single is not None and not variant.joining and len(variant.jobs) > 1:
                 self._handoff(variant)  # the others (all in the batch) decode: the lone stream joins them
@@ -634,7 +635,7 @@ class MLXEngine:
     def _finish(self, variant: Variant, job: _Job, reason: str, now: float) -> None:
         variant.jobs.pop(job.uid, None)
         if variant.single is not None and variant.single.uid == job.uid:
-            self._retire_single(variant)
+            self._retire_single(variant, job.params.cache_scope)
         variant.requests_served += 1
         job.done = True
         first = job.first_token_at or now

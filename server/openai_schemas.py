@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
-from server.schemas import SEED_LIMIT, Dtype, StopStrings, numbers_only
+from server.schemas import SEED_LIMIT, CacheSalt, Dtype, StopStrings, numbers_only
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -52,6 +52,7 @@ class _SamplingFields(BaseModel):
     logit_bias: LogitBias | None = Field(None, description="token id -> bias in [-100, 100]")
     user: str | None = Field(None, max_length=256)
     ignore_eos: StrictBool = Field(False, description="extension: generate max_tokens even past end-of-sequence")
+    cache_salt: CacheSalt
 
 
     _numbers = numbers_only("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty")
