@@ -95,8 +95,9 @@ class MLXEngine:
                  nonfinite_policy: str = "warn", single_stream: bool = True,
                  prompt_cache_bytes: str | None = "0", stream_interval_s: float = 0.0,
                  stream_events_per_s: float = 0.0, gather_s: float = 0.03,
-                 pad_prefill: bool | None = None) -> None:
+                 pad_prefill: bool | None = None, show_paths: bool = False) -> None:
         self.catalog = catalog
+        self.show_paths = show_paths  # /memory and reports name files by path (else by name only)
         self.default_model = default_model
         self.default_dtype = normalize_dtype(default_dtype)
         self.max_batch_size = max_batch_size
@@ -705,7 +706,7 @@ class MLXEngine:
                                     required_bytes=need, available_bytes=free, dtype="float32", retry=False)
         try:
             job = FidelityJob(name, folder, wanted, list(prompts) if prompts else None,
-                              trust_remote_code=self.registry.trust_remote_code)
+                              trust_remote_code=self.registry.trust_remote_code, show_paths=self.show_paths)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
         while len(self._reports) >= 8:  # keep the newest reports only
@@ -742,7 +743,8 @@ class MLXEngine:
         return {
             "variants": [v.describe() for v in self._variants.values()],
             "process": process_memory(),
-            "device": {**device_info(), "blas": blas_info().as_dict(), "cpu_kernels": fused_kernels_state()},
+            "device": {**device_info(), "blas": blas_info().as_dict(paths=self.show_paths),
+                       "cpu_kernels": fused_kernels_state()},
             "budget": self.registry.report(),
             "worker": {"seconds": {k: round(v, 6) for k, v in self.worker_seconds.items()},
                        "decode_steps": self.decode_steps, "unmasked_steps": self.unmasked_steps,

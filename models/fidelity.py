@@ -132,8 +132,9 @@ class FidelityJob:
                  prompts: Sequence[str] | None = None, task: Task | str | None = "auto", *,
                  greedy_tokens: int = 32, prefill_tokens: int = 128, decode_tokens: int = 32,
                  speed_repeats: int = 3, task_batch: int = 32, reference_cache_bytes: int = 256 * 2**20,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, show_paths: bool = False) -> None:
         self.name = name
+        self.show_paths = show_paths  # file paths in the result (the BLAS library); names only otherwise
         self.folder = Path(folder)
         requested = [REFERENCE]
         for d in dtypes:
@@ -520,7 +521,7 @@ class FidelityJob:
                       "with a KV cache, batch 1; median of the repeats after one warm-up"},
             "task": task,
             "device": device_info(),
-            "blas": blas_info().as_dict(),
+            "blas": blas_info().as_dict(paths=self.show_paths),
             "dtypes": dtypes,
             "warnings": list(self.warnings),
         }

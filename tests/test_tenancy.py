@@ -78,3 +78,28 @@ async def test_without_keys_the_salt_still_isolates():
         assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     finally:
         await close(ctx, client)
+
+
+def absolute_paths(value) -> list[str]:
+    """Every string in a JSON value that looks like a path on the host."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in absolute_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in absolute_paths(v)]
+    return [value] if isinstance(value, str) and (value.startswith(("/", "~")) or "/home/" in value
+                                                  or "/root/" in value) else []
+
+
+async def test_memory_names_files_not_paths(client):
+    memory = (await client.get("/memory")).json()
+    assert absolute_paths(memory) == []
+    assert memory["device"]["blas"]["library"]  # still named
+
+
+async def test_the_operator_may_ask_for_paths():
+    app, ctx, client = await app_client(show_paths=True)
+    try:
+        library = (await client.get("/memory")).json()["device"]["blas"]["library"]
+        assert library.startswith("/") or library in ("reference", "accelerate", "mlx-gpu")
+    finally:
+        await close(ctx, client)
