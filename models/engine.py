@@ -683,18 +683,19 @@ class MLXEngine:
 
     # ---- fidelity reports (worker thread, one unit of work between decode steps) ------------
     async def report(self, model: str | None, dtypes: tuple[str, ...] | None,
-                     prompts: tuple[str, ...] | None) -> dict:
-        """Start (or look up) the fidelity report of a model; its status, with the result when done."""
-        return await self._call(lambda: self._report_status(self._get_report(model, dtypes, prompts)))
+                     prompts: tuple[str, ...] | None, retry: bool = False) -> dict:
+        """Start (or look up) the fidelity report of a model; its status, with the result when done.
+        A failed report stays failed, with its reason, until `retry` asks for it again."""
+        return await self._call(lambda: self._report_status(self._get_report(model, dtypes, prompts, retry)))
 
     def _get_report(self, model: str | None, dtypes: tuple[str, ...] | None,
-                    prompts: tuple[str, ...] | None) -> FidelityJob:
+                    prompts: tuple[str, ...] | None, retry: bool = False) -> FidelityJob:
         name = model or self.default_model
         folder = self.catalog.resolve(name)
         wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or DEFAULT_DTYPES)}))
         key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest())
         job = self._reports.get(key)
-        if job is not None and job.error is None:
+        if job is not None and not (retry and job.error is not None):
             return job
         # Its own float32 copy plus one other variant at a time must fit beside what is resident.
         sizes = [estimate_variant(folder, d)["total_bytes"] for d in {"float32", *wanted}]

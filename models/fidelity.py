@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -38,6 +39,7 @@ from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 from models.catalog import default_model_ref  # noqa: E402
 from models.dtypes import AUTO, normalize_dtype  # noqa: E402
+from models.errors import EngineError  # noqa: E402
 from models.loader import LoadedModel, load_variant, resolve_auto  # noqa: E402
 from models.memory import device_info  # noqa: E402
 from models.probes import probe_set, validate_prompts  # noqa: E402
@@ -115,6 +117,14 @@ def kl_divergence(ref: mx.array, out: mx.array) -> mx.array:
     out_lp = out - mx.logsumexp(out, axis=-1, keepdims=True)
     textbook = mx.sum(p * (ref_lp - out_lp), axis=-1)
     return mx.maximum(mx.where(near, small, textbook), 0.0)
+
+
+def failure_reason(error: BaseException) -> str:
+    """What a client is told of a failed report: an engine error's own (safe) message; otherwise the
+    error's type and message with host paths cut to their file names."""
+    if isinstance(error, EngineError):
+        return str(error)
+    return f"{type(error).__name__}: " + re.sub(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r"\1", str(error))
 
 
 class FidelityJob:
@@ -200,7 +210,7 @@ class FidelityJob:
         except StopIteration:
             pass
         except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = failure_reason(e)
             self.stage = "failed"
             self._plan_iter = None
             self._free()

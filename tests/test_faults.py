@@ -71,6 +71,27 @@ async def test_broken_checkpoints_are_clear_errors_and_nothing_else_breaks(clien
     await still_serving(c)
 
 
+async def test_a_report_whose_model_fails_to_load_says_so_and_is_not_rerun(client):
+    app, c = client
+    params = {"model": "wrong-arch", "dtypes": ["bfloat16"]}  # its headers pass the estimate; its load fails
+    for _ in range(200):
+        r = await c.get("/v1/dtypes/report", params=params)
+        if r.json()["state"] != "running":
+            break
+        await asyncio.sleep(0.05)
+    body = r.json()
+    assert r.status_code == 200 and body["state"] == "failed", body
+    assert "wrong-arch" in body["error"] and "not supported" in body["error"] and "/tmp" not in body["error"]
+    loads = app.state.engine._reports.copy()
+    for _ in range(3):  # polling again shows the failure; nothing is run again
+        again = await c.get("/v1/dtypes/report", params=params)
+        assert again.json()["state"] == "failed" and again.json()["error"] == body["error"]
+    assert app.state.engine._reports == loads
+    retried = await c.get("/v1/dtypes/report", params={**params, "retry": "true"})  # asked again explicitly
+    assert retried.json()["state"] in ("running", "failed") and app.state.engine._reports != loads
+    await still_serving(c)
+
+
 async def test_an_error_inside_generation_fails_that_request_only(client, monkeypatch):
     _, c = client
     await still_serving(c)
