@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ from models.estimate import estimate_variant
 from models.fidelity import DEFAULT_DTYPES, FidelityJob
 from models.memory import device_info, parse_budget, process_memory
 from models.prefill import shapes_cost
+from models.prompts import PromptEncoder
 from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
 from models.single_stream import SingleStream
@@ -64,6 +66,7 @@ class _Job:
     params: GenerationParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    tokens: list[int] | None = None  # the prompt's tokens, when encoded before reaching the worker
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     done: bool = False
@@ -123,6 +126,10 @@ class MLXEngine:
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s,
                                         prompt_cache_bytes=parse_budget(prompt_cache_bytes, allow_zero=True))
         self._variants = self.registry.variants
+        # Per model name, its tokenizer and context, once loaded: requests are tokenized and checked on
+        # the `_tokenizing` threads, off the MLX worker (written by the worker, read by the event loop).
+        self._encoders: dict[str, PromptEncoder] = {}
+        self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._reports: dict[tuple, FidelityJob] = {}  # fidelity reports, cached per (model, dtypes, prompts)
         self._commands: queue.Queue = queue.Queue()
         self._outbox: list[tuple[_Job, Any]] = []
@@ -198,6 +205,7 @@ class MLXEngine:
             self._state = "stopping"
             self._commands.put(_STOP)
             await asyncio.to_thread(self._thread.join, 30)
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
         self._state = "stopped"
 
     def health(self) -> dict:
@@ -224,6 +232,7 @@ class MLXEngine:
             raise QueueFullError(f"the server is at capacity ({self.max_batch_size} running, "
                                  f"{self.max_queue} queued); retry shortly")
         job = _Job(params, asyncio.get_running_loop(), asyncio.Queue(), outbox=self._outbox)
+        job.tokens = await self._encode_off_worker(params)
         self._open_jobs += 1
         self._busy_peak = max(self._busy_peak, self._open_jobs)
         if self._open_jobs > 1:
@@ -252,6 +261,15 @@ class MLXEngine:
             if not job.done:
                 job.cancelled = True
                 self._commands.put(("wake", None))
+
+    async def _encode_off_worker(self, params: GenerationParams) -> list[int] | None:
+        """The prompt's tokens, encoded on a tokenizing thread, once its model's tokenizer is known (else
+        None: the worker encodes it after loading). A text too long for the context is refused unread."""
+        encoder = self._encoders.get(params.model or self.default_model)
+        if encoder is None:
+            return None
+        encoder.check_size(params)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encoder.encode, params)
 
     async def load(self, model: str | None, dtype: str | None) -> dict:
         return await self._call(lambda: self.registry.get(model or self.default_model, dtype).describe())
@@ -411,18 +429,14 @@ class MLXEngine:
                 raise
             loop.call_soon_threadsafe(_settle, future, result, error)
 
-    def _encode(self, variant: Variant, params: GenerationParams) -> list[int]:
-        tokenizer = variant.loaded.tokenizer
-        if params.messages is not None:
-            text = tokenizer.apply_chat_template(list(params.messages), add_generation_prompt=True,
-                                                 tokenize=False)
-        else:
-            text = params.prompt or ""
-        bos = tokenizer.bos_token
-        tokens = tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
-        if not tokens:
-            raise InvalidRequestError("the prompt is empty after tokenization")
-        return tokens
+    def _encoder(self, variant: Variant) -> PromptEncoder:
+        """The variant's model's encoder, made known to the event loop for the requests that follow."""
+        name = variant.loaded.name
+        encoder = self._encoders.get(name)
+        if encoder is None or encoder.tokenizer is not variant.loaded.tokenizer:
+            encoder = self._encoders[name] = PromptEncoder.of(variant.loaded.tokenizer,
+                                                              variant.loaded.context_length)
+        return encoder
 
     def _admit(self, job: _Job, burst: bool = False) -> None:
         """Start a request: alone (the lone-stream path) unless others decode or start with it (`burst`)."""
@@ -431,16 +445,11 @@ class MLXEngine:
             return
         params = job.params
         variant = self.registry.get(params.model or self.default_model, params.dtype)
-        tokens = self._encode(variant, params)
+        encoder = self._encoder(variant)
+        tokens = job.tokens if job.tokens is not None else encoder.encode(params)
         context = variant.loaded.context_length
         max_tokens = params.max_tokens or min(self.default_max_tokens, context - len(tokens))
-        if len(tokens) >= context:
-            raise InvalidRequestError(f"the prompt ({len(tokens)} tokens) does not fit the context length "
-                                      f"of {context} tokens")
-        if len(tokens) + max_tokens > context:
-            raise InvalidRequestError(
-                f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"context length of {context} tokens")
+        encoder.check_fits(tokens, max_tokens)
         vocab = variant.loaded.config.get("vocab_size") or len(variant.loaded.tokenizer.get_vocab())
         if any(not 0 <= token < vocab for token, _ in params.logit_bias):
             raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")

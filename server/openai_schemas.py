@@ -74,6 +74,9 @@ class CompletionRequest(_SamplingFields):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+MAX_TEXT_PARTS = 64  # per message: each part is validated and joined on the event loop
+
+
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
@@ -83,7 +86,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_TEXT_PARTS)] | None = None
     name: str | None = None
 
     def text(self) -> str:
