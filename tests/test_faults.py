@@ -30,6 +30,10 @@ def broken_models(tmp_path_factory):
     (copy("no-config") / "config.json").unlink()
     (copy("bad-config") / "config.json").write_text("{not json")
     (copy("wrong-arch") / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    (copy("fixed-later") / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    config = json.loads((BUNDLED / "config.json").read_text())
+    (copy("many-layers") / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 100_000}))
+    (copy("huge-vocab") / "config.json").write_text(json.dumps({**config, "vocab_size": 10**12}))
     return root
 
 
@@ -90,6 +94,34 @@ async def test_a_report_whose_model_fails_to_load_says_so_and_is_not_rerun(clien
     retried = await c.get("/v1/dtypes/report", params={**params, "retry": "true"})  # asked again explicitly
     assert retried.json()["state"] in ("running", "failed") and app.state.engine._reports != loads
     await still_serving(c)
+
+
+async def test_a_config_that_cannot_be_sane_is_refused_from_the_estimate(client):
+    _, c = client
+    for route in ("generate", "estimate"):
+        r = await (c.post("/generate", json={"prompt": "1+1=", "model": "many-layers"}) if route == "generate"
+                   else c.get("/memory/estimate", params={"model": "many-layers"}))
+        assert r.status_code == 500 and r.json()["error"]["type"] == "model_load_error", r.text
+        assert "declares 100000 layers, but the checkpoint holds 4" in r.json()["error"]["message"]
+    r = await c.post("/generate", json={"prompt": "1+1=", "model": "huge-vocab"})
+    assert r.status_code == 507 and "config declares shapes" in r.json()["error"]["message"], r.text
+    await still_serving(c)
+
+
+async def test_a_failed_load_is_remembered_for_a_while(client, broken_models):
+    app, c = client
+    first = await c.post("/generate", json={"prompt": "1+1=", "model": "fixed-later", "max_tokens": 4})
+    assert first.status_code == 500 and "not supported" in first.json()["error"]["message"]
+    shutil.copy(BUNDLED / "config.json", broken_models / "fixed-later" / "config.json")  # repaired meanwhile
+    again = await c.post("/generate", json={"prompt": "1+1=", "model": "fixed-later", "max_tokens": 4})
+    assert again.status_code == 500 and again.json() == first.json()  # not tried again: the failure is kept
+    budget = (await c.get("/memory")).json()["budget"]
+    assert [f["model"] for f in budget["failed_loads"]] == ["fixed-later"]
+    registry = app.state.engine.registry
+    when, error = registry.failed_loads["fixed-later"]
+    registry.failed_loads["fixed-later"] = (when - 61, error)  # as if a minute had passed
+    later = await c.post("/generate", json={"prompt": "17+25=", "model": "fixed-later", "max_tokens": 8})
+    assert later.status_code == 200 and later.json()["text"] == "42"
 
 
 async def test_an_error_inside_generation_fails_that_request_only(client, monkeypatch):
