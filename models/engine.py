@@ -59,6 +59,10 @@ CHECK_EVERY = 4  # decode steps between non-finite checks under the `warn` polic
 # in all, so that the burst is prefilled together rather than its first request alone.
 GATHER_GAP_S = 0.005
 CONCURRENT_RECENTLY_S = 10.0
+# While no request decodes, a report runs its steps for up to this long per worker iteration (while
+# requests decode, one step per decode step).
+REPORT_SLICE_S = 0.02
+REPORT_START_WINDOW_S = 3600.0  # report_starts_per_hour counts the starts within this window
 
 
 @dataclass(eq=False)
@@ -98,7 +102,8 @@ class MLXEngine:
                  nonfinite_policy: str = "warn", single_stream: bool = True,
                  prompt_cache_bytes: str | None = "0", stream_interval_s: float = 0.0,
                  stream_events_per_s: float = 0.0, gather_s: float = 0.03,
-                 pad_prefill: bool | None = None, show_paths: bool = False) -> None:
+                 pad_prefill: bool | None = None, show_paths: bool = False,
+                 report_starts_per_hour: int | None = None) -> None:
         self.catalog = catalog
         self.show_paths = show_paths  # /memory and reports name files by path (else by name only)
         self.default_model = default_model
@@ -131,6 +136,8 @@ class MLXEngine:
         self._encoders: dict[str, PromptEncoder] = {}
         self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._reports: dict[tuple, FidelityJob] = {}  # fidelity reports, cached per (model, dtypes, prompts)
+        self.report_starts_per_hour = report_starts_per_hour  # new reports allowed per hour (None: any)
+        self._report_starts: list[float] = []  # when reports were started, within the last window
         self._commands: queue.Queue = queue.Queue()
         self._outbox: list[tuple[_Job, Any]] = []
         # Text deltas wait up to this long and go out merged: one event-loop wake-up (and one SSE
@@ -706,6 +713,7 @@ class MLXEngine:
         job = self._reports.get(key)
         if job is not None and not (retry and job.error is not None):
             return job
+        self._check_report_start()
         # Its own float32 copy plus one other variant at a time must fit beside what is resident.
         sizes = [estimate_variant(folder, d)["total_bytes"] for d in {"float32", *wanted}]
         need = estimate_variant(folder, "float32")["total_bytes"] + max(sizes)
@@ -722,7 +730,20 @@ class MLXEngine:
         while len(self._reports) >= 8:  # keep the newest reports only
             self._reports.pop(next(iter(self._reports))).close()
         self._reports[key] = job
+        self._report_starts.append(time.monotonic())
         return job
+
+    def _check_report_start(self) -> None:
+        """Refuse a new report (429) once report_starts_per_hour have started within the last hour."""
+        if self.report_starts_per_hour is None:
+            return
+        now = time.monotonic()
+        self._report_starts = [t for t in self._report_starts if now - t < REPORT_START_WINDOW_S]
+        if len(self._report_starts) >= self.report_starts_per_hour:
+            wait = REPORT_START_WINDOW_S - (now - self._report_starts[0]) if self._report_starts else None
+            raise QueueFullError(f"the server starts at most {self.report_starts_per_hour} new dtype reports "
+                                 "an hour" + (f"; the next may start in {wait:.0f} s" if wait else "")
+                                 + " (reports already computed are still served)")
 
     def _running_report(self) -> FidelityJob | None:
         return next((j for j in self._reports.values() if not j.done and j.error is None), None)
@@ -731,8 +752,13 @@ class MLXEngine:
         job = self._running_report()
         if job is None:
             return
+        serving = any(v.jobs for v in self._variants.values())
+        deadline = time.perf_counter() + (0.0 if serving else REPORT_SLICE_S)
         try:
-            if job.step() and self.nonfinite_policy == "refuse":
+            done = job.step()
+            while not done and time.perf_counter() < deadline:
+                done = job.step()
+            if done and self.nonfinite_policy == "refuse":
                 for dtype, entry in job.result["dtypes"].items():
                     if entry.get("nonfinite_share"):
                         self.registry.refuse((job.name, dtype), f"{dtype} produced non-finite logits for "

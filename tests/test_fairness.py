@@ -69,3 +69,21 @@ def test_the_bound_never_refuses_a_prompt_that_fits(app):
     assert encoder.max_token_chars >= max(len(loaded.tokenizer.decode([i])) for i in range(len(
         loaded.tokenizer.get_vocab())))
     assert encoder.max_chars >= loaded.context_length
+
+
+async def test_report_starts_are_limited_by_the_operator():
+    from tests.test_registry import app_client, close
+
+    app, ctx, client = await app_client(report_starts_per_hour=1)
+    try:
+        first = await client.post("/v1/dtypes/report", json={"dtypes": ["bf16"], "prompts": ["The cat"]})
+        assert first.status_code in (200, 202), first.text
+        other = await client.post("/v1/dtypes/report", json={"dtypes": ["bf16"], "prompts": ["New prompt 1"]})
+        assert other.status_code == 429 and other.json()["error"]["type"] == "rate_limit_exceeded"
+        assert "at most 1 new dtype reports an hour" in other.json()["error"]["message"]
+        again = await client.post("/v1/dtypes/report", json={"dtypes": ["bf16"], "prompts": ["The cat"]})
+        assert again.status_code in (200, 202)  # the one started is still served
+        r = await client.post("/generate", json={"prompt": "17+25=", "max_tokens": 8})
+        assert r.json()["text"] == "42"
+    finally:
+        await close(ctx, client)
