@@ -239,14 +239,14 @@ class MLXEngine:
             raise QueueFullError(f"the server is at capacity ({self.max_batch_size} running, "
                                  f"{self.max_queue} queued); retry shortly")
         job = _Job(params, asyncio.get_running_loop(), asyncio.Queue(), outbox=self._outbox)
-        job.tokens = await self._encode_off_worker(params)
-        self._open_jobs += 1
+        self._open_jobs += 1  # counted from here: requests still being tokenized take their place too
         self._busy_peak = max(self._busy_peak, self._open_jobs)
         if self._open_jobs > 1:
             self._overlap_at = time.monotonic()
-        self._commands.put(("generate", job))
         held = None  # an event read ahead while merging deltas
         try:
+            job.tokens = await self._encode_off_worker(params)
+            self._commands.put(("generate", job))
             while True:
                 event, held = held or await job.events.get(), None
                 # A slow reader gets the deltas that piled up as one event, not one per token.
@@ -437,10 +437,11 @@ class MLXEngine:
             loop.call_soon_threadsafe(_settle, future, result, error)
 
     def _encoder(self, variant: Variant) -> PromptEncoder:
-        """The variant's model's encoder, made known to the event loop for the requests that follow."""
+        """The variant's model's encoder, made known to the event loop for the requests that follow (one per
+        model: its dtype variants, and its later reloads, read the same tokenizer files)."""
         name = variant.loaded.name
         encoder = self._encoders.get(name)
-        if encoder is None or encoder.tokenizer is not variant.loaded.tokenizer:
+        if encoder is None:
             encoder = self._encoders[name] = PromptEncoder.of(variant.loaded.tokenizer,
                                                               variant.loaded.context_length)
         return encoder
