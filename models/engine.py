@@ -276,7 +276,13 @@ class MLXEngine:
         if encoder is None:
             return None
         encoder.check_size(params)
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encoder.encode, params)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encoder.encode, params)
+        except EngineError:
+            raise
+        except Exception as e:  # e.g. a chat to a tokenizer without a template: as on the worker, this request only
+            log.exception("encoding a prompt failed")
+            raise GenerationFailedError(f"internal error: {type(e).__name__}") from None
 
     async def load(self, model: str | None, dtype: str | None) -> dict:
         return await self._call(lambda: self.registry.get(model or self.default_model, dtype).describe())
@@ -700,17 +706,19 @@ class MLXEngine:
 
     # ---- fidelity reports (worker thread, one unit of work between decode steps) ------------
     async def report(self, model: str | None, dtypes: tuple[str, ...] | None,
-                     prompts: tuple[str, ...] | None, retry: bool = False) -> dict:
+                     prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "") -> dict:
         """Start (or look up) the fidelity report of a model; its status, with the result when done.
-        A failed report stays failed, with its reason, until `retry` asks for it again."""
-        return await self._call(lambda: self._report_status(self._get_report(model, dtypes, prompts, retry)))
+        A failed report stays failed, with its reason, until `retry` asks for it again. Reports over
+        given prompts are kept per `scope` (a tenant), so no one learns which prompts others sent."""
+        return await self._call(lambda: self._report_status(self._get_report(model, dtypes, prompts, retry,
+                                                                             scope)))
 
     def _get_report(self, model: str | None, dtypes: tuple[str, ...] | None,
-                    prompts: tuple[str, ...] | None, retry: bool = False) -> FidelityJob:
+                    prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "") -> FidelityJob:
         name = model or self.default_model
         folder = self.catalog.resolve(name)
         wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or DEFAULT_DTYPES)}))
-        key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest())
+        key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest(), scope if prompts else "")
         job = self._reports.get(key)
         if job is not None and not (retry and job.error is not None):
             return job

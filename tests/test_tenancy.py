@@ -103,3 +103,19 @@ async def test_the_operator_may_ask_for_paths():
         assert library.startswith("/") or library in ("reference", "accelerate", "mlx-gpu")
     finally:
         await close(ctx, client)
+
+
+async def test_a_report_over_one_tenants_prompts_is_not_shared_with_another(two_tenants):
+    import asyncio
+
+    client = two_tenants
+    body = {"dtypes": ["bf16"], "prompts": ["Tenant A's confidential probe: 17+25="]}
+    for _ in range(600):  # A's report gets under way
+        mine = (await client.post("/v1/dtypes/report", json=body, headers=auth(KEYS[0]))).json()
+        if mine["progress"] > 0 or mine["state"] != "running":
+            break
+        await asyncio.sleep(0.05)
+    assert mine["progress"] > 0
+    theirs = await client.post("/v1/dtypes/report", json=body, headers=auth(KEYS[1]))
+    # B's is a report of its own, queued behind A's: nothing says that A asked for these prompts
+    assert theirs.status_code == 202 and theirs.json()["stage"] == "queued" and theirs.json()["progress"] == 0

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from server.deps import ReadyEngine
+from server.deps import ReadyEngine, Tenant
 from server.schemas import ERROR_RESPONSES, Dtype
 
 
@@ -54,10 +54,10 @@ async def get_report(engine: ReadyEngine, model: ModelQuery = None, dtypes: Dtyp
 
 
 @router.post("/report", summary="The same report over your own probe prompts")
-async def post_report(body: ReportRequest, engine: ReadyEngine) -> JSONResponse:
+async def post_report(body: ReportRequest, engine: ReadyEngine, tenant: Tenant) -> JSONResponse:
     prompts = tuple(body.prompts) if body.prompts else None
     return _answer(await engine.report(body.model, tuple(body.dtypes) if body.dtypes else None, prompts,
-                                       body.retry))
+                                       body.retry, scope=tenant))
 
 
 @router.get("/report/chart", summary="The report as a chart (memory vs speed vs fidelity per dtype)",
