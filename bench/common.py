@@ -96,11 +96,11 @@ def write_result(name: str, data: dict) -> Path:
 
 
 @contextmanager
-def server(cmd: list[str], ready_url: str, env: dict | None = None, timeout: float = 600):
-    """Start a server process, wait until `ready_url` answers 200, stop it afterwards."""
+def server(cmd: list[str], ready_url: str, env: dict | None = None, timeout: float = 600, cwd: Path = ROOT):
+    """Start a server process in `cwd`, wait until `ready_url` answers 200, stop it afterwards."""
     port = ready_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[-1]
     log = open(RESULTS / f"server-{os.getpid()}-{port}.log", "w")  # one per server: several may run at once
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -37,9 +37,12 @@ class BlasInfo:
     choice: str
     note: str = ""
 
-    def as_dict(self) -> dict:
-        return {"library": self.library, "vendor": self.vendor, "threads": self.threads,
-                "choice": self.choice, "note": self.note}
+    def as_dict(self, paths: bool = False) -> dict:
+        """JSON-ready; the library by file name only unless `paths` (a path tells clients about the host)."""
+        library = self.library if paths else os.path.basename(self.library)
+        choice = self.choice if paths or not os.path.isabs(self.choice) else os.path.basename(self.choice)
+        return {"library": library, "vendor": self.vendor, "threads": self.threads,
+                "choice": choice, "note": self.note}
 
 
 _state: BlasInfo | None = None

@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ from models.mlx_lm_ext.contract import check_contract
 from models.mlx_lm_ext.internals import no_stop_sequences
 from models.prefill import shapes_cost
 from models.prompt_encoding import encode_text, render_chat
+from models.prompts import PromptEncoder
 from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
 from models.single_stream import SingleStream
@@ -69,6 +71,10 @@ CHECK_EVERY = 4  # decode steps between non-finite checks under the `warn` polic
 # in all, so that the burst is prefilled together rather than its first request alone.
 GATHER_GAP_S = 0.005
 CONCURRENT_RECENTLY_S = 10.0
+# While no request decodes, a report runs its steps for up to this long per worker iteration (while
+# requests decode, one step per decode step).
+REPORT_SLICE_S = 0.02
+REPORT_START_WINDOW_S = 3600.0  # report_starts_per_hour counts the starts within this window
 
 
 @dataclass(eq=False)
@@ -76,6 +82,7 @@ class _Job:
     params: GenerationParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    tokens: list[int] | None = None  # the prompt's tokens, when encoded before reaching the worker
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     done: bool = False
@@ -107,8 +114,10 @@ class MLXEngine:
                  nonfinite_policy: str = "warn", single_stream: bool = True,
                  prompt_cache_bytes: str | None = "0", stream_interval_s: float = 0.0,
                  stream_events_per_s: float = 0.0, gather_s: float = 0.03,
-                 pad_prefill: bool | None = None) -> None:
+                 pad_prefill: bool | None = None, show_paths: bool = False,
+                 report_starts_per_hour: int | None = None) -> None:
         self.catalog = catalog
+        self.show_paths = show_paths  # /memory and reports name files by path (else by name only)
         self.default_model = default_model
         self.default_dtype = normalize_dtype(default_dtype)
         self.max_batch_size = max_batch_size
@@ -134,7 +143,13 @@ class MLXEngine:
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s,
                                         prompt_cache_bytes=parse_budget(prompt_cache_bytes, allow_zero=True))
         self._variants = self.registry.variants
+        # Per model name, its tokenizer and context, once loaded: requests are tokenized and checked on
+        # the `_tokenizing` threads, off the MLX worker (written by the worker, read by the event loop).
+        self._encoders: dict[str, PromptEncoder] = {}
+        self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._reports: dict[tuple, FidelityJob] = {}  # fidelity reports, cached per (model, dtypes, prompts)
+        self.report_starts_per_hour = report_starts_per_hour  # new reports allowed per hour (None: any)
+        self._report_starts: list[float] = []  # when reports were started, within the last window
         self._commands: queue.Queue = queue.Queue()
         self._outbox: list[tuple[_Job, Any]] = []
         # Text deltas wait up to this long and go out merged: one event-loop wake-up (and one SSE
@@ -213,6 +228,7 @@ class MLXEngine:
             self._state = "stopping"
             self._commands.put(_STOP)
             await asyncio.to_thread(self._thread.join, 30)
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
         self._state = "stopped"
 
     def health(self) -> dict:
@@ -239,13 +255,14 @@ class MLXEngine:
             raise QueueFullError(f"the server is at capacity ({self.max_batch_size} running, "
                                  f"{self.max_queue} queued); retry shortly")
         job = _Job(params, asyncio.get_running_loop(), asyncio.Queue(), outbox=self._outbox)
-        self._open_jobs += 1
+        self._open_jobs += 1  # counted from here: requests still being tokenized take their place too
         self._busy_peak = max(self._busy_peak, self._open_jobs)
         if self._open_jobs > 1:
             self._overlap_at = time.monotonic()
-        self._commands.put(("generate", job))
         held = None  # an event read ahead while merging deltas
         try:
+            job.tokens = await self._encode_off_worker(params)
+            self._commands.put(("generate", job))
             while True:
                 event, held = held or await job.events.get(), None
                 # A slow reader gets the deltas that piled up as one event, not one per token.
@@ -267,6 +284,21 @@ class MLXEngine:
             if not job.done:
                 job.cancelled = True
                 self._commands.put(("wake", None))
+
+    async def _encode_off_worker(self, params: GenerationParams) -> list[int] | None:
+        """The prompt's tokens, encoded on a tokenizing thread, once its model's tokenizer is known (else
+        None: the worker encodes it after loading). A text too long for the context is refused unread."""
+        encoder = self._encoders.get(params.model or self.default_model)
+        if encoder is None:
+            return None
+        encoder.check_size(params)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encoder.encode, params)
+        except EngineError:
+            raise
+        except Exception as e:  # e.g. a chat to a tokenizer without a template: as on the worker, this request only
+            log.exception("encoding a prompt failed")
+            raise GenerationFailedError(f"internal error: {type(e).__name__}") from None
 
     async def load(self, model: str | None, dtype: str | None) -> dict:
         return await self._call(lambda: self.registry.get(model or self.default_model, dtype).describe())
@@ -462,16 +494,15 @@ class MLXEngine:
                 raise
             loop.call_soon_threadsafe(_settle, future, result, error)
 
-    def _encode(self, variant: Variant, params: GenerationParams) -> list[int]:
-        tokenizer = variant.loaded.tokenizer
-        if params.messages is not None:
-            text = render_chat(tokenizer, list(params.messages), list(params.tools) if params.tools else None)
-        else:
-            text = params.prompt or ""
-        tokens = encode_text(tokenizer, text)
-        if not tokens:
-            raise InvalidRequestError("the prompt is empty after tokenization")
-        return tokens
+    def _encoder(self, variant: Variant) -> PromptEncoder:
+        """The variant's model's encoder, made known to the event loop for the requests that follow (one per
+        model: its dtype variants, and its later reloads, read the same tokenizer files)."""
+        name = variant.loaded.name
+        encoder = self._encoders.get(name)
+        if encoder is None:
+            encoder = self._encoders[name] = PromptEncoder.of(variant.loaded.tokenizer,
+                                                              variant.loaded.context_length)
+        return encoder
 
     def _admit(self, job: _Job, burst: bool = False) -> None:
         """Start a request: alone (the lone-stream path) unless others decode or start with it (`burst`)."""
@@ -480,16 +511,11 @@ class MLXEngine:
             return
         params = job.params
         variant = self.registry.get(params.model or self.default_model, params.dtype)
-        tokens = self._encode(variant, params)
+        encoder = self._encoder(variant)
+        tokens = job.tokens if job.tokens is not None else encoder.encode(params)
         context = variant.loaded.context_length
         max_tokens = params.max_tokens or min(self.default_max_tokens, context - len(tokens))
-        if len(tokens) >= context:
-            raise InvalidRequestError(f"the prompt ({len(tokens)} tokens) does not fit the context length "
-                                      f"of {context} tokens")
-        if len(tokens) + max_tokens > context:
-            raise InvalidRequestError(
-                f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"context length of {context} tokens")
+        encoder.check_fits(tokens, max_tokens)
         vocab = variant.loaded.config.get("vocab_size") or len(variant.loaded.tokenizer.get_vocab())
         if any(not 0 <= token < vocab for token, _ in params.logit_bias):
             raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")
@@ -502,7 +528,7 @@ class MLXEngine:
         job.prompt_tokens = len(tokens)
         job.detokenizer = streaming_detokenizer(variant.loaded.tokenizer)
         job.matcher = StopStringMatcher(params.stop)
-        cache, job.cached_tokens = variant.prefix.fetch(tokens)
+        cache, job.cached_tokens = variant.prefix.fetch(tokens, params.cache_scope)
         if not variant.jobs and self.single_stream and not burst:
             stop_ids = set() if params.ignore_eos else set(variant.loaded.tokenizer.eos_token_ids)
             job.uid = next(self._single_uids)
@@ -560,17 +586,18 @@ class MLXEngine:
     def _drop_sequence(self, variant: Variant, uid: int) -> None:
         """Stop decoding one sequence, wherever it is decoded; keep its KV cache for reuse."""
         variant.joining.discard(uid)
+        scope = variant.jobs[uid].params.cache_scope
         if variant.single is not None and variant.single.uid == uid:
-            self._retire_single(variant)
+            self._retire_single(variant, scope)
         elif variant.generator is not None:
             for cache, tokens in variant.generator.remove([uid], return_prompt_caches=True).values():
-                variant.prefix.store(tokens, cache)
+                variant.prefix.store(tokens, cache, scope)
 
     @staticmethod
-    def _retire_single(variant: Variant) -> None:
+    def _retire_single(variant: Variant, scope: str) -> None:
         single, variant.single = variant.single, None
         variant.joining.clear()
-        variant.prefix.store(*single.cached_context())
+        variant.prefix.store(*single.cached_context(), scope)
 
     def _step_all(self) -> None:
         for variant in list(self._variants.values()):
@@ -603,8 +630,8 @@ class MLXEngine:
                 job = variant.jobs.get(response.uid)
                 if job is not None:
                     self._on_token(variant, job, response)
-                if getattr(response, "prompt_cache", None):  # a finished batch sequence
-                    variant.prefix.store(response.all_tokens, response.prompt_cache)
+                    if getattr(response, "prompt_cache", None):  # a finished batch sequence
+                        variant.prefix.store(response.all_tokens, response.prompt_cache, job.params.cache_scope)
             variant.joining.difference_update(r.uid for r in joined)
             if variant.single is not None and not variant.joining and len(variant.jobs) > 1:
                 self._handoff(variant)  # the others (all in the batch) decode: the lone stream joins them
@@ -685,7 +712,7 @@ class MLXEngine:
     def _finish(self, variant: Variant, job: _Job, reason: str, now: float) -> None:
         variant.jobs.pop(job.uid, None)
         if variant.single is not None and variant.single.uid == job.uid:
-            self._retire_single(variant)
+            self._retire_single(variant, job.params.cache_scope)
         variant.requests_served += 1
         job.done = True
         first = job.first_token_at or now
@@ -732,19 +759,23 @@ class MLXEngine:
 
     # ---- fidelity reports (worker thread, one unit of work between decode steps) ------------
     async def report(self, model: str | None, dtypes: tuple[str, ...] | None,
-                     prompts: tuple[str, ...] | None) -> dict:
-        """Start (or look up) the fidelity report of a model; its status, with the result when done."""
-        return await self._call(lambda: self._report_status(self._get_report(model, dtypes, prompts)))
+                     prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "") -> dict:
+        """Start (or look up) the fidelity report of a model; its status, with the result when done.
+        A failed report stays failed, with its reason, until `retry` asks for it again. Reports over
+        given prompts are kept per `scope` (a tenant), so no one learns which prompts others sent."""
+        return await self._call(lambda: self._report_status(self._get_report(model, dtypes, prompts, retry,
+                                                                             scope)))
 
     def _get_report(self, model: str | None, dtypes: tuple[str, ...] | None,
-                    prompts: tuple[str, ...] | None) -> FidelityJob:
+                    prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "") -> FidelityJob:
         name = self.catalog.canonical(model or self.default_model)
         folder = self.catalog.resolve(name)
         wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or DEFAULT_DTYPES)}))
-        key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest())
+        key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest(), scope if prompts else "")
         job = self._reports.get(key)
-        if job is not None and job.error is None:
+        if job is not None and not (retry and job.error is not None):
             return job
+        self._check_report_start()
         # Its own float32 copy plus one other variant at a time must fit beside what is resident.
         sizes = [estimate_variant(folder, d)["total_bytes"] for d in {"float32", *wanted}]
         need = estimate_variant(folder, "float32")["total_bytes"] + max(sizes)
@@ -755,13 +786,26 @@ class MLXEngine:
                                     required_bytes=need, available_bytes=free, dtype="float32", retry=False)
         try:
             job = FidelityJob(name, folder, wanted, list(prompts) if prompts else None,
-                              trust_remote_code=self.registry.trust_remote_code)
+                              trust_remote_code=self.registry.trust_remote_code, show_paths=self.show_paths)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
         while len(self._reports) >= 8:  # keep the newest reports only
             self._reports.pop(next(iter(self._reports))).close()
         self._reports[key] = job
+        self._report_starts.append(time.monotonic())
         return job
+
+    def _check_report_start(self) -> None:
+        """Refuse a new report (429) once report_starts_per_hour have started within the last hour."""
+        if self.report_starts_per_hour is None:
+            return
+        now = time.monotonic()
+        self._report_starts = [t for t in self._report_starts if now - t < REPORT_START_WINDOW_S]
+        if len(self._report_starts) >= self.report_starts_per_hour:
+            wait = REPORT_START_WINDOW_S - (now - self._report_starts[0]) if self._report_starts else None
+            raise QueueFullError(f"the server starts at most {self.report_starts_per_hour} new dtype reports "
+                                 "an hour" + (f"; the next may start in {wait:.0f} s" if wait else "")
+                                 + " (reports already computed are still served)")
 
     def _running_report(self) -> FidelityJob | None:
         return next((j for j in self._reports.values() if not j.done and j.error is None), None)
@@ -770,8 +814,13 @@ class MLXEngine:
         job = self._running_report()
         if job is None:
             return
+        serving = any(v.jobs for v in self._variants.values())
+        deadline = time.perf_counter() + (0.0 if serving else REPORT_SLICE_S)
         try:
-            if job.step() and self.nonfinite_policy == "refuse":
+            done = job.step()
+            while not done and time.perf_counter() < deadline:
+                done = job.step()
+            if done and self.nonfinite_policy == "refuse":
                 for dtype, entry in job.result["dtypes"].items():
                     if entry.get("nonfinite_share"):
                         self.registry.refuse((job.name, dtype), f"{dtype} produced non-finite logits for "
@@ -792,8 +841,8 @@ class MLXEngine:
         return {
             "variants": [v.describe() for v in self._variants.values()],
             "process": process_memory(),
-            "device": {**device_info(), "blas": blas_info().as_dict(), "cpu_kernels": fused_kernels_state(),
-                       "mlx_lm": self.mlx_lm.as_dict()},
+            "device": {**device_info(), "blas": blas_info().as_dict(paths=self.show_paths),
+                       "cpu_kernels": fused_kernels_state(), "mlx_lm": self.mlx_lm.as_dict()},
             "budget": self.registry.report(),
             "worker": {"seconds": {k: round(v, 6) for k, v in self.worker_seconds.items()},
                        "decode_steps": self.decode_steps, "unmasked_steps": self.unmasked_steps,

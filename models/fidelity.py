@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -38,11 +39,15 @@ from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 from models.catalog import default_model_ref  # noqa: E402
 from models.dtypes import AUTO, normalize_dtype  # noqa: E402
+from models.errors import EngineError  # noqa: E402
 from models.loader import LoadedModel, load_variant, resolve_auto  # noqa: E402
 from models.memory import device_info  # noqa: E402
 from models.probes import probe_set, validate_prompts  # noqa: E402
 
 REFERENCE = "float32"
+# Yielded inside a unit of work: the worker may serve requests here, but the unit is not done. Units are
+# cut at every model call of a decode loop, so that no step holds the MLX worker for long.
+_PART = object()
 DEFAULT_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TASK_PROMPTS = 100
 
@@ -117,6 +122,14 @@ def kl_divergence(ref: mx.array, out: mx.array) -> mx.array:
     return mx.maximum(mx.where(near, small, textbook), 0.0)
 
 
+def failure_reason(error: BaseException) -> str:
+    """What a client is told of a failed report: an engine error's own (safe) message; otherwise the
+    error's type and message with host paths cut to their file names."""
+    if isinstance(error, EngineError):
+        return str(error)
+    return f"{type(error).__name__}: " + re.sub(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r"\1", str(error))
+
+
 class FidelityJob:
     """A dtype fidelity/speed report computed in small steps.
 
@@ -132,8 +145,9 @@ class FidelityJob:
                  prompts: Sequence[str] | None = None, task: Task | str | None = "auto", *,
                  greedy_tokens: int = 32, prefill_tokens: int = 128, decode_tokens: int = 32,
                  speed_repeats: int = 3, task_batch: int = 32, reference_cache_bytes: int = 256 * 2**20,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, show_paths: bool = False) -> None:
         self.name = name
+        self.show_paths = show_paths  # file paths in the result (the BLAS library); names only otherwise
         self.folder = Path(folder)
         requested = [REFERENCE]
         for d in dtypes:
@@ -187,7 +201,8 @@ class FidelityJob:
 
     # ---- driving ----------------------------------------------------------------------------
     def step(self) -> bool:
-        """Do one unit of work; True once the job is done (then `result` is set)."""
+        """Do one step of work (a part of a unit: a prefill or one decode step); True once the job is done
+        (then `result` is set)."""
         if self.error is not None:
             raise RuntimeError(f"the fidelity job failed: {self.error}")
         if self.done:
@@ -195,15 +210,17 @@ class FidelityJob:
         if self._plan_iter is None:
             self._plan_iter = self._plan()
         try:
-            next(self._plan_iter)
+            part = next(self._plan_iter) is _PART
         except StopIteration:
-            pass
+            part = False
         except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = failure_reason(e)
             self.stage = "failed"
             self._plan_iter = None
             self._free()
             raise
+        if part:
+            return False
         self._units_done += 1
         self.progress = min(self._units_done / self._units_total, 1.0) if not self.done else 1.0
         return self.done
@@ -248,11 +265,11 @@ class FidelityJob:
         self._prepare_inputs(self._ref)
         self._units_total = self._count_units()  # exact now that the task prompts are tokenized
         self.stage = f"measuring speed of {REFERENCE}"
-        ref_speed = self._speed(self._ref)
+        ref_speed = yield from self._speed(self._ref)
         yield
         for i in range(n_prompts):
             self.stage = f"reference prompt {i + 1}/{n_prompts}"
-            self._prepare_reference(i)
+            yield from self._prepare_reference(i)
             yield
 
         for dtype in self._order:
@@ -263,17 +280,17 @@ class FidelityJob:
                 self._variant = variant = self._load(dtype)
                 yield
                 self.stage = f"measuring speed of {dtype}"
-                speed = self._speed(variant)
+                speed = yield from self._speed(variant)
                 yield
             tally = _Tally()
             per_prompt: list[dict] = []
             for i in range(n_prompts):
                 self.stage = f"{dtype}: prompt {i + 1}/{n_prompts}"
-                per_prompt.append(self._compare(variant, i, tally))
+                per_prompt.append((yield from self._compare(variant, i, tally)))
                 yield
             for j, chunk in enumerate(self._task_chunks):
                 self.stage = f"{dtype}: task batch {j + 1}/{len(self._task_chunks)}"
-                self._task_batch(variant, chunk, tally)
+                yield from self._task_batch(variant, chunk, tally)
                 yield
             self._entries[dtype] = self._entry(dtype, variant, speed, tally, per_prompt)
             if dtype != REFERENCE:
@@ -347,14 +364,16 @@ class FidelityJob:
     def _eos(self, loaded: LoadedModel) -> set[int]:
         return set(getattr(loaded.tokenizer, "eos_token_ids", None) or ())
 
-    def _greedy(self, loaded: LoadedModel, ids: list[int], n: int) -> list[int]:
-        """Greedy tokens after `ids` with a KV cache: at most n, up to and including end of sequence."""
+    def _greedy(self, loaded: LoadedModel, ids: list[int], n: int) -> Iterator[object]:
+        """Greedy tokens after `ids` with a KV cache: at most n, up to and including end of sequence
+        (the generator's return value; it yields _PART after each model call)."""
         model, eos = loaded.model, self._eos(loaded)
         cache = make_prompt_cache(model)
         logits = model(mx.array(ids)[None], cache=cache)[:, -1, :]
         out: list[int] = []
         for k in range(n):
             token = int(mx.argmax(logits.astype(mx.float32), axis=-1).item())
+            yield _PART
             out.append(token)
             if token in eos or k + 1 == n:
                 break
@@ -367,10 +386,10 @@ class FidelityJob:
         mx.eval(out)
         return out
 
-    def _prepare_reference(self, i: int) -> None:
+    def _prepare_reference(self, i: int) -> Iterator[object]:
         assert self._ref is not None
         ids = self._ids[i]
-        greedy = self._greedy(self._ref, ids, self.greedy_tokens)
+        greedy = yield from self._greedy(self._ref, ids, self.greedy_tokens)
         self._ref_greedy.append(greedy)
         eos = self._eos(self._ref)
         continuation = greedy[:-1] if greedy and greedy[-1] in eos else greedy
@@ -381,12 +400,14 @@ class FidelityJob:
             self._ref_logits[i] = logits
             self._cached_bytes += logits.nbytes
 
-    def _compare(self, variant: LoadedModel, i: int, tally: _Tally) -> dict:
+    def _compare(self, variant: LoadedModel, i: int, tally: _Tally) -> Iterator[object]:
+        """The comparison of prompt `i` (the return value), counted into `tally`."""
         assert self._ref is not None
         seq = self._seqs[i]
         ref = self._ref_logits.get(i)
         if ref is None:
             ref = self._logits(self._ref, seq)
+            yield _PART
         out = self._logits(variant, seq)
         out_finite = mx.isfinite(out)
         row_ok = mx.all(out_finite, axis=-1) & mx.all(mx.isfinite(ref), axis=-1)
@@ -399,7 +420,8 @@ class FidelityJob:
         kls = [k for k, good in zip(kl.tolist(), ok, strict=True) if good]
         diffs = [d for d, good in zip(diff.tolist(), ok, strict=True) if good]
         n_agree = int(mx.sum(agree).item())
-        greedy = self._greedy(variant, self._ids[i], self.greedy_tokens)
+        yield _PART
+        greedy = yield from self._greedy(variant, self._ids[i], self.greedy_tokens)
         common = 0
         for a, b in zip(greedy, self._ref_greedy[i], strict=False):
             if a != b:
@@ -422,7 +444,8 @@ class FidelityJob:
                 "greedy_agreement_tokens": common, "reference_greedy_tokens": len(self._ref_greedy[i]),
                 "nonfinite_logits": int(nonfinite.item())}
 
-    def _task_batch(self, variant: LoadedModel, chunk: list[tuple[list[int], str]], tally: _Tally) -> None:
+    def _task_batch(self, variant: LoadedModel, chunk: list[tuple[list[int], str]],
+                    tally: _Tally) -> Iterator[object]:
         assert self.task is not None
         model, eos = variant.model, self._eos(variant)
         cache = make_prompt_cache(model)
@@ -431,7 +454,9 @@ class FidelityJob:
         finished = [False] * len(chunk)
         for k in range(self.task.max_tokens):
             tokens = mx.argmax(logits.astype(mx.float32), axis=-1)
-            for r, t in enumerate(tokens.tolist()):
+            picked = tokens.tolist()
+            yield _PART
+            for r, t in enumerate(picked):
                 if not finished[r]:
                     if t in eos:
                         finished[r] = True
@@ -445,27 +470,34 @@ class FidelityJob:
             tally.task_ok += bool(self.task.is_correct(expected, text))
             tally.task_n += 1
 
-    def _speed(self, loaded: LoadedModel) -> dict:
-        """Prefill and synchronous greedy decode with a KV cache, after one warm-up run; medians."""
+    def _speed(self, loaded: LoadedModel) -> Iterator[object]:
+        """Prefill and synchronous greedy decode with a KV cache, after one warm-up run; medians (the return
+        value). Each model call is timed on its own, so the requests served between them do not count."""
         model = loaded.model
         x = mx.array(self._speed_ids)[None]
 
-        def once() -> tuple[float, float]:
+        def once() -> Iterator[object]:
             cache = make_prompt_cache(model)
             t0 = time.perf_counter()
             logits = model(x, cache=cache)
             y = mx.argmax(logits[:, -1, :], axis=-1)
             mx.eval(y, [c.state for c in cache])
-            t1 = time.perf_counter()
+            prefill = time.perf_counter() - t0
+            decode = 0.0
             for _ in range(self.decode_tokens):
+                yield _PART
+                t0 = time.perf_counter()
                 logits = model(y[:, None], cache=cache)
                 y = mx.argmax(logits[:, -1, :], axis=-1)
                 mx.eval(y)
-            t2 = time.perf_counter()
-            return t1 - t0, t2 - t1
+                decode += time.perf_counter() - t0
+            yield _PART
+            return prefill, decode
 
-        once()
-        runs = [once() for _ in range(self.speed_repeats)]
+        yield from once()
+        runs = []
+        for _ in range(self.speed_repeats):
+            runs.append((yield from once()))
         prefill = statistics.median(r[0] for r in runs)
         decode = statistics.median(r[1] for r in runs)
         return {"prefill_tok_s": round(len(self._speed_ids) / prefill, 1) if prefill > 0 else None,
@@ -520,7 +552,7 @@ class FidelityJob:
                       "with a KV cache, batch 1; median of the repeats after one warm-up"},
             "task": task,
             "device": device_info(),
-            "blas": blas_info().as_dict(),
+            "blas": blas_info().as_dict(paths=self.show_paths),
             "dtypes": dtypes,
             "warnings": list(self.warnings),
         }

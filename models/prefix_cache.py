@@ -3,7 +3,8 @@ history, retries), on mlx-lm's LRUPromptCache: a request prefills only the token
 share with a finished one.
 
 One per variant, bounded in bytes; the registry counts these bytes against the memory budget
-and drops them before it evicts a variant.
+and drops them before it evicts a variant. Entries are kept per scope (a tenant, a salt): a request
+reuses only what requests of its own scope stored, so `cached_tokens` tells nothing of the others.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any
 
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
-_KEY = "variant"  # LRUPromptCache is keyed by model too; each variant owns its own cache
 # Shorter shared prefixes (a BOS token, a few words) are prefilled instead: a copy of a stored
 # cache costs more than they save, and on CUDA a prefill after a reused prefix is a new shape.
 MIN_REUSE = 16
@@ -36,13 +36,14 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._lru)
 
-    def fetch(self, tokens: list[int]) -> tuple[list[Any] | None, int]:
-        """A copy of the cache of the longest stored prefix of `tokens` and its length: a prefix of
-        MIN_REUSE tokens or more, or the whole prompt. At least the last prompt token is left to
-        compute: its logits start the generation."""
+    def fetch(self, tokens: list[int], scope: str = "") -> tuple[list[Any] | None, int]:
+        """A copy of the cache of the longest prefix of `tokens` stored in `scope` and its length: a
+        prefix of MIN_REUSE tokens or more, or the whole prompt. At least the last prompt token is left
+        to compute: its logits start the generation."""
         if not self.enabled:
             return None, 0
-        cache, rest = self._lru.fetch_nearest_cache(_KEY, tokens)
+        # LRUPromptCache keys its trie by "model": one trie per scope, so scopes never share a prefix
+        cache, rest = self._lru.fetch_nearest_cache(scope, tokens)
         if cache is None:
             return None, 0
         if not rest:  # the whole prompt is cached: recompute its last token
@@ -57,10 +58,10 @@ class PrefixCache:
         self.cached_tokens += reused
         return cache, reused
 
-    def store(self, tokens: list[int], cache: list[Any]) -> None:
-        """Keep `cache`, which holds the keys and values of exactly `tokens`."""
+    def store(self, tokens: list[int], cache: list[Any], scope: str = "") -> None:
+        """Keep `cache`, which holds the keys and values of exactly `tokens`, for requests of `scope`."""
         if self.enabled and tokens and cache:
-            self._lru.insert_cache(_KEY, list(tokens), cache)
+            self._lru.insert_cache(scope, list(tokens), cache)
 
     def clear(self) -> int:
         """Drop every entry; the bytes freed."""

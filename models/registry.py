@@ -15,15 +15,25 @@ from typing import Any
 import mlx.core as mx
 
 from models.catalog import ModelCatalog
+from models.checkpoint import read_config
 from models.dtypes import AUTO, normalize_dtype
-from models.errors import DtypeRefusedError, InvalidRequestError, MemoryBudgetError, VariantPinnedError
-from models.estimate import estimate_variant
+from models.errors import (
+    DtypeRefusedError,
+    InvalidRequestError,
+    MemoryBudgetError,
+    ModelLoadError,
+    VariantPinnedError,
+)
+from models.estimate import config_floor_bytes, estimate_variant
 from models.loader import LoadedModel, derive_variant, load_variant, resolve_auto
 from models.memory import floating_dtypes, unique_bytes
 from models.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
+# A model whose checkpoint failed to load is not tried again for this long: a broken folder costs one
+# load, not one per request (each load holds the worker).
+FAILED_LOAD_TTL_S = 60.0
 
 
 @dataclass(eq=False)
@@ -75,6 +85,7 @@ class VariantRegistry:
         self.pinned: set[Key] = set()
         self.load_counts: dict[Key, int] = {}
         self.refused: dict[Key, str] = {}  # variants the non-finite policy refuses, with the reason
+        self.failed_loads: dict[str, tuple[float, str]] = {}  # model -> (monotonic time, the load error)
         self._auto: dict[str, str] = {}
 
     # ---- names -------------------------------------------------------------------------------
@@ -121,8 +132,28 @@ class VariantRegistry:
         return None
 
     def _load(self, key: Key) -> Variant:
+        """Load a variant; a checkpoint that failed is refused again for FAILED_LOAD_TTL_S, unread."""
+        name = key[0]
+        failed = self.failed_loads.get(name)
+        if failed is not None:
+            if time.monotonic() - failed[0] < FAILED_LOAD_TTL_S:
+                raise ModelLoadError(failed[1])
+            del self.failed_loads[name]
+        try:
+            return self._load_checkpoint(key)
+        except ModelLoadError as e:
+            self.failed_loads[name] = (time.monotonic(), str(e))
+            raise
+
+    def _load_checkpoint(self, key: Key) -> Variant:
         name, dtype = key
-        required = estimate_variant(self.catalog.resolve(name), dtype)["total_bytes"]
+        folder = self.catalog.resolve(name)
+        required = estimate_variant(folder, dtype)["total_bytes"]
+        floor = config_floor_bytes(read_config(folder))
+        if floor > self.budget_bytes:  # whatever the checkpoint holds, this model could never be built
+            raise MemoryBudgetError(f"{name}'s config declares shapes of at least {floor} bytes, beyond the "
+                                    f"{self.budget_bytes}-byte memory budget", required_bytes=floor,
+                                    available_bytes=self.budget_bytes, dtype=dtype, retry=False)
         self._make_room(required, dtype)
         source = self._exact_source(name, dtype)
         if source is not None:
@@ -204,4 +235,5 @@ class VariantRegistry:
                 "prompt_cache_bytes": self.prompt_cache_used(),
                 "pinned": [{"model": m, "dtype": d} for m, d in sorted(self.pinned)],
                 "loads": [{"model": m, "dtype": d, "count": n} for (m, d), n in sorted(self.load_counts.items())],
-                "refused": [{"model": m, "dtype": d, "reason": r} for (m, d), r in sorted(self.refused.items())]}
+                "refused": [{"model": m, "dtype": d, "reason": r} for (m, d), r in sorted(self.refused.items())],
+                "failed_loads": [{"model": m, "error": e} for m, (_, e) in sorted(self.failed_loads.items())]}

@@ -49,7 +49,8 @@ def build_engine(settings: Settings) -> Engine:
                      default_max_tokens=min(settings.default_max_tokens, settings.max_tokens_limit),
                      nonfinite_policy=settings.nonfinite_policy, prompt_cache_bytes=settings.prompt_cache_bytes,
                      stream_interval_s=settings.stream_interval_s,
-                     stream_events_per_s=settings.stream_events_per_s, gather_s=settings.gather_ms / 1000)
+                     stream_events_per_s=settings.stream_events_per_s, gather_s=settings.gather_ms / 1000,
+                     show_paths=settings.show_paths, report_starts_per_hour=settings.report_starts_per_hour)
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:

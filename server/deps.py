@@ -3,6 +3,7 @@ a plain `def` dependency on a worker thread, a thread hop per request for nothin
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -31,6 +32,27 @@ async def ready_engine(request: Request) -> Engine:
     return engine
 
 
+def bearer_token(request: Request) -> str:
+    """The request's `Authorization: Bearer` token, or "" (the API key middleware has checked it)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def tenant(request: Request) -> str:
+    """Who is asking, as far as shared state goes: a digest of the API key (never the key itself), or ""
+    when the server has no keys (then every client is one tenant; `cache_salt` separates them)."""
+    settings: Settings = request.app.state.settings
+    if not settings.api_key:
+        return ""
+    return hashlib.sha256(b"tenant\0" + bearer_token(request).encode()).hexdigest()
+
+
+def cache_scope(tenant_id: str, salt: str | None) -> str:
+    """The prompt cache scope of a request: its tenant and its `cache_salt` (vLLM's name)."""
+    return hashlib.sha256(f"{tenant_id}\0{salt or ''}".encode()).hexdigest()[:32]
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ReadyEngine = Annotated[Engine, Depends(ready_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+Tenant = Annotated[str, Depends(tenant)]

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
-from server.schemas import SEED_LIMIT, Dtype, StopStrings, numbers_only
+from server.schemas import SEED_LIMIT, CacheSalt, Dtype, StopStrings, numbers_only
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -52,6 +52,7 @@ class _SamplingFields(BaseModel):
     logit_bias: LogitBias | None = Field(None, description="token id -> bias in [-100, 100]")
     user: str | None = Field(None, max_length=256)
     ignore_eos: StrictBool = Field(False, description="extension: generate max_tokens even past end-of-sequence")
+    cache_salt: CacheSalt
 
 
     _numbers = numbers_only("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty")
@@ -76,6 +77,7 @@ class CompletionRequest(_SamplingFields):
 # Constrained strings are checked as Unicode when parsed, so a lone surrogate ("\\ud800") is a 422,
 # as in `prompt`, instead of reaching the tokenizer.
 MessageText = Annotated[str, Field(max_length=1_000_000)]
+MAX_TEXT_PARTS = 64  # per message: each part is validated and joined on the event loop
 
 
 class TextPart(BaseModel):
@@ -87,7 +89,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: MessageText | list[TextPart] | None = None
+    content: MessageText | Annotated[list[TextPart], Field(max_length=MAX_TEXT_PARTS)] | None = None
     name: str | None = Field(None, max_length=256)
 
     def text(self) -> str:

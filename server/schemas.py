@@ -34,6 +34,8 @@ StopStrings = Annotated[StopString | Annotated[list[StopString], Field(max_lengt
 # The names and documented aliases, as an enum in the schema; validated values are canonical.
 Dtype = Annotated[Literal[tuple(DTYPE_NAMES) + tuple(ALIASES)], AfterValidator(normalize_dtype)]  # type: ignore[misc]
 SEED_LIMIT = 2**53  # exactly representable in JSON numbers everywhere
+CacheSalt = Annotated[str | None, Field(None, min_length=1, max_length=256, description=(
+    "requests reuse cached prompt prefixes only with requests of the same API key and the same salt"))]
 
 
 class GenerateRequest(BaseModel):
@@ -50,6 +52,7 @@ class GenerateRequest(BaseModel):
     stop: StopStrings | None = Field(None, description="stop strings, not included in the text")
     stream: StrictBool = Field(False, description="server-sent events when true")
     ignore_eos: StrictBool = Field(False, description="keep generating past end-of-sequence, up to max_tokens")
+    cache_salt: CacheSalt
 
     _numbers = numbers_only("max_tokens", "temperature", "top_p", "seed")
 

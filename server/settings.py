@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     nonfinite_policy: Literal["warn", "refuse"] = Field(
         "warn", description="when a dtype yields non-finite logits: warn in the response, or refuse that dtype")
     trust_remote_code: bool = Field(False, description="allow model folders that ship Python code")
+    report_starts_per_hour: int = Field(12, ge=0, description="new dtype reports (not yet computed) that may "
+                                        "start per hour, all clients together; beyond it: 429; 0: none")
+    show_paths: bool = Field(False, description="/memory and the dtype report show file paths on the host "
+                             "(e.g. the BLAS library); default: file names only")
     warmup: bool = Field(True, description="run one short generation after loading the default variant")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="debug, info, warning, error or critical")

@@ -51,6 +51,9 @@ def broken_models(tmp_path_factory):
     tensors = mx.load(str(weights))
     tensors.pop("model.norm.weight")
     mx.save_safetensors(str(weights), tensors, metadata={"format": "mlx"})
+    (copy("fixed-later") / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    (copy("many-layers") / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 100_000}))
+    (copy("huge-vocab") / "config.json").write_text(json.dumps({**config, "vocab_size": 10**12}))
     return root
 
 
@@ -106,6 +109,55 @@ async def test_broken_checkpoints_are_clear_errors_and_nothing_else_breaks(clien
         assert "Traceback" not in r.text and "/tmp" not in r.text and "/work" not in r.text
     await still_serving(c)
     assert caught_by_catch_all(caplog) == []
+
+
+async def test_a_report_whose_model_fails_to_load_says_so_and_is_not_rerun(client):
+    app, c = client
+    params = {"model": "wrong-arch", "dtypes": ["bfloat16"]}  # its headers pass the estimate; its load fails
+    for _ in range(200):
+        r = await c.get("/v1/dtypes/report", params=params)
+        if r.json()["state"] != "running":
+            break
+        await asyncio.sleep(0.05)
+    body = r.json()
+    assert r.status_code == 200 and body["state"] == "failed", body
+    assert "wrong-arch" in body["error"] and "not supported" in body["error"] and "/tmp" not in body["error"]
+    loads = app.state.engine._reports.copy()
+    for _ in range(3):  # polling again shows the failure; nothing is run again
+        again = await c.get("/v1/dtypes/report", params=params)
+        assert again.json()["state"] == "failed" and again.json()["error"] == body["error"]
+    assert app.state.engine._reports == loads
+    retried = await c.get("/v1/dtypes/report", params={**params, "retry": "true"})  # asked again explicitly
+    assert retried.json()["state"] in ("running", "failed") and app.state.engine._reports != loads
+    await still_serving(c)
+
+
+async def test_a_config_that_cannot_be_sane_is_refused_from_the_estimate(client):
+    _, c = client
+    for route in ("generate", "estimate"):
+        r = await (c.post("/generate", json={"prompt": "1+1=", "model": "many-layers"}) if route == "generate"
+                   else c.get("/memory/estimate", params={"model": "many-layers"}))
+        assert r.status_code == 500 and r.json()["error"]["type"] == "model_load_error", r.text
+        assert "declares 100000 layers, but the checkpoint holds 4" in r.json()["error"]["message"]
+    r = await c.post("/generate", json={"prompt": "1+1=", "model": "huge-vocab"})
+    assert r.status_code == 507 and "config declares shapes" in r.json()["error"]["message"], r.text
+    await still_serving(c)
+
+
+async def test_a_failed_load_is_remembered_for_a_while(client, broken_models):
+    app, c = client
+    first = await c.post("/generate", json={"prompt": "1+1=", "model": "fixed-later", "max_tokens": 4})
+    assert first.status_code == 500 and "not supported" in first.json()["error"]["message"]
+    shutil.copy(BUNDLED / "config.json", broken_models / "fixed-later" / "config.json")  # repaired meanwhile
+    again = await c.post("/generate", json={"prompt": "1+1=", "model": "fixed-later", "max_tokens": 4})
+    assert again.status_code == 500 and again.json() == first.json()  # not tried again: the failure is kept
+    budget = (await c.get("/memory")).json()["budget"]
+    assert [f["model"] for f in budget["failed_loads"]] == ["fixed-later"]
+    registry = app.state.engine.registry
+    when, error = registry.failed_loads["fixed-later"]
+    registry.failed_loads["fixed-later"] = (when - 61, error)  # as if a minute had passed
+    later = await c.post("/generate", json={"prompt": "17+25=", "model": "fixed-later", "max_tokens": 8})
+    assert later.status_code == 200 and later.json()["text"] == "42"
 
 
 async def test_an_error_inside_generation_fails_that_request_only(client, monkeypatch):

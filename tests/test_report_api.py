@@ -34,6 +34,9 @@ async def test_report_runs_as_a_job_and_is_cached(client):
         entry = result["dtypes"][dtype]
         assert 0.9 <= entry["top1_agreement"] <= 1 and entry["kl_mean"] >= 0 and entry["nonfinite_share"] == 0
         assert entry["total_bytes"] * 2 == f32["total_bytes"]
+    from tests.test_tenancy import absolute_paths
+
+    assert absolute_paths(body) == []  # file names, not the host's paths
     again = await client.get("/v1/dtypes/report", params={"dtypes": ["float16", "bfloat16"]})
     assert again.status_code == 200 and again.json()["result"] == result  # cached: same dtypes, any order
 

@@ -10,7 +10,7 @@ from sse_starlette import EventSourceResponse
 
 from models.api import Finished, GenerationParams, TextDelta
 from models.errors import EngineError
-from server.deps import ReadyEngine, SettingsDep
+from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
 from server.schemas import (
     ERROR_RESPONSES,
@@ -27,13 +27,13 @@ from server.streaming import collect_unless_disconnected, first_event
 router = APIRouter(tags=["generate"], responses=ERROR_RESPONSES)
 
 
-def to_params(body: GenerateRequest, settings: Settings) -> GenerationParams:
-    """Apply the server's limits and defaults to a request."""
+def to_params(body: GenerateRequest, settings: Settings, tenant: str = "") -> GenerationParams:
+    """Apply the server's limits and defaults to a request of `tenant`."""
     max_tokens = check_max_tokens(body.max_tokens, settings)
     stops = body.stop or ()
     return GenerationParams(prompt=body.prompt, model=body.model, dtype=body.dtype, max_tokens=max_tokens,
                             temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stops,
-                            ignore_eos=body.ignore_eos)
+                            ignore_eos=body.ignore_eos, cache_scope=cache_scope(tenant, body.cache_salt))
 
 
 def finished_body(text: str, done: Finished) -> GenerateResponse:
@@ -62,8 +62,9 @@ async def _sse(events: AsyncIterator[TextDelta | Finished]) -> AsyncIterator[dic
 
 @router.post("/generate", response_model=GenerateResponse, responses=STREAM_RESPONSE,
              summary="Generate text at the dtype the request names (default: the startup dtype)")
-async def generate(body: GenerateRequest, request: Request, engine: ReadyEngine, settings: SettingsDep):
-    params = to_params(body, settings)
+async def generate(body: GenerateRequest, request: Request, engine: ReadyEngine, settings: SettingsDep,
+                   tenant: Tenant):
+    params = to_params(body, settings, tenant)
     events = engine.generate(params)
     await first_event(events)  # errors before the first token get a real status
     if body.stream:

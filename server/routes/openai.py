@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse
 from models.api import Engine, Finished, GenerationParams, TokenLogprob
 from models.dtypes import DTYPE_NAMES, FLOATING, normalize_dtype
 from models.errors import EngineError
-from server.deps import ReadyEngine, SettingsDep
+from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
 from server.openai_schemas import ChatCompletionRequest, CompletionRequest
 from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE, usage_body
@@ -37,7 +37,7 @@ def split_model_id(model: str | None, dtype: str | None) -> tuple[str | None, st
 
 def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: Settings, *,
                     max_tokens: int | None, logprobs: int | None, prompt: str | None = None,
-                    messages: tuple[dict, ...] | None = None) -> GenerationParams:
+                    messages: tuple[dict, ...] | None = None, tenant: str = "") -> GenerationParams:
     model, dtype = split_model_id(body.model, body.dtype)
     check_max_tokens(max_tokens, settings)
     stops = body.stop or ()
@@ -47,7 +47,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: S
         prompt=prompt, messages=messages, model=model, dtype=dtype, max_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stops, logprobs=logprobs,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias,
-        ignore_eos=body.ignore_eos)
+        ignore_eos=body.ignore_eos, cache_scope=cache_scope(tenant, body.cache_salt))
 
 
 def variant_id(done: Finished) -> str:
@@ -90,10 +90,11 @@ async def list_models(engine: ReadyEngine) -> dict:
 
 
 @router.post("/completions", responses=STREAM_RESPONSE, summary="OpenAI text completions")
-async def completions(body: CompletionRequest, request: Request, engine: ReadyEngine, settings: SettingsDep):
+async def completions(body: CompletionRequest, request: Request, engine: ReadyEngine, settings: SettingsDep,
+                      tenant: Tenant):
     max_tokens = body.max_tokens or min(16, settings.max_tokens_limit)
     params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=body.logprobs,
-                             prompt=body.prompt_text())
+                             prompt=body.prompt_text(), tenant=tenant)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     wants_logprobs = body.logprobs is not None
@@ -110,11 +111,11 @@ async def completions(body: CompletionRequest, request: Request, engine: ReadyEn
 
 @router.post("/chat/completions", responses=STREAM_RESPONSE, summary="OpenAI chat completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: ReadyEngine,
-                           settings: SettingsDep):
+                           settings: SettingsDep, tenant: Tenant):
     messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
     top = body.top_logprobs or 0
     params = sampling_params(body, settings, max_tokens=body.max_completion_tokens or body.max_tokens,
-                             logprobs=top if body.logprobs else None, messages=messages)
+                             logprobs=top if body.logprobs else None, messages=messages, tenant=tenant)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     first_chunk = [True]

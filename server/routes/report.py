@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from server.deps import ReadyEngine
+from server.deps import ReadyEngine, Tenant
 from server.schemas import ERROR_RESPONSES, Dtype
 
 
@@ -27,6 +27,7 @@ class ReportStatus(BaseModel):
 RUNNING = {202: {"model": ReportStatus, "description": "still computing: poll again (Retry-After)"}}
 router = APIRouter(prefix="/v1/dtypes", tags=["report"], responses={**ERROR_RESPONSES, **RUNNING})
 ModelQuery = Annotated[str | None, Query(min_length=1, max_length=256)]
+RetryQuery = Annotated[bool, Query(description="run a failed report again (else its failure is shown)")]
 DtypesQuery = Annotated[list[Dtype] | None, Query(max_length=8, description="repeat: dtypes=bfloat16&dtypes=float16")]
 
 
@@ -36,6 +37,7 @@ class ReportRequest(BaseModel):
     dtypes: list[Dtype] | None = Field(None, max_length=8, description="float32 is always measured")
     prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
         None, max_length=256, description="probe prompts used instead of the bundled ones")
+    retry: StrictBool = Field(False, description="run a failed report again (else its failure is shown)")
 
 
 def _answer(status: dict) -> JSONResponse:
@@ -46,14 +48,16 @@ def _answer(status: dict) -> JSONResponse:
 
 
 @router.get("/report", summary="Fidelity and speed of each dtype vs float32 (202 while computing, then 200)")
-async def get_report(engine: ReadyEngine, model: ModelQuery = None, dtypes: DtypesQuery = None) -> JSONResponse:
-    return _answer(await engine.report(model, tuple(dtypes) if dtypes else None, None))
+async def get_report(engine: ReadyEngine, model: ModelQuery = None, dtypes: DtypesQuery = None,
+                     retry: RetryQuery = False) -> JSONResponse:
+    return _answer(await engine.report(model, tuple(dtypes) if dtypes else None, None, retry))
 
 
 @router.post("/report", summary="The same report over your own probe prompts")
-async def post_report(body: ReportRequest, engine: ReadyEngine) -> JSONResponse:
+async def post_report(body: ReportRequest, engine: ReadyEngine, tenant: Tenant) -> JSONResponse:
     prompts = tuple(body.prompts) if body.prompts else None
-    return _answer(await engine.report(body.model, tuple(body.dtypes) if body.dtypes else None, prompts))
+    return _answer(await engine.report(body.model, tuple(body.dtypes) if body.dtypes else None, prompts,
+                                       body.retry, scope=tenant))
 
 
 @router.get("/report/chart", summary="The report as a chart (memory vs speed vs fidelity per dtype)",
