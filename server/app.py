@@ -37,7 +37,8 @@ def build_engine(settings: Settings) -> Engine:
                      default_max_tokens=min(settings.default_max_tokens, settings.max_tokens_limit),
                      nonfinite_policy=settings.nonfinite_policy, prompt_cache_bytes=settings.prompt_cache_bytes,
                      stream_interval_s=settings.stream_interval_s,
-                     stream_events_per_s=settings.stream_events_per_s, gather_s=settings.gather_ms / 1000)
+                     stream_events_per_s=settings.stream_events_per_s, gather_s=settings.gather_ms / 1000,
+                     fit_order=settings.fit_order)
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:
