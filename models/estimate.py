@@ -45,7 +45,7 @@ def _planned_layers(config: dict, spec: VariantSpec) -> dict[str, dict]:
         skeleton = model_class(args_class.from_dict(config))
     except Exception as e:
         raise InvalidRequestError(f"cannot plan {spec.key} for this model: {type(e).__name__}") from None
-    return quantization_plan(skeleton, spec.quantization)
+    return quantization_plan(skeleton, spec.quantization).layers
 
 
 def _quantized_bytes(t: TensorInfo, params: dict, float_dtype: str) -> dict[str, int]:
@@ -98,12 +98,14 @@ def estimate_all(folder: Path, include_quantized: bool = False) -> list[dict]:
     names = list(FLOATING)
     if include_quantized:
         names += STANDARD_QUANTIZATIONS
-    out = []
+    out: list[dict] = []
     for name in names:
         try:
-            out.append(estimate_variant(folder, name))
+            estimate = estimate_variant(folder, name)
         except InvalidRequestError:  # another quantization of a quantized checkpoint
             continue
+        if all(e["dtype"] != estimate["dtype"] for e in out):  # its own quantization: a float name's variant
+            out.append(estimate)
     return out
 
 

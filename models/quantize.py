@@ -8,6 +8,7 @@ model's own `quant_predicate` or by one of mlx-lm's mixed recipes, which may set
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -19,6 +20,15 @@ from models.dtypes import Quantization, mx_dtype
 from models.errors import InvalidRequestError
 
 LayerParams = dict[str, Any]  # to_quantized's keyword arguments: group_size, bits, mode
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """Module path -> to_quantized parameters; `per_layer`: the paths whose parameters the predicate
+    chose (mlx-lm records those in the config's "quantization" entry)."""
+
+    layers: dict[str, LayerParams]
+    per_layer: frozenset[str]
 
 
 def _predicate(model: nn.Module, quantization: Quantization) -> Callable[[str, nn.Module], bool | dict] | None:
@@ -33,14 +43,15 @@ def _predicate(model: nn.Module, quantization: Quantization) -> Callable[[str, n
     return getattr(model, "quant_predicate", None)
 
 
-def quantization_plan(model: nn.Module, quantization: Quantization) -> dict[str, LayerParams]:
-    """Module path -> to_quantized parameters, for every layer mlx-lm's quantize_model would quantize.
+def quantization_plan(model: nn.Module, quantization: Quantization) -> QuantizationPlan:
+    """The layers mlx-lm's quantize_model would quantize, and how.
 
     `model` may be unevaluated (lazy): only shapes and module types are read.
     """
     default = {"group_size": quantization.group_size, "bits": quantization.bits, "mode": quantization.mode}
     predicate = _predicate(model, quantization)
-    plan: dict[str, LayerParams] = {}
+    layers: dict[str, LayerParams] = {}
+    per_layer = set()
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized") or "weight" not in module:
             continue
@@ -48,18 +59,20 @@ def quantization_plan(model: nn.Module, quantization: Quantization) -> dict[str,
             continue
         chosen = True if predicate is None else predicate(path, module)
         if chosen:
-            plan[path] = dict(chosen) if isinstance(chosen, dict) else dict(default)
-    return plan
+            layers[path] = dict(chosen) if isinstance(chosen, dict) else dict(default)
+            if isinstance(chosen, dict):
+                per_layer.add(path)
+    return QuantizationPlan(layers, frozenset(per_layer))
 
 
-def quantize_layers(model: nn.Module, plan: dict[str, LayerParams], float_dtype: str) -> None:
+def quantize_layers(model: nn.Module, plan: QuantizationPlan, float_dtype: str) -> None:
     """Swap each planned layer for its quantized form, lazily: nothing is computed until the loader
     evaluates the new parameters one at a time (models.loader.cast_parameters). The weights are cast
     to `float_dtype` first, as mlx_lm.convert does, so scales and biases come out in it."""
     target = mx_dtype(float_dtype)
     modules = dict(model.named_modules())
     swapped = []
-    for path, params in plan.items():
+    for path, params in plan.layers.items():
         module = modules[path]
         if mx.issubdtype(module.weight.dtype, mx.floating) and module.weight.dtype != target:
             module.weight = module.weight.astype(target)
@@ -67,13 +80,11 @@ def quantize_layers(model: nn.Module, plan: dict[str, LayerParams], float_dtype:
     model.update_modules(tree_unflatten(swapped))
 
 
-def quantization_config(plan: dict[str, LayerParams], quantization: Quantization) -> dict:
-    """The config's "quantization" entry mlx-lm writes for this plan (per-layer entries where they differ)."""
-    default = {"group_size": quantization.group_size, "bits": quantization.bits, "mode": quantization.mode}
-    entry: dict[str, Any] = dict(default)
-    for path, params in plan.items():
-        if params != default:
-            entry[path] = params
+def quantization_config(plan: QuantizationPlan, quantization: Quantization) -> dict:
+    """The config's "quantization" entry mlx-lm writes for this plan (with the per-layer choices)."""
+    entry: dict[str, Any] = {"group_size": quantization.group_size, "bits": quantization.bits,
+                             "mode": quantization.mode}
+    entry.update((path, plan.layers[path]) for path in sorted(plan.per_layer, key=list(plan.layers).index))
     return entry
 
 
