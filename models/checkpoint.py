@@ -15,7 +15,7 @@ from models.dtypes import (
     is_floating,
     parse_precision,
 )
-from models.errors import InvalidRequestError, ModelLoadError
+from models.errors import ModelLoadError, PrecisionUnavailableError
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -144,7 +144,7 @@ def variant_spec(folder: Path, name: str) -> VariantSpec:
         same = wanted is None or (wanted.mode, wanted.bits, wanted.group_size, wanted.recipe) == (
             stored.mode, stored.bits, stored.group_size, None)
         if not same:
-            raise InvalidRequestError(
+            raise PrecisionUnavailableError(
                 f"{folder.name} is already quantized ({stored.name}); it is served as it is: ask for auto, "
                 f"{stored.name} or a float dtype for its unquantized rest, not {wanted.name}")
         float_dtype = precision.float_dtype or stored_float

@@ -6,7 +6,7 @@ __all__ = [
     "EngineError", "ModelNotFoundError", "ModelLoadError", "InvalidRequestError",
     "EngineUnavailableError", "GenerationFailedError", "UnknownDtypeError", "MemoryBudgetError",
     "QueueFullError",
-    "DtypeRefusedError",
+    "DtypeRefusedError", "PrecisionUnavailableError",
 ]
 
 
@@ -40,6 +40,11 @@ class UnknownDtypeError(EngineError, ValueError):
 
 class DtypeRefusedError(EngineError):
     """A dtype refused for a model by the non-finite policy (e.g. float16 overflowing)."""
+
+
+class PrecisionUnavailableError(EngineError):
+    """A valid precision this model or backend cannot have: another quantization of a quantized
+    checkpoint, a recipe the architecture lacks layers for, a mode MLX has no kernels for here."""
 
 
 class QueueFullError(EngineError):

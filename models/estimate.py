@@ -16,7 +16,7 @@ from models.dtypes import (
     is_floating,
     will_cast,
 )
-from models.errors import InvalidRequestError
+from models.errors import PrecisionUnavailableError
 
 _ELEMENT_BYTES = {name: size for name, size in SAFETENSORS_DTYPES.values()}
 
@@ -44,7 +44,7 @@ def _planned_layers(config: dict, spec: VariantSpec) -> dict[str, dict]:
         model_class, args_class = _get_classes(config)
         skeleton = model_class(args_class.from_dict(config))
     except Exception as e:
-        raise InvalidRequestError(f"cannot plan {spec.key} for this model: {type(e).__name__}") from None
+        raise PrecisionUnavailableError(f"cannot plan {spec.key} for this model: {type(e).__name__}") from None
     return quantization_plan(skeleton, spec.quantization).layers
 
 
@@ -102,7 +102,7 @@ def estimate_all(folder: Path, include_quantized: bool = False) -> list[dict]:
     for name in names:
         try:
             estimate = estimate_variant(folder, name)
-        except InvalidRequestError:  # another quantization of a quantized checkpoint
+        except PrecisionUnavailableError:  # another quantization of a quantized checkpoint
             continue
         if all(e["dtype"] != estimate["dtype"] for e in out):  # its own quantization: a float name's variant
             out.append(estimate)

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from models.dtypes import Quantization, mx_dtype
-from models.errors import InvalidRequestError
+from models.errors import PrecisionUnavailableError
 
 LayerParams = dict[str, Any]  # to_quantized's keyword arguments: group_size, bits, mode
 
@@ -38,7 +38,7 @@ def _predicate(model: nn.Module, quantization: Quantization) -> Callable[[str, n
         try:
             return mixed_quant_predicate_builder(quantization.recipe, model, quantization.group_size)
         except (ValueError, AttributeError, TypeError):
-            raise InvalidRequestError(f"{quantization.recipe} needs a model with numbered layers and "
+            raise PrecisionUnavailableError(f"{quantization.recipe} needs a model with numbered layers and "
                                       f"down_proj projections; this model has none") from None
     return getattr(model, "quant_predicate", None)
 
@@ -99,7 +99,7 @@ def check_runs(quantization: Quantization, float_dtype: str) -> None:
     for b in sorted(bits):
         error = _kernel_error(quantization.mode, b, quantization.group_size, float_dtype, str(mx.default_device()))
         if error:
-            raise InvalidRequestError(f"{quantization.name} ({quantization.mode}, {b} bits, group size "
+            raise PrecisionUnavailableError(f"{quantization.name} ({quantization.mode}, {b} bits, group size "
                                       f"{quantization.group_size}) with {float_dtype} cannot run on this "
                                       f"backend: {error}")
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 from models.catalog import ModelCatalog
 from models.checkpoint import VariantSpec, read_config, variant_spec
 from models.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
-from models.errors import DtypeRefusedError, InvalidRequestError, MemoryBudgetError
+from models.errors import DtypeRefusedError, InvalidRequestError, MemoryBudgetError, PrecisionUnavailableError
 from models.estimate import estimate_variant, kv_cache_bytes
 from models.loader import LoadedModel, context_length, derive_variant, load_variant, log_progress
 from models.memory import bits_per_weight, floating_dtypes, unique_bytes
@@ -124,7 +124,7 @@ class VariantRegistry:
         for name in self.fit_order:
             try:
                 spec = self.spec(model, name)
-            except InvalidRequestError:  # e.g. another quantization of a quantized checkpoint
+            except PrecisionUnavailableError:  # e.g. another quantization of a quantized checkpoint
                 continue
             if any(t["dtype"] == spec.key for t in tried):
                 continue

@@ -21,6 +21,7 @@ from models.errors import (
     MemoryBudgetError,
     ModelLoadError,
     ModelNotFoundError,
+    PrecisionUnavailableError,
     QueueFullError,
     UnknownDtypeError,
 )
@@ -33,6 +34,7 @@ _ENGINE_ERRORS: list[tuple[type[EngineError], int, str]] = [
     (UnknownDtypeError, 422, "invalid_request_error"),
     (QueueFullError, 429, "rate_limit_exceeded"),
     (DtypeRefusedError, 422, "dtype_refused"),
+    (PrecisionUnavailableError, 422, "precision_unavailable"),
     (ModelNotFoundError, 404, "model_not_found"),
     (InvalidRequestError, 400, "invalid_request_error"),
     (ModelLoadError, 500, "model_load_error"),

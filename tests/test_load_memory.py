@@ -46,3 +46,20 @@ def test_peak_is_final_plus_largest_tensor(big_checkpoints, source, target):
     del loaded
     gc.collect()
     mx.clear_cache()
+
+
+@pytest.mark.parametrize("target", ["q4", "q8", "q4:float32"])
+def test_quantizing_while_loading_peaks_at_final_plus_largest_tensor(big_checkpoints, target):
+    gc.collect()
+    mx.clear_cache()
+    folder = big_checkpoints["float32"]
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    loaded = load_variant("big", folder, target)
+    stats = loaded.stats
+    assert floating_dtypes(loaded.model) == {"float32" if target.endswith("float32") else "bfloat16"}
+    assert "uint32" in stats.bytes_by_dtype and stats.final_bytes < 0.35 * size
+    assert stats.peak_bytes <= stats.final_bytes + stats.largest_source_bytes + SLACK, (
+        f"peak {stats.peak_bytes} > final {stats.final_bytes} + largest {stats.largest_source_bytes}")
+    del loaded
+    gc.collect()
+    mx.clear_cache()

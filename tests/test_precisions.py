@@ -12,7 +12,7 @@ from mlx_lm.utils import compute_bits_per_weight, get_total_parameters, load_mod
 from models.catalog import default_model_ref
 from models.checkpoint import variant_spec
 from models.dtypes import Quantization, parse_precision
-from models.errors import InvalidRequestError
+from models.errors import PrecisionUnavailableError
 from models.estimate import estimate_all, estimate_variant
 from models.loader import load_variant
 from models.memory import bits_per_weight
@@ -121,7 +121,7 @@ def test_a_quantized_checkpoint_is_served_as_it_is_and_not_requantized(prequanti
     assert variant_spec(prequantized, "q4").key == variant_spec(prequantized, "auto").key == "float16"
     assert variant_spec(prequantized, "q4:bfloat16").key == "bfloat16"
     for other in ("q8", "q4g32", "mxfp4", "mixed_3_6"):
-        with pytest.raises(InvalidRequestError, match="already quantized"):
+        with pytest.raises(PrecisionUnavailableError, match="already quantized"):
             variant_spec(prequantized, other)
     assert [e["dtype"] for e in estimate_all(prequantized, include_quantized=True)] == [
         "float32", "float16", "bfloat16"]
@@ -130,7 +130,7 @@ def test_a_quantized_checkpoint_is_served_as_it_is_and_not_requantized(prequanti
 @pytest.mark.parametrize("quantization", [Quantization("affine", 7, 64), Quantization("mxfp4", 4, 64),
                                           Quantization("nvfp4", 4, 32)])
 def test_a_combination_mlx_cannot_run_is_refused_clearly(quantization):
-    with pytest.raises(InvalidRequestError, match="cannot run on this backend"):
+    with pytest.raises(PrecisionUnavailableError, match="cannot run on this backend"):
         check_runs(quantization, "bfloat16")
 
 
