@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.deps import ReadyEngine
-from server.schemas import ERROR_RESPONSES, Dtype
+from server.schemas import ERROR_RESPONSES, FloatDtype
 
 
 class ReportStatus(BaseModel):
@@ -27,13 +27,15 @@ class ReportStatus(BaseModel):
 RUNNING = {202: {"model": ReportStatus, "description": "still computing: poll again (Retry-After)"}}
 router = APIRouter(prefix="/v1/dtypes", tags=["report"], responses={**ERROR_RESPONSES, **RUNNING})
 ModelQuery = Annotated[str | None, Query(min_length=1, max_length=256)]
-DtypesQuery = Annotated[list[Dtype] | None, Query(max_length=8, description="repeat: dtypes=bfloat16&dtypes=float16")]
+DtypesQuery = Annotated[list[FloatDtype] | None,
+                        Query(max_length=8, description="repeat: dtypes=bfloat16&dtypes=float16")]
 
 
 class ReportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, min_length=1, max_length=256)
-    dtypes: list[Dtype] | None = Field(None, max_length=8, description="float32 is always measured")
+    dtypes: list[FloatDtype] | None = Field(None, max_length=8, description="float32 is always measured; "
+                                                 "float dtypes only for now (not quantizations)")
     prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
         None, max_length=256, description="probe prompts used instead of the bundled ones")
 
