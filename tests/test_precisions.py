@@ -137,3 +137,10 @@ def test_a_combination_mlx_cannot_run_is_refused_clearly(quantization):
 def test_every_named_precision_runs_here():
     for name, float_dtype in PRECISIONS:
         check_runs(parse_precision(name).quantization, float_dtype)
+
+
+def test_load_progress_is_logged_by_quarters(caplog):
+    caplog.set_level("INFO", logger="models.loader")
+    load_variant("tiny", BUNDLED, "q4")
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading tiny/q4")]
+    assert [m.split(": ")[1].split("%")[0] for m in progress] == ["25", "50", "75", "100"]

@@ -216,3 +216,21 @@ async def test_a_variant_loaded_at_run_time_is_warmed_before_it_serves(warmup):
         assert (loaded["warmup_seconds"] > 0) == warmup
     finally:
         await close(ctx, client)
+
+
+async def test_quantized_variants_are_evicted_least_recently_used_and_the_default_stays_pinned():
+    # the pinned bfloat16 default (2.13 MB) + q8 (1.13 MB) fit 3.8 MB; q6 (0.86 MB) then needs q8 gone
+    app, ctx, client = await app_client(memory_budget="3800000")
+    try:
+        for precision in ("q8", "q6"):
+            r = await client.post("/generate", json={"prompt": "1+1=", "dtype": precision, "max_tokens": 2})
+            assert r.status_code == 200
+        memory = (await client.get("/memory")).json()
+        assert {v["dtype"] for v in memory["variants"]} == {"bfloat16", "q6"}
+        assert memory["budget"]["used_bytes"] <= memory["budget"]["budget_bytes"]
+        # float32 (4.25 MB) cannot fit even with q6 evicted: refused before anything is evicted or allocated
+        refused = await client.post("/models/load", json={"dtype": "float32"})
+        assert refused.status_code == 507 and refused.json()["error"]["dtype"] == "float32"
+        assert {v["dtype"] for v in (await client.get("/memory")).json()["variants"]} == {"bfloat16", "q6"}
+    finally:
+        await close(ctx, client)

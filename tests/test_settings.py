@@ -69,3 +69,18 @@ def test_cli_rejects_bad_dtype_with_a_clear_message():
                           text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "unknown dtype 'float8'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_precisions_and_the_fit_order_are_settings(monkeypatch):
+    s = load_settings(["--dtype", "int4:bf16", "--fit-order", "bf16, q8 ,4bit"])
+    assert s.dtype == "q4:bfloat16" and s.fit_order == ("bfloat16", "q8", "q4")
+    assert load_settings(["--dtype", "fit"]).fit_order == ("auto", "bfloat16", "q8", "q6", "q5", "q4")
+    monkeypatch.setenv("DTYPE_SERVE_FIT_ORDER", "q6,q4")
+    assert load_settings([]).fit_order == ("q6", "q4")
+
+
+@pytest.mark.parametrize("args", [["--dtype", "q7"], ["--fit-order", "q8,fit"], ["--fit-order", "q8,int3"],
+                                  ["--fit-order", ""]])
+def test_bad_precisions_are_refused_at_start(args):
+    with pytest.raises((ValidationError, SystemExit)):
+        load_settings(args)
