@@ -29,7 +29,7 @@ from models.catalog import ModelCatalog
 from models.cpu_fusion import fused_kernels_state
 from models.decode_batch import LeanBatchGenerator
 from models.detokenizer import streaming_detokenizer
-from models.dtypes import AUTO, FIT, normalize_dtype
+from models.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
 from models.errors import (
     DtypeRefusedError,
     EngineError,
@@ -122,7 +122,7 @@ class MLXEngine:
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s,
                                         prompt_cache_bytes=parse_budget(prompt_cache_bytes, allow_zero=True),
                                         kv_sequences=max_batch_size, warm=self._warm_loaded,
-                                        **({"fit_order": fit_order} if fit_order else {}))
+                                        fit_order=fit_order or DEFAULT_FIT_ORDER)
         self._variants = self.registry.variants
         self._reports: dict[tuple, FidelityJob] = {}  # fidelity reports, cached per (model, dtypes, prompts)
         self._commands: queue.Queue = queue.Queue()
