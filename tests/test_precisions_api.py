@@ -88,8 +88,10 @@ def test_openai_sdk_unknown_precision_is_a_422_listing_the_valid_ones(oai):
     import openai
 
     with pytest.raises(openai.UnprocessableEntityError) as info:
-        oai.completions.create(model="tiny-arith:q7", prompt="1+1=", max_tokens=2)
+        oai.completions.create(model="tiny-arith", prompt="1+1=", max_tokens=2, extra_body={"dtype": "q7"})
     assert "q4" in str(info.value) and "mxfp4" in str(info.value)
+    with pytest.raises(openai.NotFoundError):  # "q7" is no precision: the whole id is an unknown model
+        oai.completions.create(model="tiny-arith:q7", prompt="1+1=", max_tokens=2)
 
 
 async def test_load_report_and_unload_a_quantized_variant(client):

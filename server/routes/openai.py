@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse
 
 from models.api import Engine, Finished, GenerationParams, TokenLogprob
 from models.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
-from models.errors import EngineError
+from models.errors import EngineError, UnknownDtypeError
 from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
 from server.openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -23,26 +23,26 @@ from server.streaming import collect_unless_disconnected, first_event
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 
-def split_model_id(model: str | None, dtype: str | None,
-                   model_names: Callable[[], list[str]]) -> tuple[str | None, str | None]:
+def split_model_id(model: str | None, dtype: str | None) -> tuple[str | None, str | None]:
     """`name:precision` (`tiny:q4`, `tiny:q4:float16`) -> (name, precision); model names hold no
-    colon. The body's dtype must agree when both are given; an unknown precision after a known
-    model's name is a 422 (an unknown model stays a 404)."""
+    colon. The body's dtype must agree when both are given. An id whose suffix is no precision is
+    a model name as a whole (so an unknown model: 404)."""
     if model and ":" in model:
         name, _, suffix = model.partition(":")
-        if name not in model_names():
+        try:
+            named = normalize_dtype(suffix)
+        except UnknownDtypeError:
             return model, dtype
-        named = normalize_dtype(suffix)
         if dtype and dtype != named:
             raise HTTPException(422, f"model: the id names dtype {named} but the body asks for {dtype}")
         return name, named
     return model, dtype
 
 
-def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: Settings, engine: Engine, *,
+def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: Settings, *,
                     max_tokens: int | None, logprobs: int | None, prompt: str | None = None,
                     messages: tuple[dict, ...] | None = None) -> GenerationParams:
-    model, dtype = split_model_id(body.model, body.dtype, engine.model_names)
+    model, dtype = split_model_id(body.model, body.dtype)
     check_max_tokens(max_tokens, settings)
     stops = body.stop or ()
     seed = None if body.seed is None else body.seed % (2**63)
@@ -105,7 +105,7 @@ async def list_models(engine: ReadyEngine) -> dict:
 @router.post("/completions", responses=STREAM_RESPONSE, summary="OpenAI text completions")
 async def completions(body: CompletionRequest, request: Request, engine: ReadyEngine, settings: SettingsDep):
     max_tokens = body.max_tokens or min(16, settings.max_tokens_limit)
-    params = sampling_params(body, settings, engine, max_tokens=max_tokens, logprobs=body.logprobs,
+    params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=body.logprobs,
                              prompt=body.prompt_text())
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -126,7 +126,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                            settings: SettingsDep):
     messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
     top = body.top_logprobs or 0
-    params = sampling_params(body, settings, engine, max_tokens=body.max_completion_tokens or body.max_tokens,
+    params = sampling_params(body, settings, max_tokens=body.max_completion_tokens or body.max_tokens,
                              logprobs=top if body.logprobs else None, messages=messages)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
