@@ -215,6 +215,8 @@ class MLXEngine:
         fit = self.registry.fits.get(self.default_model) if self.default_dtype == FIT else None
         if fit is not None:  # what `fit` chose for the default model, and why
             report["fit"] = {"chosen": fit["chosen"], "reason": fit["reason"]}
+        if (loading := self.registry.loading) is not None:  # set by the worker; readable while it loads
+            report["loading"] = loading
         if self._failure:
             report["error"] = self._failure
         return report

@@ -144,3 +144,15 @@ def test_load_progress_is_logged_by_quarters(caplog):
     load_variant("tiny", BUNDLED, "q4")
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading tiny/q4")]
     assert [m.split(": ")[1].split("%")[0] for m in progress] == ["25", "50", "75", "100"]
+
+
+def test_load_progress_is_visible_while_loading_and_cleared_after():
+    from models.catalog import ModelCatalog
+    from models.registry import VariantRegistry
+
+    seen = []
+    registry = VariantRegistry(ModelCatalog({"tiny": BUNDLED}), "auto", 10**9,
+                               warm=lambda loaded: seen.append(dict(registry.loading)))
+    registry.get("tiny", "q4")
+    assert seen[0]["dtype"] == "q4" and seen[0]["tensors_done"] == seen[0]["tensors"] > 0
+    assert registry.loading is None and registry.report()["loading"] is None
