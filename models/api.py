@@ -36,6 +36,7 @@ class Started:
     model: str
     dtype: str
     prompt_tokens: int
+    float_dtype: str = ""  # the dtype of the variant's unquantized rest (its only dtype if unquantized)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Finished:
     total_s: float
     decode_tokens_per_second: float
     warnings: tuple[str, ...] = field(default=())
+    float_dtype: str = ""  # the dtype of the variant's unquantized rest (its only dtype if unquantized)
     stop_sequence: str | None = None  # the stop string that ended it, when one did
 
 
@@ -117,7 +119,7 @@ class Engine(Protocol):
     def generate(self, params: GenerationParams) -> AsyncIterator[Started | TextDelta | Finished]: ...
     async def load(self, model: str | None, dtype: str | None) -> dict: ...
     async def unload(self, model: str, dtype: str) -> dict: ...
-    async def estimate(self, model: str | None, dtype: str | None) -> list[dict]: ...
+    async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False) -> list[dict]: ...
     async def report(self, model: str | None, dtypes: tuple[str, ...] | None,
                      prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "") -> dict: ...
     async def memory(self) -> dict: ...

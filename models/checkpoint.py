@@ -8,8 +8,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.dtypes import SAFETENSORS_DTYPES, is_floating
-from models.errors import ModelLoadError
+from models.dtypes import (
+    SAFETENSORS_DTYPES,
+    Quantization,
+    default_float_dtype,
+    is_floating,
+    parse_precision,
+)
+from models.errors import ModelLoadError, PrecisionUnavailableError
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -122,3 +128,56 @@ def stored_floating_dtype(tensors: dict[str, TensorInfo]) -> str:
     if not by_dtype:
         return "float32"
     return max(by_dtype, key=by_dtype.get)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a precision name means for one checkpoint.
+
+    `key`: the variant's canonical name (the float dtype of the rest is left out when it is the
+    model's default); `quantization`: the layers' storage (None: float only); `quantize`: whether the
+    loader quantizes (False for a checkpoint that is quantized already, served as it is)."""
+
+    key: str
+    float_dtype: str
+    quantization: Quantization | None
+    quantize: bool
+
+
+def stored_quantization(config: dict) -> Quantization | None:
+    """The quantization of an already-quantized mlx-lm checkpoint (its config's "quantization")."""
+    entry = config.get("quantization") or config.get("quantization_config")
+    if not isinstance(entry, dict) or "bits" not in entry:
+        return None
+    try:
+        return Quantization(str(entry.get("mode", "affine")), int(entry["bits"]), int(entry.get("group_size", 64)))
+    except (TypeError, ValueError):
+        return None
+
+
+def variant_spec(folder: Path, name: str) -> VariantSpec:
+    """Resolve a canonical precision name (not `fit`) against the checkpoint in `folder`.
+
+    A quantized checkpoint is served as it is: `auto`, a float dtype (for the rest) or its own
+    quantization; another quantization is refused (requantizing would compound the rounding).
+    """
+    stored_float = stored_floating_dtype(checkpoint_tensors(folder))
+    stored = stored_quantization(read_config(folder))
+    precision = parse_precision(name)
+    wanted = precision.quantization
+    if stored is not None:
+        same = wanted is None or (wanted.mode, wanted.bits, wanted.group_size, wanted.recipe) == (
+            stored.mode, stored.bits, stored.group_size, None)
+        if not same:
+            raise PrecisionUnavailableError(
+                f"{folder.name} is already quantized ({stored.name}); it is served as it is: ask for auto, "
+                f"{stored.name} or a float dtype for its unquantized rest, not {wanted.name}")
+        float_dtype = precision.float_dtype or stored_float
+        return VariantSpec(float_dtype, float_dtype, stored, quantize=False)
+    if wanted is None:
+        float_dtype = precision.float_dtype or stored_float
+        return VariantSpec(float_dtype, float_dtype, None, quantize=False)
+    default = default_float_dtype(stored_float)
+    float_dtype = precision.float_dtype or default
+    key = wanted.name if float_dtype == default else f"{wanted.name}:{float_dtype}"
+    return VariantSpec(key, float_dtype, wanted, quantize=True)

@@ -38,7 +38,7 @@ from models.blas import blas_info
 from models.catalog import ModelCatalog
 from models.cpu_fusion import fused_kernels_state
 from models.detokenizer import streaming_detokenizer
-from models.dtypes import AUTO, FLOATING, normalize_dtype
+from models.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
 from models.errors import (
     DtypeRefusedError,
     EngineError,
@@ -48,7 +48,7 @@ from models.errors import (
     MemoryBudgetError,
     QueueFullError,
 )
-from models.estimate import estimate_variant
+from models.estimate import estimate_all, estimate_variant
 from models.fidelity import DEFAULT_DTYPES, FidelityJob
 from models.memory import device_info, parse_budget, process_memory
 from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
@@ -61,7 +61,7 @@ from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
 from models.single_stream import SingleStream
 from models.stop_strings import StopStringMatcher
-from models.warmup import warm_shapes
+from models.warmup import warm_shapes, warm_variant
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -115,7 +115,7 @@ class MLXEngine:
                  prompt_cache_bytes: str | None = "0", stream_interval_s: float = 0.0,
                  stream_events_per_s: float = 0.0, gather_s: float = 0.03,
                  pad_prefill: bool | None = None, show_paths: bool = False,
-                 report_starts_per_hour: int | None = None) -> None:
+                 report_starts_per_hour: int | None = None, fit_order: tuple[str, ...] | None = None) -> None:
         self.catalog = catalog
         self.show_paths = show_paths  # /memory and reports name files by path (else by name only)
         self.default_model = default_model
@@ -141,7 +141,9 @@ class MLXEngine:
         self._last_busy_peak = 0  # ...and that figure for the busy spell before (event loop thread)
         self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s,
-                                        prompt_cache_bytes=parse_budget(prompt_cache_bytes, allow_zero=True))
+                                        prompt_cache_bytes=parse_budget(prompt_cache_bytes, allow_zero=True),
+                                        kv_sequences=max_batch_size, warm=self._warm_loaded,
+                                        fit_order=fit_order or DEFAULT_FIT_ORDER)
         self._variants = self.registry.variants
         # Per model name, its tokenizer and context, once loaded: requests are tokenized and checked on
         # the `_tokenizing` threads, off the MLX worker (written by the worker, read by the event loop).
@@ -219,6 +221,12 @@ class MLXEngine:
             shapes = await self._call(self._warm_shapes)
             log.info("warm-up: %d prefill and decode shapes set up", shapes)
 
+    def _warm_loaded(self, loaded: Any) -> None:
+        """A variant loaded at run time runs the shapes requests use before it serves (the start-up
+        variant gets the full warm-up instead)."""
+        if self._state == "ready" and self.warmup:
+            warm_variant(loaded.model, loaded.context_length, self.max_batch_size, self.pad_prefill)
+
     def _warm_shapes(self) -> int:
         variant = self.registry.get(self.default_model, self.default_dtype)
         return warm_shapes(variant.loaded.model, variant.loaded.context_length, self.max_batch_size)
@@ -236,6 +244,11 @@ class MLXEngine:
         state = self._state if alive or self._state in ("created", "stopped") else "failed"
         report = {"status": state, "ready": state == "ready" and alive, "worker_alive": alive,
                   "default_model": self.default_model, "default_dtype": self.default_dtype}
+        fit = self.registry.fits.get(self.default_model) if self.default_dtype == FIT else None
+        if fit is not None:  # what `fit` chose for the default model, and why
+            report["fit"] = {"chosen": fit["chosen"], "reason": fit["reason"]}
+        if (loading := self.registry.loading) is not None:  # set by the worker; readable while it loads
+            report["loading"] = loading
         if self._failure:
             report["error"] = self._failure
         return report
@@ -306,14 +319,19 @@ class MLXEngine:
     async def unload(self, model: str, dtype: str) -> dict:
         return await self._call(lambda: self.registry.unload(model, dtype))
 
-    async def estimate(self, model: str | None, dtype: str | None) -> list[dict]:
-        """Bytes a variant would hold, from the safetensors headers (no weights read)."""
+    async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False) -> list[dict]:
+        """Bytes a variant would hold, from the safetensors headers (no weights read): one precision,
+        or the float dtypes (and with `include_quantized` the standard quantizations)."""
         name = self.catalog.canonical(model or self.default_model)
 
         def run() -> list[dict]:
             folder = self.catalog.resolve(name)
-            dtypes = [normalize_dtype(dtype)] if dtype else list(FLOATING)
-            return [{"model": name, **estimate_variant(folder, d)} for d in dtypes]
+            if not dtype:
+                return [{"model": name, **e} for e in estimate_all(folder, include_quantized)]
+            wanted = normalize_dtype(dtype)
+            if wanted == FIT:
+                wanted = self.registry.fit(name)["chosen"]
+            return [{"model": name, **estimate_variant(folder, wanted)}]
 
         return await self._call(run)
 
@@ -544,7 +562,7 @@ class MLXEngine:
             if variant.single is not None:  # the lone stream joins the batch once this one decodes
                 variant.joining.add(job.uid)
         variant.jobs[job.uid] = job
-        job.emit(Started(variant.loaded.name, variant.loaded.dtype, len(tokens)))
+        job.emit(Started(variant.loaded.name, variant.loaded.dtype, len(tokens), variant.loaded.float_dtype))
 
     def _insert(self, variant: Variant, job: _Job, prompt: list[int], max_tokens: int, cache: list | None,
                 context: list[int]) -> int:
@@ -722,7 +740,8 @@ class MLXEngine:
             model=variant.loaded.name, dtype=variant.loaded.dtype, finish_reason=reason,
             usage=Usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens),
             time_to_first_token_s=first - job.arrival, total_s=now - job.arrival,
-            decode_tokens_per_second=rate, warnings=tuple(job.warnings), stop_sequence=job.matcher.hit))
+            decode_tokens_per_second=rate, warnings=tuple(job.warnings), stop_sequence=job.matcher.hit,
+            float_dtype=variant.loaded.float_dtype))
 
     @staticmethod
     def _fail_jobs(variant: Variant, error: EngineError) -> None:

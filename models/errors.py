@@ -6,7 +6,7 @@ __all__ = [
     "EngineError", "ModelNotFoundError", "ModelLoadError", "InvalidRequestError",
     "EngineUnavailableError", "GenerationFailedError", "UnknownDtypeError", "MemoryBudgetError",
     "QueueFullError",
-    "DtypeRefusedError", "VariantPinnedError",
+    "DtypeRefusedError", "VariantPinnedError", "PrecisionUnavailableError",
 ]
 
 
@@ -44,6 +44,11 @@ class DtypeRefusedError(EngineError):
 
 class VariantPinnedError(EngineError):
     """An unload of the pinned default variant, which stays resident while the server runs."""
+
+
+class PrecisionUnavailableError(EngineError):
+    """A valid precision this model or backend cannot have: another quantization of a quantized
+    checkpoint, a recipe the architecture lacks layers for, a mode MLX has no kernels for here."""
 
 
 class QueueFullError(EngineError):

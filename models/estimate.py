@@ -1,4 +1,5 @@
-"""What a variant will hold before it is loaded, from the safetensors headers alone."""
+"""What a variant will hold before it is loaded, from the safetensors headers alone (and, for a
+quantization, the model's structure built from its config without computing anything)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from models.checkpoint import checkpoint_tensors, read_config, stored_floating_dtype
-from models.dtypes import AUTO, BYTES_PER_ELEMENT, FLOATING, SAFETENSORS_DTYPES, will_cast
-from models.errors import ModelLoadError
-from models.mlx_lm_ext.internals import model_class
+from models.checkpoint import TensorInfo, VariantSpec, checkpoint_tensors, read_config, variant_spec
+from models.dtypes import (
+    BYTES_PER_ELEMENT,
+    FLOATING,
+    SAFETENSORS_DTYPES,
+    STANDARD_QUANTIZATIONS,
+    is_floating,
+    will_cast,
+)
+from models.errors import ModelLoadError, PrecisionUnavailableError
+from models.mlx_lm_ext.internals import model_class, model_classes
 
 _ELEMENT_BYTES = {name: size for name, size in SAFETENSORS_DTYPES.values()}
 
@@ -62,28 +70,88 @@ def config_floor_bytes(config: dict) -> int:
     return int((vocab * hidden + layers * 4 * hidden * hidden) * _MIN_ELEMENT_BYTES)
 
 
+def _planned_layers(config: dict, spec: VariantSpec) -> dict[str, dict]:
+    """The quantization plan on the model's structure, built from the config and never evaluated
+    (MLX is lazy: the random initial weights are never computed)."""
+    from models.quantize import quantization_plan
+
+    try:
+        model_type, args_type = model_classes(config)
+        skeleton = model_type(args_type.from_dict(config))
+    except Exception as e:
+        raise PrecisionUnavailableError(f"cannot plan {spec.key} for this model: {type(e).__name__}") from None
+    return quantization_plan(skeleton, spec.quantization).layers
+
+
+def _quantized_bytes(t: TensorInfo, params: dict, float_dtype: str) -> dict[str, int]:
+    """Bytes of one weight quantized with `params`: packed uint32 weights, scales (float for affine,
+    uint8 for the microscaling modes) and affine biases."""
+    count = t.nbytes // int(_ELEMENT_BYTES[t.dtype])
+    groups = count // params["group_size"]
+    out = {"uint32": count * params["bits"] // 8}
+    if params.get("mode", "affine") == "affine":
+        out[float_dtype] = 2 * groups * BYTES_PER_ELEMENT[float_dtype]
+    else:
+        out["uint8"] = groups
+    return out
+
+
 def estimate_variant(folder: Path, dtype: str) -> dict:
-    """Bytes by parameter dtype, total bytes and parameter count of (folder, dtype); a config that cannot
-    be sane is refused (ModelLoadError)."""
+    """Bytes by parameter dtype, total bytes, parameter count and bits per weight of (folder, dtype); a
+    config that cannot be sane is refused (ModelLoadError)."""
     tensors = checkpoint_tensors(folder)
     config = read_config(folder)
     check_config(folder, config, tensors)
+    spec = variant_spec(folder, dtype)
     predicate = model_cast_predicate(config)
-    concrete = stored_floating_dtype(tensors) if dtype == AUTO else dtype
+    plan = _planned_layers(config, spec) if spec.quantize else {}
     by_dtype: dict[str, int] = defaultdict(int)
     params = 0
     for t in tensors.values():
         if "rotary_emb.inv_freq" in t.name:  # dropped by mlx-lm's sanitize
             continue
         count = t.nbytes // max(int(_ELEMENT_BYTES[t.dtype]), 1)
-        params += count
-        if will_cast(t.name, t.dtype, predicate):
-            by_dtype[concrete] += count * BYTES_PER_ELEMENT[concrete]
+        module, _, leaf = t.name.rpartition(".")
+        if leaf == "weight" and module in plan and is_floating(t.dtype):
+            for d, n in _quantized_bytes(t, plan[module], spec.float_dtype).items():
+                by_dtype[d] += n
+        elif will_cast(t.name, t.dtype, predicate):
+            by_dtype[spec.float_dtype] += count * BYTES_PER_ELEMENT[spec.float_dtype]
         else:
             by_dtype[t.dtype] += t.nbytes
-    return {"dtype": concrete, "bytes_by_dtype": dict(sorted(by_dtype.items())),
-            "total_bytes": sum(by_dtype.values()), "parameter_count": params}
+        if leaf == "weight" and t.dtype == "uint32" and f"{module}.scales" in tensors and spec.quantization:
+            count = count * 32 // spec.quantization.bits  # a stored quantized weight: its logical size
+        params += count
+    total = sum(by_dtype.values())
+    return {"dtype": spec.key, "float_dtype": spec.float_dtype,
+            "quantization": spec.quantization.name if spec.quantization else None,
+            "bytes_by_dtype": dict(sorted(by_dtype.items())), "total_bytes": total, "parameter_count": params,
+            "bits_per_weight": round(total * 8 / params, 4) if params else None}
 
 
-def estimate_all(folder: Path) -> list[dict]:
-    return [estimate_variant(folder, d) for d in FLOATING]
+def estimate_all(folder: Path, include_quantized: bool = False) -> list[dict]:
+    """The float dtypes, and with `include_quantized` the standard quantizations (a quantized
+    checkpoint has only its own)."""
+    names = list(FLOATING)
+    if include_quantized:
+        names += STANDARD_QUANTIZATIONS
+    out: list[dict] = []
+    for name in names:
+        try:
+            estimate = estimate_variant(folder, name)
+        except PrecisionUnavailableError:  # another quantization of a quantized checkpoint
+            continue
+        if all(e["dtype"] != estimate["dtype"] for e in out):  # its own quantization: a float name's variant
+            out.append(estimate)
+    return out
+
+
+def kv_cache_bytes(config: dict, float_dtype: str, sequences: int, context: int) -> int:
+    """Keys and values of `sequences` sequences of `context` tokens, in the activations' dtype:
+    what `fit` keeps free beside the weights."""
+    text = config.get("text_config", config)
+    layers = int(text.get("num_hidden_layers", 0))
+    heads = int(text.get("num_attention_heads", 1))
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or text.get("hidden_size", 0) // max(heads, 1))
+    return 2 * layers * kv_heads * head_dim * context * sequences * BYTES_PER_ELEMENT[float_dtype]

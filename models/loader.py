@@ -1,14 +1,15 @@
-"""Load a checkpoint lazily and cast it to a dtype parameter by parameter.
+"""Load a checkpoint lazily and cast (and quantize) it to a precision parameter by parameter.
 
-Each source tensor is read, cast, evaluated and dropped before the next one, so the peak
-memory of a load is about the final size plus the largest source tensor.
+Each source tensor is read, cast or quantized, evaluated and dropped before the next one, so the
+peak memory of a load is about the final size plus the largest source tensor.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
-from models.checkpoint import checkpoint_tensors, read_config, stored_floating_dtype
+from models.checkpoint import VariantSpec, checkpoint_tensors, read_config, stored_floating_dtype, variant_spec
 from models.cpu_fusion import fuse_for_cpu
 from models.cpu_layout import laid_out, linear_weight_paths
-from models.dtypes import AUTO, dtype_name, mx_dtype, will_cast
-from models.errors import ModelLoadError
-from models.memory import bytes_by_dtype, parameter_count
+from models.dtypes import AUTO, Quantization, dtype_name, mx_dtype, will_cast
+from models.errors import EngineError, ModelLoadError
+from models.memory import bytes_by_dtype, bytes_by_role, parameter_count
+from models.quantize import check_runs, quantization_config, quantization_plan, quantize_layers
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]  # (parameters done, parameters in all)
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,8 @@ class LoadStats:
     bytes_by_dtype: dict[str, int]
     parameter_count: int
     source: str  # "checkpoint" or the dtype of the resident variant it was derived from
+    bytes_by_role: dict[str, int] = field(default_factory=dict)  # models.memory.bytes_by_role
+    warmup_seconds: float = 0.0  # kernels compiled for request shapes after the load (models.registry)
 
     @property
     def peak_over_final(self) -> float:
@@ -47,12 +54,14 @@ class LoadStats:
 class LoadedModel:
     name: str
     path: Path
-    dtype: str  # the concrete dtype of this variant's floating parameters, or "auto" if mixed
+    dtype: str  # the variant's precision name (models.checkpoint.VariantSpec.key)
     model: nn.Module
     tokenizer: Any
     config: dict
     stats: LoadStats
     context_length: int = field(default=0)
+    float_dtype: str = ""  # the dtype of the floating parameters (the rest of a quantized variant)
+    quantization: Quantization | None = None  # how its quantized layers are stored; None: float only
 
 
 def resolve_auto(folder: Path) -> str:
@@ -60,11 +69,12 @@ def resolve_auto(folder: Path) -> str:
     return stored_floating_dtype(checkpoint_tensors(folder))
 
 
-def cast_parameters(model: nn.Module, dtype: str) -> int:
+def cast_parameters(model: nn.Module, dtype: str, progress: Progress | None = None) -> int:
     """Cast (set_dtype semantics + cast_predicate) and evaluate one parameter at a time; on the CPU,
     Linear weights also take the layout their dtype multiplies fastest in (models.cpu_layout).
 
-    Returns the largest source tensor in bytes. `dtype` "auto" evaluates without casting.
+    Returns the largest source tensor in bytes. `dtype` "auto" evaluates without casting. Layers
+    swapped for quantized ones (models.quantize) are quantized here, as their outputs are evaluated.
     """
     target = None if dtype == AUTO else mx_dtype(dtype)
     predicate = getattr(model, "cast_predicate", None)
@@ -86,10 +96,13 @@ def cast_parameters(model: nn.Module, dtype: str) -> int:
         del source
         mx.eval(value)
         del value
+        if progress is not None:
+            progress(i + 1, len(params))
     return largest
 
 
-def _context_length(config: dict) -> int:
+def context_length(config: dict) -> int:
+    """The model's context in tokens, from its config (4096 if it names none)."""
     for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
         value = config.get(key) or config.get("text_config", {}).get(key)
         if isinstance(value, int) and value > 0:
@@ -97,22 +110,52 @@ def _context_length(config: dict) -> int:
     return 4096
 
 
-def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = False) -> LoadedModel:
-    """Load `folder` with its floating parameters cast to `dtype` while loading."""
+def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = False,
+                 progress: Progress | None = None) -> LoadedModel:
+    """Load `folder` at precision `dtype` (a canonical name): floating parameters cast and the
+    planned layers quantized while loading."""
     read_config(folder)  # clear errors naming the broken file, before mlx-lm's own
     checkpoint_tensors(folder)
-    concrete = resolve_auto(folder) if dtype == AUTO else dtype
+    spec = variant_spec(folder, dtype)
+    if spec.quantize:
+        check_runs(spec.quantization, spec.float_dtype)
     base, start = _start_measuring()
     # mlx-lm and safetensors raise many types: each stage names the files it reads, never a path.
     with _loading(name, f"{folder.name}/config.json and model*.safetensors"):
         model, config = mlx_lm_load_model(folder, lazy=True, trust_remote_code=trust_remote_code)
     with _loading(name, f"{folder.name}/model*.safetensors"):
-        largest = cast_parameters(model, concrete)
+        largest, config = _convert(model, config, spec, progress or log_progress(name, spec.key))
         fuse_for_cpu(model)
     with _loading(name, f"{folder.name}'s tokenizer files (tokenizer.json, tokenizer_config.json)"):
         tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
     stats = _load_stats(model, base, start, largest, source="checkpoint")
-    return LoadedModel(name, folder, concrete, model, tokenizer, config, stats, _context_length(config))
+    return LoadedModel(name, folder, spec.key, model, tokenizer, config, stats, context_length(config),
+                       spec.float_dtype, spec.quantization)
+
+
+def _convert(model: nn.Module, config: dict, spec: VariantSpec, progress: Progress | None) -> tuple[int, dict]:
+    """Quantize (lazily, per the plan) and cast `model` in place, evaluating one parameter at a time;
+    (the largest source tensor in bytes, the config with the "quantization" entry mlx-lm would write)."""
+    largest = max((a.nbytes for _, a in tree_flatten(model.parameters())), default=0)  # unevaluated: free
+    if spec.quantize:
+        plan = quantization_plan(model, spec.quantization)
+        quantize_layers(model, plan, spec.float_dtype)
+        entry = quantization_config(plan, spec.quantization)
+        config = {**config, "quantization": entry, "quantization_config": entry}
+    return max(largest, cast_parameters(model, spec.float_dtype, progress)), config
+
+
+def log_progress(name: str, key: str) -> Progress:
+    """Log a load's progress at every quarter of its parameters."""
+    logged = [0]
+
+    def report(done: int, total: int) -> None:
+        quarter = done * 4 // max(total, 1)
+        if quarter > logged[0]:
+            logged[0] = quarter
+            log.info("loading %s/%s: %d%% (%d of %d tensors)", name, key, quarter * 25, done, total)
+
+    return report
 
 
 @contextmanager
@@ -120,7 +163,7 @@ def _loading(name: str, files: str) -> Iterator[None]:
     """Turn any failure while reading `files` into a ModelLoadError that names them."""
     try:
         yield
-    except ModelLoadError:
+    except EngineError:  # already a clear error (a precision this model cannot have, a named file)
         raise
     except Exception as e:
         raise ModelLoadError(f"could not load model {name!r} from {files}: {type(e).__name__}: {_short(e)}") from None
@@ -139,7 +182,7 @@ def _load_stats(model: nn.Module, base: int, start: float, largest: int, source:
     return LoadStats(
         load_seconds=time.perf_counter() - start, peak_bytes=max(mx.get_peak_memory() - base, 0),
         final_bytes=sum(by_dtype.values()), largest_source_bytes=largest, bytes_by_dtype=by_dtype,
-        parameter_count=parameter_count(model), source=source,
+        parameter_count=parameter_count(model), source=source, bytes_by_role=bytes_by_role(model),
     )
 
 
@@ -150,19 +193,24 @@ def _short(e: Exception) -> str:
     return " ".join(w if "/" not in w else Path(w.strip("'\",")).name for w in text.split())[:300]
 
 
-def derive_variant(source: LoadedModel, dtype: str, trust_remote_code: bool = False) -> LoadedModel:
-    """A new dtype of a resident variant, cast from its arrays without reading the checkpoint.
+def derive_variant(source: LoadedModel, dtype: str, trust_remote_code: bool = False,
+                   progress: Progress | None = None) -> LoadedModel:
+    """A new precision of a resident variant, cast and quantized from its arrays without reading the
+    checkpoint.
 
     Exact only when `source` holds the checkpoint's values exactly (its own dtype, or float32
     for a 16-bit checkpoint); the registry only calls it then.
     """
+    spec = variant_spec(source.path, dtype)
+    if spec.quantize:
+        check_runs(spec.quantization, spec.float_dtype)
     base, start = _start_measuring()
     # The structure comes from the checkpoint lazily; its arrays are replaced by the resident
     # ones (never read from the file), then cast like a load from the file.
     model, config = mlx_lm_load_model(source.path, lazy=True, trust_remote_code=trust_remote_code)
     model.update(source.model.parameters())
-    largest = cast_parameters(model, dtype)
+    largest, config = _convert(model, config, spec, progress or log_progress(source.name, spec.key))
     fuse_for_cpu(model)
     stats = _load_stats(model, base, start, largest, source=source.dtype)
-    return LoadedModel(source.name, source.path, dtype, model, source.tokenizer, config, stats,
-                       source.context_length)
+    return LoadedModel(source.name, source.path, spec.key, model, source.tokenizer, config, stats,
+                       source.context_length, spec.float_dtype, spec.quantization)

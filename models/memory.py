@@ -35,7 +35,28 @@ def floating_dtypes(model: nn.Module) -> set[str]:
 
 
 def parameter_count(model: nn.Module) -> int:
-    return sum(a.size for _, a in tree_flatten(model.parameters()))
+    """Weights as mlx-lm counts them: a quantized layer's packed weight by its logical size."""
+    from mlx_lm.utils import get_total_parameters
+
+    return get_total_parameters(model)
+
+
+def bytes_by_role(model: nn.Module) -> dict[str, int]:
+    """Bytes of the quantized layers' packed weights, their scales and biases, and of the rest."""
+    roles = {"packed_weights": 0, "scales": 0, "biases": 0, "rest": 0}
+    modules = dict(model.named_modules())
+    for path, array in tree_flatten(model.parameters()):
+        parent, _, leaf = path.rpartition(".")
+        module = modules.get(parent)
+        quantized = module is not None and hasattr(module, "bits") and "scales" in module
+        role = {"weight": "packed_weights", "scales": "scales", "biases": "biases"}.get(leaf) if quantized else None
+        roles[role or "rest"] += array.nbytes
+    return roles
+
+
+def bits_per_weight(total_bytes: int, parameters: int) -> float | None:
+    """mlx-lm's figure (mlx_lm.utils.compute_bits_per_weight): all bytes over the logical weights."""
+    return round(total_bytes * 8 / parameters, 4) if parameters else None
 
 
 def device_info() -> dict:

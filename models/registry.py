@@ -1,4 +1,5 @@
-"""Resident variants (model, dtype) under a byte budget, least recently used evicted first.
+"""Resident variants (model, precision) under a byte budget, least recently used evicted first;
+`fit`, the highest precision of an order that fits the budget.
 
 Runs on the engine's worker thread only, so it needs no locks: a load in progress blocks the
 worker, and concurrent requests for the same variant find it resident when their turn comes.
@@ -6,28 +7,32 @@ worker, and concurrent requests for the same variant find it resident when their
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 
 from models.catalog import ModelCatalog
-from models.checkpoint import read_config
-from models.dtypes import AUTO, normalize_dtype
+from models.checkpoint import VariantSpec, read_config, variant_spec
+from models.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
 from models.errors import (
     DtypeRefusedError,
     InvalidRequestError,
     MemoryBudgetError,
     ModelLoadError,
+    PrecisionUnavailableError,
     VariantPinnedError,
 )
-from models.estimate import config_floor_bytes, estimate_variant
-from models.loader import LoadedModel, derive_variant, load_variant, resolve_auto
-from models.memory import floating_dtypes, unique_bytes
+from models.estimate import config_floor_bytes, estimate_variant, kv_cache_bytes
+from models.loader import LoadedModel, context_length, derive_variant, load_variant, log_progress
+from models.memory import bits_per_weight, floating_dtypes, unique_bytes
 from models.prefix_cache import PrefixCache
+from models.quantize import check_runs
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -58,13 +63,19 @@ class Variant:
 
     def describe(self) -> dict:
         loaded, stats = self.loaded, self.loaded.stats
+        quantization = loaded.quantization
         return {
-            "model": loaded.name, "dtype": loaded.dtype,
+            "model": loaded.name, "dtype": loaded.dtype, "float_dtype": loaded.float_dtype,
+            "quantization": quantization.name if quantization else None,
+            "quantization_config": loaded.config.get("quantization") if quantization else None,
             "floating_dtypes": sorted(floating_dtypes(loaded.model)),
-            "bytes_by_dtype": stats.bytes_by_dtype, "total_bytes": stats.final_bytes,
-            "parameter_count": stats.parameter_count, "load_peak_bytes": stats.peak_bytes,
+            "bytes_by_dtype": stats.bytes_by_dtype, "bytes_by_role": stats.bytes_by_role,
+            "total_bytes": stats.final_bytes, "parameter_count": stats.parameter_count,
+            "bits_per_weight": bits_per_weight(stats.final_bytes, stats.parameter_count),
+            "load_peak_bytes": stats.peak_bytes,
             "final_over_peak": round(stats.final_bytes / stats.peak_bytes, 4) if stats.peak_bytes else None,
-            "load_seconds": round(stats.load_seconds, 4), "loaded_from": stats.source,
+            "load_seconds": round(stats.load_seconds, 4), "warmup_seconds": round(stats.warmup_seconds, 4),
+            "loaded_from": stats.source,
             "context_length": loaded.context_length, "last_used": self.last_used,
             "in_flight": len(self.jobs), "requests_served": self.requests_served,
             "tokens_generated": self.tokens_generated, "prompt_cache": self.prefix.describe(),
@@ -74,7 +85,9 @@ class Variant:
 class VariantRegistry:
     def __init__(self, catalog: ModelCatalog, default_dtype: str, budget_bytes: int, *,
                  trust_remote_code: bool = False, idle_unload_s: float | None = None,
-                 prompt_cache_bytes: int = 0) -> None:
+                 prompt_cache_bytes: int = 0, kv_sequences: int = 16,
+                 fit_order: tuple[str, ...] = DEFAULT_FIT_ORDER,
+                 warm: Callable[[LoadedModel], None] | None = None) -> None:
         self.catalog = catalog
         self.default_dtype = normalize_dtype(default_dtype)
         self.budget_bytes = budget_bytes
@@ -86,18 +99,69 @@ class VariantRegistry:
         self.load_counts: dict[Key, int] = {}
         self.refused: dict[Key, str] = {}  # variants the non-finite policy refuses, with the reason
         self.failed_loads: dict[str, tuple[float, str]] = {}  # model -> (monotonic time, the load error)
-        self._auto: dict[str, str] = {}
+        self.kv_sequences = kv_sequences  # sequences whose KV cache `fit` keeps room for
+        self.fit_order = tuple(normalize_dtype(d) for d in fit_order)
+        self.warm = warm  # compiles a variant loaded at run time for request shapes, before it serves
+        self.fits: dict[str, dict] = {}  # model -> what `fit` chose and why
+        self.loading: dict | None = None  # the load in progress: model, dtype, tensors done and in all
+        self._specs: dict[tuple[str, str], VariantSpec] = {}
 
     # ---- names -------------------------------------------------------------------------------
     def key(self, model: str, dtype: str | None) -> Key:
+        """(model, the variant's canonical precision name); `fit` is resolved once per model."""
         model = self.catalog.canonical(model)
-        folder = self.catalog.resolve(model)
         dtype = normalize_dtype(dtype) if dtype else self.default_dtype
-        if dtype == AUTO:
-            if model not in self._auto:
-                self._auto[model] = resolve_auto(folder)
-            dtype = self._auto[model]
-        return model, dtype
+        if dtype == FIT:
+            dtype = self.fit(model)["chosen"]
+        return model, self.spec(model, dtype).key
+
+    def spec(self, model: str, dtype: str) -> VariantSpec:
+        """What a canonical precision name means for this model's checkpoint (headers read once)."""
+        folder = self.catalog.resolve(model)
+        if (model, dtype) not in self._specs:
+            self._specs[(model, dtype)] = variant_spec(folder, dtype)
+        return self._specs[(model, dtype)]
+
+    def fit(self, model: str) -> dict:
+        """The first precision of `fit_order` whose estimate plus the KV cache of `kv_sequences`
+        sequences at the model's context fits the budget beside the variants that cannot be evicted."""
+        if model in self.fits:
+            return self.fits[model]
+        folder = self.catalog.resolve(model)
+        config = read_config(folder)
+        context = context_length(config)
+        held = sum(v.loaded.stats.final_bytes for k, v in self.variants.items() if k in self.pinned or v.busy)
+        available = self.budget_bytes - held
+        tried: list[dict] = []
+        for name in self.fit_order:
+            try:
+                spec = self.spec(model, name)
+            except PrecisionUnavailableError:  # e.g. another quantization of a quantized checkpoint
+                continue
+            if any(t["dtype"] == spec.key for t in tried):
+                continue
+            weights = estimate_variant(folder, spec.key)["total_bytes"]
+            reserve = kv_cache_bytes(config, spec.float_dtype, self.kv_sequences, context)
+            tried.append({"dtype": spec.key, "weights_bytes": weights, "kv_reserve_bytes": reserve,
+                          "fits": weights + reserve <= available})
+            if tried[-1]["fits"]:
+                break
+        chosen = next((t for t in tried if t["fits"]), None)
+        if chosen is None:
+            need = min((t["weights_bytes"] + t["kv_reserve_bytes"] for t in tried), default=0)
+            raise MemoryBudgetError(
+                f"no precision of {', '.join(self.fit_order)} fits {model} in {available} bytes with room for "
+                f"the KV cache of {self.kv_sequences} sequences of {context} tokens",
+                required_bytes=need, available_bytes=available, dtype=FIT, retry=False)
+        reason = (f"{chosen['dtype']}: {chosen['weights_bytes']} bytes of weights + {chosen['kv_reserve_bytes']} "
+                  f"of KV cache ({self.kv_sequences} sequences x {context} tokens) fit {available} bytes")
+        if len(tried) > 1:
+            reason += f"; {', '.join(t['dtype'] for t in tried[:-1])} did not"
+        report = {"chosen": chosen["dtype"], "reason": reason, "available_bytes": available,
+                  "order": list(self.fit_order), "tried": tried}
+        log.info("fit for %s: %s", model, reason)
+        self.fits[model] = report
+        return report
 
     def used_bytes(self) -> int:
         """Bytes held by resident variants. Variants cast from a resident one share the arrays the
@@ -124,7 +188,7 @@ class VariantRegistry:
 
     def _exact_source(self, model: str, dtype: str) -> Variant | None:
         """A resident variant that holds the checkpoint's values exactly."""
-        own = self.key(model, AUTO)[1]
+        own = self.spec(model, AUTO).key
         for candidate in (own, "float32"):
             variant = self.variants.get((model, candidate))
             if variant is not None and candidate != dtype and (candidate == own or own in ("bfloat16", "float16")):
@@ -147,6 +211,9 @@ class VariantRegistry:
 
     def _load_checkpoint(self, key: Key) -> Variant:
         name, dtype = key
+        spec = self.spec(name, dtype)
+        if spec.quantize:
+            check_runs(spec.quantization, spec.float_dtype)  # before anything is evicted or allocated
         folder = self.catalog.resolve(name)
         required = estimate_variant(folder, dtype)["total_bytes"]
         floor = config_floor_bytes(read_config(folder))
@@ -156,17 +223,37 @@ class VariantRegistry:
                                     available_bytes=self.budget_bytes, dtype=dtype, retry=False)
         self._make_room(required, dtype)
         source = self._exact_source(name, dtype)
-        if source is not None:
-            loaded = derive_variant(source.loaded, dtype, self.trust_remote_code)
-        else:
-            loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code)
+        progress = self._progress(key)
+        try:
+            if source is not None:
+                loaded = derive_variant(source.loaded, dtype, self.trust_remote_code, progress)
+            else:
+                loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code, progress)
+            if self.warm is not None:
+                started = time.perf_counter()
+                self.warm(loaded)
+                loaded.stats = dataclasses.replace(loaded.stats, warmup_seconds=time.perf_counter() - started)
+        finally:
+            self.loading = None
         variant = Variant(loaded, PrefixCache(self.prompt_cache_bytes))
         self.variants[key] = variant
         self.load_counts[key] = self.load_counts.get(key, 0) + 1
         stats = loaded.stats
-        log.info("loaded %s/%s from %s: %d bytes (estimated %d), peak %.3fx final, %.2fs", name, dtype,
-                 stats.source, stats.final_bytes, required, stats.peak_over_final, stats.load_seconds)
+        log.info("loaded %s/%s from %s: %d bytes (estimated %d), peak %.3fx final, %.2fs + %.2fs warm-up",
+                 name, dtype, stats.source, stats.final_bytes, required, stats.peak_over_final,
+                 stats.load_seconds, stats.warmup_seconds)
         return variant
+
+    def _progress(self, key: Key) -> Callable[[int, int], None]:
+        """Records the load's progress for reports (`loading` in /memory's budget) and logs each quarter."""
+        self.loading = {"model": key[0], "dtype": key[1], "tensors_done": 0, "tensors": 0}
+        log_quarters = log_progress(*key)
+
+        def update(done: int, total: int) -> None:
+            self.loading = {"model": key[0], "dtype": key[1], "tensors_done": done, "tensors": total}
+            log_quarters(done, total)
+
+        return update
 
     def _make_room(self, required: int, dtype: str) -> None:
         """Evict idle, unpinned variants (least recently used first) until `required` fits."""
@@ -234,6 +321,7 @@ class VariantRegistry:
         return {"budget_bytes": self.budget_bytes, "used_bytes": used, "free_bytes": self.budget_bytes - used,
                 "prompt_cache_bytes": self.prompt_cache_used(),
                 "pinned": [{"model": m, "dtype": d} for m, d in sorted(self.pinned)],
+                "loading": self.loading, "fit": self.fits,
                 "loads": [{"model": m, "dtype": d, "count": n} for (m, d), n in sorted(self.load_counts.items())],
                 "refused": [{"model": m, "dtype": d, "reason": r} for (m, d), r in sorted(self.refused.items())],
                 "failed_loads": [{"model": m, "error": e} for m, (_, e) in sorted(self.failed_loads.items())]}

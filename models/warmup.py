@@ -19,6 +19,17 @@ from models.prefill import BUCKETS
 from models.single_stream import SingleStream
 
 
+def warm_variant(model: Any, context: int, max_batch: int, pad_prefill: bool) -> None:
+    """Warm a variant loaded at run time: every shape where shapes cost set-up time, else one short
+    prefill and decode step of a lone request and one decode step of a batch of two."""
+    if pad_prefill:
+        warm_shapes(model, context, max_batch)
+        return
+    SingleStream(model, [0] * min(9, max(context - 2, 2)), 1, None, [], set(), 0).step()
+    with mx.stream(generation_stream):
+        mx.eval(model(mx.zeros((min(2, max_batch), 1), mx.int32), cache=make_prompt_cache(model)))
+
+
 def warm_shapes(model: Any, context: int, max_batch: int) -> int:
     """Prefill every bucket (padded and exactly full) and its first decode step as a lone request
     does, and one decode step at each batch size; the number of shapes run."""

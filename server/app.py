@@ -50,7 +50,8 @@ def build_engine(settings: Settings) -> Engine:
                      nonfinite_policy=settings.nonfinite_policy, prompt_cache_bytes=settings.prompt_cache_bytes,
                      stream_interval_s=settings.stream_interval_s,
                      stream_events_per_s=settings.stream_events_per_s, gather_s=settings.gather_ms / 1000,
-                     show_paths=settings.show_paths, report_starts_per_hour=settings.report_starts_per_hour)
+                     show_paths=settings.show_paths, report_starts_per_hour=settings.report_starts_per_hour,
+                     fit_order=settings.fit_order)
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
-from server.schemas import SEED_LIMIT, CacheSalt, Dtype, StopStrings, numbers_only
+from server.schemas import DTYPE_HELP, SEED_LIMIT, CacheSalt, Dtype, StopStrings, numbers_only
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -39,7 +39,7 @@ class _SamplingFields(BaseModel):
 
     model: str | None = Field(None, min_length=1, max_length=300,
                               description="model id from /v1/models; `name:dtype` picks a dtype")
-    dtype: Dtype | None = Field(None, description="dtype extension (extra_body={'dtype': ...})")
+    dtype: Dtype | None = Field(None, description="precision extension (extra_body={'dtype': ...}): " + DTYPE_HELP)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from models.api import Finished
-from models.dtypes import ALIASES, DTYPE_NAMES, normalize_dtype
+from models.dtypes import ALIASES, DTYPE_NAMES, accepted_names, normalize_dtype
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -31,8 +31,12 @@ StopStrings = Annotated[StopString | Annotated[list[StopString], Field(max_lengt
                         AfterValidator(lambda v: (v,) if isinstance(v, str) else tuple(v))]
 
 
-# The names and documented aliases, as an enum in the schema; validated values are canonical.
-Dtype = Annotated[Literal[tuple(DTYPE_NAMES) + tuple(ALIASES)], AfterValidator(normalize_dtype)]  # type: ignore[misc]
+# The precision names and documented aliases, as an enum in the schema; validated values are canonical.
+Dtype = Annotated[Literal[accepted_names()], AfterValidator(normalize_dtype)]  # type: ignore[misc]
+# The report (server/routes/report.py) measures the float dtypes only, as before the precisions
+FloatDtype = Annotated[Literal[tuple(DTYPE_NAMES) + tuple(ALIASES)], AfterValidator(normalize_dtype)]  # type: ignore[misc]
+DTYPE_HELP = ("precision: auto (the checkpoint's), float32, float16, bfloat16, q8..q2 (q4g32: group size), "
+              "mxfp8, mxfp4, nvfp4, mixed_3_6..., fit; q4:float16 sets the float dtype of the rest")
 SEED_LIMIT = 2**53  # exactly representable in JSON numbers everywhere
 CacheSalt = Annotated[str | None, Field(None, min_length=1, max_length=256, description=(
     "requests reuse cached prompt prefixes only with requests of the same API key and the same salt"))]
@@ -44,7 +48,7 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=1_000_000, description="text to continue")
     model: str | None = Field(None, min_length=1, max_length=256,
                               description="a name from GET /models; default: the startup model")
-    dtype: Dtype | None = Field(None, description="auto (the checkpoint's), float32, float16, bfloat16, or an alias")
+    dtype: Dtype | None = Field(None, description=DTYPE_HELP)
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -77,7 +81,8 @@ class Timings(BaseModel):
 class GenerateResponse(BaseModel):
     text: str
     model: str
-    dtype: str
+    dtype: str = Field(description="the variant's precision")
+    float_dtype: str = Field(description="the dtype of its unquantized parameters")
     finish_reason: Literal["stop", "length"]
     usage: UsageBody
     timings: Timings

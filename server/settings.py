@@ -21,7 +21,7 @@ from pydantic_settings import (
 )
 
 from models.catalog import default_model_ref
-from models.dtypes import ALIASES, DTYPE_NAMES, normalize_dtype
+from models.dtypes import ALIASES, DEFAULT_FIT_ORDER, DTYPE_NAMES, FIT, normalize_dtype
 from models.sizes import parse_size
 
 ENV_PREFIX = "DTYPE_SERVE_"
@@ -33,8 +33,12 @@ class Settings(BaseSettings):
 
     model: str = Field(default_factory=default_model_ref,
                        description="model folder (mlx-lm layout) or Hugging Face id; default: the bundled model")
-    dtype: str = Field("auto", description=f"default dtype: {', '.join(DTYPE_NAMES)} "
-                       f"(aliases {', '.join(ALIASES)}); auto keeps the checkpoint's dtype")
+    dtype: str = Field("auto", description=f"default precision: {', '.join(DTYPE_NAMES)} (aliases "
+                       f"{', '.join(ALIASES)}), q8..q2 (q4g32: group size 32), mxfp8, mxfp4, nvfp4, mixed_3_6, "
+                       "q4:float16 (the rest in float16), or fit (the best that fits the memory budget); "
+                       "auto keeps the checkpoint's")
+    fit_order: Annotated[tuple[str, ...], NoDecode] = Field(
+        DEFAULT_FIT_ORDER, description="precisions `fit` tries, best first (comma-separated)")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     model_dirs: Annotated[tuple[Path, ...], NoDecode] = Field(
@@ -137,6 +141,14 @@ class Settings(BaseSettings):
         if value not in ("auto", "none") and not Path(value).expanduser().is_file():
             raise ValueError(f"must be auto, none or the path of a BLAS library; {value!r} is no file")
         return value
+
+    @field_validator("fit_order", mode="before")
+    @classmethod
+    def _fit_order(cls, value: object) -> object:
+        names = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+        if not names or any(normalize_dtype(n) == FIT for n in names):
+            raise ValueError("fit_order: one or more precisions, not fit itself")
+        return tuple(normalize_dtype(n) for n in names)
 
     @classmethod
     def settings_customise_sources(

@@ -46,3 +46,24 @@ def test_peak_is_final_plus_largest_tensor(big_checkpoints, source, target):
     del loaded
     gc.collect()
     mx.clear_cache()
+
+
+@pytest.mark.parametrize("target,float_dtype", [("q4", "bfloat16"), ("q8", "bfloat16"), ("q4:float32", "float32")])
+def test_quantizing_while_loading_peaks_at_final_plus_largest_tensor(big_checkpoints, target, float_dtype):
+    """A weight is cast to the float dtype of the rest before it is quantized (as mlx_lm.convert does),
+    so the cast of the largest tensor (half of it, float32 -> bfloat16) is live with it for a moment."""
+    gc.collect()
+    mx.clear_cache()
+    folder = big_checkpoints["float32"]
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    loaded = load_variant("big", folder, target)
+    stats = loaded.stats
+    assert floating_dtypes(loaded.model) == {float_dtype}
+    assert "uint32" in stats.bytes_by_dtype and stats.final_bytes < 0.35 * size
+    cast = 0 if float_dtype == "float32" else stats.largest_source_bytes // 2
+    assert stats.peak_bytes <= stats.final_bytes + stats.largest_source_bytes + cast + SLACK // 4, (
+        f"peak {stats.peak_bytes} > final {stats.final_bytes} + largest {stats.largest_source_bytes} + {cast}")
+    assert stats.peak_bytes < 0.5 * (size + stats.final_bytes)  # loading, then quantizing: at least the file
+    del loaded
+    gc.collect()
+    mx.clear_cache()

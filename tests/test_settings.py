@@ -115,3 +115,18 @@ def test_model_dirs_from_the_environment_are_path_separated(tmp_path, monkeypatc
     (tmp_path / "b").mkdir()
     monkeypatch.setenv("DTYPE_SERVE_MODEL_DIRS", f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}")
     assert load_settings([]).model_dirs == (tmp_path / "a", tmp_path / "b")
+
+
+def test_precisions_and_the_fit_order_are_settings(monkeypatch):
+    s = load_settings(["--dtype", "int4:bf16", "--fit-order", "bf16, q8 ,4bit"])
+    assert s.dtype == "q4:bfloat16" and s.fit_order == ("bfloat16", "q8", "q4")
+    assert load_settings(["--dtype", "fit"]).fit_order == ("auto", "bfloat16", "q8", "q6", "q5", "q4")
+    monkeypatch.setenv("DTYPE_SERVE_FIT_ORDER", "q6,q4")
+    assert load_settings([]).fit_order == ("q6", "q4")
+
+
+@pytest.mark.parametrize("args", [["--dtype", "q7"], ["--fit-order", "q8,fit"], ["--fit-order", "q8,int3"],
+                                  ["--fit-order", ""]])
+def test_bad_precisions_are_refused_at_start(args):
+    with pytest.raises((ValidationError, SystemExit)):
+        load_settings(args)

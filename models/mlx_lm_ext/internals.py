@@ -17,12 +17,20 @@ def no_stop_sequences() -> list | None:
     return [StopSequences(None)] if StopSequences is not None else None
 
 
-def model_class(config: dict) -> type | None:
-    """The mlx-lm model class a config names, without building the model; None if unknown."""
+def model_classes(config: dict) -> tuple[type, type]:
+    """The mlx-lm model class and its arguments class that a config names, without building anything;
+    raises ValueError for a model type mlx-lm does not know (or an mlx-lm without the helper)."""
     try:
         from mlx_lm.utils import _get_classes
+    except ImportError as e:
+        raise ValueError("this mlx-lm has no _get_classes") from e
+    return _get_classes(config)
 
-        return _get_classes(config)[0]
+
+def model_class(config: dict) -> type | None:
+    """The mlx-lm model class a config names; None if unknown."""
+    try:
+        return model_classes(config)[0]
     except Exception:  # an unknown model type, or an mlx-lm without the helper
         return None
 

@@ -38,7 +38,7 @@ def to_params(body: GenerateRequest, settings: Settings, tenant: str = "") -> Ge
 
 def finished_body(text: str, done: Finished) -> GenerateResponse:
     return GenerateResponse(
-        text=text, model=done.model, dtype=done.dtype, finish_reason=done.finish_reason,
+        text=text, model=done.model, dtype=done.dtype, float_dtype=done.float_dtype, finish_reason=done.finish_reason,
         usage=UsageBody(**usage_body(done)),
         timings=Timings(time_to_first_token_s=round(done.time_to_first_token_s, 6), total_s=round(done.total_s, 6),
                         tokens_per_second=round(done.decode_tokens_per_second, 3)),

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from models.dtypes import DTYPE_NAMES
+from models.dtypes import DTYPE_NAMES, FIT, quantization_names
 from server.deps import ReadyEngine
 from server.schemas import ERROR_RESPONSES, Dtype
 
@@ -16,17 +16,22 @@ router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 @router.get("/models", summary="Models a request may name, the dtypes, and the resident variants")
 async def list_models(engine: ReadyEngine) -> dict:
     memory = await engine.memory()
-    return {"default": {"model": engine.default_model, "dtype": engine.default_dtype},
-            "models": engine.model_names(), "dtypes": list(DTYPE_NAMES),
-            "resident": [{"model": v["model"], "dtype": v["dtype"], "total_bytes": v["total_bytes"],
+    default = {"model": engine.default_model, "dtype": engine.default_dtype}
+    if (fit := memory["budget"]["fit"].get(engine.default_model)) and engine.default_dtype == FIT:
+        default["fit"] = fit  # what `fit` chose and why
+    return {"default": default, "models": engine.model_names(),
+            "dtypes": [*DTYPE_NAMES, FIT, *quantization_names()],
+            "resident": [{"model": v["model"], "dtype": v["dtype"], "float_dtype": v["float_dtype"],
+                          "quantization": v["quantization"], "total_bytes": v["total_bytes"],
                           "in_flight": v["in_flight"]} for v in memory["variants"]],
             "budget": memory["budget"]}
 
 
 @router.get("/memory/estimate", summary="Bytes a variant would hold, from the safetensors headers alone")
 async def estimate(engine: ReadyEngine, model: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
-                   dtype: Dtype | None = None) -> dict:
-    return {"estimates": await engine.estimate(model, dtype)}
+                   dtype: Dtype | None = None, include_quantized: bool = False) -> dict:
+    """One precision (`dtype`), or the float dtypes, and with `include_quantized` the standard quantizations."""
+    return {"estimates": await engine.estimate(model, dtype, include_quantized)}
 
 
 @router.get("/memory", summary="Exact bytes of each resident variant by parameter dtype; process and device")

@@ -11,8 +11,8 @@ from fastapi import APIRouter, HTTPException, Request
 from sse_starlette import EventSourceResponse
 
 from models.api import Engine, Finished, GenerationParams, TokenLogprob
-from models.dtypes import DTYPE_NAMES, FLOATING, normalize_dtype
-from models.errors import EngineError
+from models.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
+from models.errors import EngineError, UnknownDtypeError
 from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
 from server.openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -24,14 +24,18 @@ router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 
 def split_model_id(model: str | None, dtype: str | None) -> tuple[str | None, str | None]:
-    """`name:dtype` -> (name, dtype); the body's dtype must agree when both are given."""
+    """`name:precision` (`tiny:q4`, `tiny:q4:float16`) -> (name, precision); model names hold no
+    colon. The body's dtype must agree when both are given. An id whose suffix is no precision is
+    a model name as a whole (so an unknown model: 404)."""
     if model and ":" in model:
-        name, _, suffix = model.rpartition(":")
-        if suffix.lower() in DTYPE_NAMES or suffix.lower() in ("fp16", "bf16", "fp32", "half", "float"):
+        name, _, suffix = model.partition(":")
+        try:
             named = normalize_dtype(suffix)
-            if dtype and dtype != named:
-                raise HTTPException(422, f"model: the id names dtype {named} but the body asks for {dtype}")
-            return name, named
+        except UnknownDtypeError:
+            return model, dtype
+        if dtype and dtype != named:
+            raise HTTPException(422, f"model: the id names dtype {named} but the body asks for {dtype}")
+        return name, named
     return model, dtype
 
 
@@ -55,8 +59,8 @@ def variant_id(done: Finished) -> str:
 
 
 def warnings_body(done: Finished) -> dict:
-    """An extension field, present only when there is something to say."""
-    return {"warnings": list(done.warnings)} if done.warnings else {}
+    """Extension fields: the variant's float dtype, and warnings when there is something to say."""
+    return {"float_dtype": done.float_dtype, **({"warnings": list(done.warnings)} if done.warnings else {})}
 
 
 # ---- logprobs in the two OpenAI formats --------------------------------------------------------
@@ -78,14 +82,23 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict:
 
 
 # ---- routes ------------------------------------------------------------------------------------
-@router.get("/models", summary="Models and their dtype variants, as OpenAI model objects")
+@router.get("/models", summary="Models and their precision variants, as OpenAI model objects")
 async def list_models(engine: ReadyEngine) -> dict:
+    """Each model, its float dtypes and standard quantizations, and any other resident variant
+    (`tiny:q4:float16`); a resident variant carries its float dtype and bytes."""
     created = int(time.time())
+    resident = {f"{v['model']}:{v['dtype']}": v for v in (await engine.memory())["variants"]}
     data = []
     for name in engine.model_names():
         data.append({"id": name, "object": "model", "created": created, "owned_by": "dtype-serve"})
-        data += [{"id": f"{name}:{d}", "object": "model", "created": created, "owned_by": "dtype-serve",
-                  "parent": name} for d in FLOATING]
+        ids = [f"{name}:{d}" for d in (*FLOATING, *STANDARD_QUANTIZATIONS)]
+        ids += [i for i, v in resident.items() if v["model"] == name and i not in ids]
+        for i in ids:
+            entry = {"id": i, "object": "model", "created": created, "owned_by": "dtype-serve", "parent": name}
+            if i in resident:
+                entry.update(resident=True, float_dtype=resident[i]["float_dtype"],
+                             total_bytes=resident[i]["total_bytes"])
+            data.append(entry)
     return {"object": "list", "data": data}
 
 
