@@ -109,8 +109,9 @@ def main(argv: list[str]) -> int:
             print(json.dumps(memory, indent=2) if args.json else ps_view(memory, time.time()))
         else:
             models = fetch_json(args.url, "/models", key)
-            estimates = {name: fetch_json(args.url, f"/memory/estimate?model={urllib.parse.quote(name)}", key)
-                         ["estimates"] for name in models["models"]}
+            query = "/memory/estimate?include_quantized=true&model="
+            estimates = {name: fetch_json(args.url, query + urllib.parse.quote(name), key)["estimates"]
+                         for name in models["models"]}
             print(json.dumps({"models": models, "estimates": estimates}, indent=2) if args.json
                   else models_view(models, estimates))
     except ServerError as e:

@@ -146,7 +146,7 @@ async function refreshMemory() {
 }
 async function refreshEstimates() {
   const model = $("#load-model").value;
-  const { estimates } = (await api("GET", `/memory/estimate?model=${encodeURIComponent(model)}`)).data;
+  const { estimates } = (await api("GET", `/memory/estimate?model=${encodeURIComponent(model)}&include_quantized=true`)).data;
   $("#estimates tbody").replaceChildren(...estimates.map((e) => el("tr", { "data-bytes": e.total_bytes },
     el("td", {}, e.dtype), el("td", {}, byDtype(e.bytes_by_dtype)), el("td", { class: "num" }, bytes(e.total_bytes)),
     el("td", { class: "fits" }, ""),
@@ -464,7 +464,8 @@ async function start() {
   fillSelect($("#load-dtype"), dtypes, dtypes.find((d) => d !== "auto" && d !== models.default.dtype));
   fillSelect($("#play-dtype-a"), dtypes, models.default.dtype);
   fillSelect($("#play-dtype-b"), dtypes, dtypes.find((d) => d !== "auto" && d !== models.default.dtype));
-  $("#report-dtypes").replaceChildren(el("legend", {}, "dtypes"), ...dtypes.filter((d) => d !== "auto" && d !== "float32")
+  const measured = models.report_dtypes || dtypes;  // the report measures these against float32
+  $("#report-dtypes").replaceChildren(el("legend", {}, "dtypes"), ...measured.filter((d) => d !== "auto" && d !== "float32")
     .map((d) => el("label", {}, el("input", { type: "checkbox", value: d, checked: true }), d)));
   fillSelect($("#report-metric"), METRICS.map(([k]) => k));
   for (const option of $("#report-metric").options) option.textContent = METRICS.find(([k]) => k === option.value)[1];
