@@ -70,6 +70,7 @@ CHECK_EVERY = 4  # decode steps between non-finite checks under the `warn` polic
 # last CONCURRENT_RECENTLY_S) waits for them: until none arrived for GATHER_GAP_S, at most `gather_s`
 # in all, so that the burst is prefilled together rather than its first request alone.
 GATHER_GAP_S = 0.005
+LOAD_STEP_S = 0.02  # while a model loads, the serving variants decode a step at least this often
 CONCURRENT_RECENTLY_S = 10.0
 # While no request decodes, a report runs its steps for up to this long per worker iteration (while
 # requests decode, one step per decode step).
@@ -166,6 +167,9 @@ class MLXEngine:
         # emit (checks, detokenizing, events), flush (hand-off to the event loops), report (fidelity)
         self.worker_seconds = dict.fromkeys(("idle", "admit", "decode", "emit", "flush", "report"), 0.0)
         self.decode_steps = 0
+        self.steps_during_loads = 0  # decode steps run between the tensors of a load
+        self._load_step_at = 0.0
+        self.registry.between_tensors = self._serve_during_load
         self.unmasked_steps = 0  # batch decode steps without an attention mask (models.mlx_lm_ext.decode_mask)
         self._lap_start = time.perf_counter()
         self._state = "created"
@@ -656,6 +660,19 @@ class MLXEngine:
             variant.last_used = time.time()
             self._lap("emit")
 
+    def _serve_during_load(self) -> None:
+        """Between two tensors of a load: one decode step for the variants already serving (at most every
+        LOAD_STEP_S), so that loading a large model does not stall their streams for its whole length."""
+        now = time.perf_counter()
+        if now - self._load_step_at < LOAD_STEP_S or not any(v.jobs for v in self._variants.values()):
+            return
+        self._lap("admit")
+        steps = self.decode_steps
+        self._step_all()
+        self.steps_during_loads += self.decode_steps - steps
+        self._flush()
+        self._load_step_at = time.perf_counter()
+
     def _lap(self, phase: str) -> None:
         """Charge the worker's time since the last lap to `phase` (where a decode loop spends it)."""
         now = time.perf_counter()
@@ -865,6 +882,7 @@ class MLXEngine:
             "budget": self.registry.report(),
             "worker": {"seconds": {k: round(v, 6) for k, v in self.worker_seconds.items()},
                        "decode_steps": self.decode_steps, "unmasked_steps": self.unmasked_steps,
+                       "steps_during_loads": self.steps_during_loads,
                        "gather_waits": self.gather_waits,
                        "bursts_gathered": self.bursts_gathered, "handoffs": self.handoffs},
         }

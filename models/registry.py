@@ -105,6 +105,8 @@ class VariantRegistry:
         self.fits: dict[str, dict] = {}  # model -> what `fit` chose and why
         self.loading: dict | None = None  # the load in progress: model, dtype, tensors done and in all
         self._specs: dict[tuple[str, str], VariantSpec] = {}
+        # called after each tensor of a load: the engine decodes for the variants already serving
+        self.between_tensors: Callable[[], None] | None = None
 
     # ---- names -------------------------------------------------------------------------------
     def key(self, model: str, dtype: str | None) -> Key:
@@ -252,6 +254,8 @@ class VariantRegistry:
         def update(done: int, total: int) -> None:
             self.loading = {"model": key[0], "dtype": key[1], "tensors_done": done, "tensors": total}
             log_quarters(done, total)
+            if self.between_tensors is not None:
+                self.between_tensors()
 
         return update
 

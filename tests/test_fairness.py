@@ -87,3 +87,27 @@ async def test_report_starts_are_limited_by_the_operator():
         assert r.json()["text"] == "42"
     finally:
         await close(ctx, client)
+
+
+async def test_a_load_lets_the_running_streams_decode_between_its_tensors(app, monkeypatch):
+    import models.engine
+    from models.api import Finished, GenerationParams, TextDelta
+    from models.errors import EngineError
+
+    engine = app.state.engine
+    monkeypatch.setattr(models.engine, "LOAD_STEP_S", 0.0)  # a step after every tensor: a count, not a time
+    try:
+        await engine.unload(engine.default_model, "float16")
+    except EngineError:
+        pass  # not resident
+    stream = engine.generate(GenerationParams(prompt="The cat", max_tokens=200, ignore_eos=True))
+    while not isinstance(await anext(stream), TextDelta):  # decoding now
+        pass
+    before = engine.steps_during_loads
+    loaded = await engine.load(None, "float16")
+    during = engine.steps_during_loads - before
+    events = [event async for event in stream]
+    await engine.unload(engine.default_model, "float16")
+    assert loaded["dtype"] == "float16"
+    assert during >= 10  # the bundled model has ~40 tensors; the stream decoded between them
+    assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 200
