@@ -88,6 +88,13 @@ def environment() -> dict:
             "versions": {p: version(p) for p in ("mlx", "mlx-cpu", "mlx-cuda-13", "mlx-lm", "dtype-serve")}}
 
 
+def child_json(code: str, *args: str) -> dict:
+    """Run `code` in a fresh Python process (in the project root) and parse the JSON its last line prints:
+    each measurement of load memory needs a process whose MLX peak counter saw nothing else."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def write_result(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

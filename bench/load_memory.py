@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
-from bench.common import ROOT, ensure_model, write_result
+from bench.common import ROOT, child_json, ensure_model, write_result
 
 # (source dtype, size in GB) -> shape whose file is about that size
 CHECKPOINTS = {("float32", "0.1"): "llama-25m", ("bfloat16", "0.1"): "llama-50m",
@@ -48,9 +46,7 @@ print(json.dumps(out))
 
 
 def run(folder, target: str, method: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), target, method], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return child_json(_CHILD, str(folder), target, method)
 
 
 def main(argv: list[str] | None = None) -> dict:

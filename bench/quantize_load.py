@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
-from bench.common import ROOT, SHAPES, ensure_model, write_result
+from bench.common import ROOT, SHAPES, child_json, ensure_model, write_result
 
 _CHILD = """
 import json, sys, gc, time
@@ -53,9 +51,7 @@ print(json.dumps(out))
 
 
 def run(folder, target: str, method: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), target, method], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return child_json(_CHILD, str(folder), target, method)
 
 
 def main(argv: list[str] | None = None) -> dict:
