@@ -229,7 +229,8 @@ class MLXEngine:
         """A variant loaded at run time runs the shapes requests use before it serves (the start-up
         variant gets the full warm-up instead)."""
         if self._state == "ready" and self.warmup:
-            warm_variant(loaded.model, loaded.context_length, self.max_batch_size, self.pad_prefill)
+            warm_variant(loaded.model, loaded.context_length, self.max_batch_size, self.pad_prefill,
+                         between=self._serve_during_load)
 
     def _warm_shapes(self) -> int:
         variant = self.registry.get(self.default_model, self.default_dtype)

@@ -9,6 +9,7 @@ reused 1-token prefix, a shape no warm-up runs. With models.prefix_cache.MIN_REU
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -19,13 +20,17 @@ from models.prefill import BUCKETS
 from models.single_stream import SingleStream
 
 
-def warm_variant(model: Any, context: int, max_batch: int, pad_prefill: bool) -> None:
+def warm_variant(model: Any, context: int, max_batch: int, pad_prefill: bool,
+                 between: Callable[[], None] | None = None) -> None:
     """Warm a variant loaded at run time: every shape where shapes cost set-up time, else one short
-    prefill and decode step of a lone request and one decode step of a batch of two."""
+    prefill and decode step of a lone request and one decode step of a batch of two. `between` runs
+    after each of them (the engine decodes for the variants already serving)."""
     if pad_prefill:
         warm_shapes(model, context, max_batch)
         return
     SingleStream(model, [0] * min(9, max(context - 2, 2)), 1, None, [], set(), 0).step()
+    if between is not None:
+        between()
     with mx.stream(generation_stream):
         mx.eval(model(mx.zeros((min(2, max_batch), 1), mx.int32), cache=make_prompt_cache(model)))
 
