@@ -55,7 +55,7 @@ from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 from models.mlx_lm_ext.contract import check_contract
 from models.mlx_lm_ext.internals import no_stop_sequences
 from models.prefill import shapes_cost
-from models.prompt_encoding import encode_text, render_chat
+from models.prompt_encoding import encode_text, prompt_text
 from models.prompts import PromptEncoder
 from models.registry import Variant, VariantRegistry
 from models.sampling import make_request_sampler
@@ -310,13 +310,7 @@ class MLXEngine:
         if encoder is None:
             return None
         encoder.check_size(params)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encoder.encode, params)
-        except EngineError:
-            raise
-        except Exception as e:  # e.g. a chat to a tokenizer without a template: as on the worker, this request only
-            log.exception("encoding a prompt failed")
-            raise GenerationFailedError(f"internal error: {type(e).__name__}") from None
+        return await self._on_tokenizing_thread(encoder.encode, params)
 
     async def load(self, model: str | None, dtype: str | None) -> dict:
         return await self._call(lambda: self.registry.get(model or self.default_model, dtype).describe())
@@ -344,12 +338,25 @@ class MLXEngine:
         return await self._call(self._memory_report)
 
     async def tokenize(self, params: TokenizeParams) -> Tokenized:
-        """A prompt's token ids exactly as generation would encode it."""
-        return await self._call(lambda: self._tokenize(params))
+        """A prompt's token ids exactly as generation would encode it (on a tokenizing thread: a long text
+        never holds the MLX worker)."""
+        variant = await self._call(lambda: self._tokenizer_variant(params.model, params.dtype))
+        return await self._on_tokenizing_thread(self._tokenize, variant, params)
 
     async def detokenize(self, model: str | None, tokens: tuple[int, ...]) -> str:
         """The text of token ids (special tokens included); ids outside the vocabulary are a 400."""
-        return await self._call(lambda: self._detokenize(model, tokens))
+        variant = await self._call(lambda: self._tokenizer_variant(model, None))
+        return await self._on_tokenizing_thread(self._detokenize, variant, tokens)
+
+    async def _on_tokenizing_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on a tokenizing thread; an unexpected failure fails this request only."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
+        except EngineError:
+            raise
+        except Exception as e:  # e.g. a chat to a tokenizer without a template, as on the worker
+            log.exception("tokenizing failed")
+            raise GenerationFailedError(f"internal error: {type(e).__name__}") from None
 
     def _tokenizer_variant(self, model: str | None, dtype: str | None) -> Variant:
         """A resident variant of the model (any dtype: they share the tokenizer), else `dtype`'s, loaded."""
@@ -358,21 +365,18 @@ class MLXEngine:
         return next((v for v in resident if v.loaded.dtype == dtype), resident[0]) if resident \
             else self.registry.get(name, dtype)
 
-    def _tokenize(self, params: TokenizeParams) -> Tokenized:
-        variant = self._tokenizer_variant(params.model, params.dtype)
+    @staticmethod
+    def _tokenize(variant: Variant, params: TokenizeParams) -> Tokenized:
         tokenizer = variant.loaded.tokenizer
-        if params.messages is not None:
-            text = render_chat(tokenizer, list(params.messages), list(params.tools) if params.tools else None,
-                               add_generation_prompt=params.add_generation_prompt,
-                               continue_final_message=params.continue_final_message)
-        else:
-            text = params.prompt or ""
+        text = prompt_text(tokenizer, params.prompt, params.messages, params.tools,
+                           add_generation_prompt=params.add_generation_prompt,
+                           continue_final_message=params.continue_final_message)
         tokens = encode_text(tokenizer, text, params.add_special_tokens)
         return Tokenized(variant.loaded.name, tuple(tokens), tuple(tokenizer.convert_ids_to_tokens(tokens)),
                          variant.loaded.context_length)
 
-    def _detokenize(self, model: str | None, tokens: tuple[int, ...]) -> str:
-        variant = self._tokenizer_variant(model, None)
+    @staticmethod
+    def _detokenize(variant: Variant, tokens: tuple[int, ...]) -> str:
         tokenizer = variant.loaded.tokenizer
         vocab = len(tokenizer.get_vocab())
         if any(not 0 <= t < vocab for t in tokens):

@@ -42,3 +42,12 @@ def encode_text(tokenizer: Any, text: str, add_special_tokens: bool | None = Non
         bos = tokenizer.bos_token
         add_special_tokens = bos is None or not text.startswith(bos)
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def prompt_text(tokenizer: Any, prompt: str | None, messages: Any = None, tools: Any = None, *,
+                add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+    """The text a request stands for: its `prompt`, or its `messages` (and `tools`) through the chat template."""
+    if messages is None:
+        return prompt or ""
+    return render_chat(tokenizer, list(messages), list(tools) if tools else None,
+                       add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)

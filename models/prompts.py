@@ -13,7 +13,7 @@ from typing import Any
 
 from models.api import GenerationParams
 from models.errors import InvalidRequestError
-from models.prompt_encoding import encode_text, render_chat
+from models.prompt_encoding import encode_text, prompt_text
 
 # Characters added to the bound: templates and special tokens may come on top of the user's text.
 _BOUND_SLACK = 256
@@ -57,12 +57,7 @@ class PromptEncoder:
         """The prompt's tokens (a chat rendered with the tokenizer's template, tools included); the size is
         checked first."""
         self.check_size(params)
-        if params.messages is not None:
-            tools = list(params.tools) if params.tools else None
-            text = render_chat(self.tokenizer, list(params.messages), tools)
-        else:
-            text = params.prompt or ""
-        tokens = encode_text(self.tokenizer, text)
+        tokens = encode_text(self.tokenizer, prompt_text(self.tokenizer, params.prompt, params.messages, params.tools))
         if not tokens:
             raise InvalidRequestError("the prompt is empty after tokenization")
         return list(tokens)

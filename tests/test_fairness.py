@@ -111,3 +111,12 @@ async def test_a_load_lets_the_running_streams_decode_between_its_tensors(app, m
     assert loaded["dtype"] == "float16"
     assert during >= 10  # the bundled model has ~40 tensors; the stream decoded between them
     assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 200
+
+
+async def test_tokenize_and_detokenize_run_off_the_mlx_worker(app, client, monkeypatch):
+    seen = tokenizer_threads(monkeypatch, app.state.engine)
+    r = await client.post("/tokenize", json={"prompt": "17+25=" * 1000})
+    assert r.status_code == 200 and r.json()["count"] >= 6000
+    assert seen and "mlx-worker" not in seen, seen
+    r = await client.post("/detokenize", json={"tokens": r.json()["tokens"][:13]})  # BOS and 12 characters
+    assert r.status_code == 200 and r.json()["prompt"].endswith("17+25=17+25=")
