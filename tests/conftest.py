@@ -146,3 +146,15 @@ def fail_first_step(monkeypatch):
         return original(self)
 
     monkeypatch.setattr(SingleStream, "step", failing_step)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Two small llamas under one model folder: float32, and quantized to 4 bits by mlx-lm's own layout."""
+    from models.synthetic import llama_config, make_llama_checkpoint
+
+    root = tmp_path_factory.mktemp("models")
+    config = llama_config(hidden=256, layers=2, vocab=100, intermediate=512, context=512)
+    make_llama_checkpoint(root / "small-f32", config, dtype="float32")
+    make_llama_checkpoint(root / "small-q4", config, dtype="bfloat16", quantize_bits=4)
+    return root

@@ -3,29 +3,17 @@ quantized the same way, alone and batched; the registry, the budget and `fit` wi
 
 import asyncio
 
-import httpx
 import pytest
 from mlx_lm import generate as mlx_lm_generate
 from mlx_lm.utils import load_tokenizer
 from openai import OpenAI
 
-from models.synthetic import llama_config, make_llama_checkpoint
-from server.app import create_app
-from tests.conftest import BUNDLED, make_settings
+from tests.conftest import BUNDLED
 from tests.test_precisions import mlx_lm_quantized
-from tests.test_registry import MiB, close
+from tests.test_registry import MiB, app_client, close
 
 PROMPTS = ["17+25=", "3+4=", "The cat", "88+11="]
 MAX_TOKENS = 12
-
-
-async def app_client(**settings):
-    """A started app (no start-up warm-up unless asked) and a client to it."""
-    app = create_app(make_settings(**{"warmup": False, **settings}))
-    ctx = app.router.lifespan_context(app)
-    await ctx.__aenter__()
-    await app.state.start_task
-    return app, ctx, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -165,15 +153,6 @@ async def test_fit_follows_the_operators_order():
         assert (await client.get("/health/ready")).json()["fit"]["chosen"] == "q6"
     finally:
         await close(ctx, client)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precision-models")
-    config = llama_config(hidden=256, layers=2, vocab=100, intermediate=512, context=512)
-    make_llama_checkpoint(root / "small-f32", config, dtype="float32")
-    make_llama_checkpoint(root / "small-q4", config, dtype="bfloat16", quantize_bits=4)
-    return root
 
 
 async def test_a_quantized_checkpoint_refuses_another_quantization_and_keeps_serving(model_dir):

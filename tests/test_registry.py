@@ -7,24 +7,15 @@ import sys
 import httpx
 import pytest
 
-from models.synthetic import llama_config, make_llama_checkpoint
 from server.app import create_app
 from tests.conftest import make_settings
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    config = llama_config(hidden=256, layers=2, vocab=100, intermediate=512, context=512)
-    make_llama_checkpoint(root / "small-f32", config, dtype="float32")
-    make_llama_checkpoint(root / "small-q4", config, dtype="bfloat16", quantize_bits=4)
-    return root
-
-
 async def app_client(**settings):
-    app = create_app(make_settings(warmup=False, **settings))
+    """A started app (no start-up warm-up unless asked) and a client to it."""
+    app = create_app(make_settings(**{"warmup": False, **settings}))
     ctx = app.router.lifespan_context(app)
     await ctx.__aenter__()
     await app.state.start_task
