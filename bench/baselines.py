@@ -20,7 +20,7 @@ from bench.common import ROOT
 
 def load(folder: str, dtype: str, blas: str = "auto") -> tuple[Any, Any]:
     """Model and tokenizer after the server's own MLX start-up (BLAS, attention kernels)."""
-    from models.compat import prepare_mlx
+    from models.platform.compat import prepare_mlx
 
     prepare_mlx(blas)
     import mlx.core as mx
@@ -96,7 +96,7 @@ class BaselineProcess:
 
 def main() -> None:
     folder, dtype = sys.argv[1], sys.argv[2]
-    from models.blas import blas_choice
+    from models.platform.blas import blas_choice
 
     model, tokenizer = load(folder, dtype, blas_choice(sys.argv[3:]))
     for line in sys.stdin:

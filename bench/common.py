@@ -53,9 +53,9 @@ def ensure_model(shape: str, dtype: str = "bfloat16", vocab: int = 100, context:
     folder = MODELS / (f"{shape}-{dtype}" if vocab == 100 else f"{shape}-{dtype}-vocab{vocab}")
     if (folder / "model.safetensors").exists():
         return folder
-    code = ("from models.blas import configure_blas; configure_blas('auto');"
+    code = ("from models.platform.blas import configure_blas; configure_blas('auto');"
             "import sys, json; from pathlib import Path;"
-            "from models.synthetic import llama_config, make_llama_checkpoint;"
+            "from models.testing.synthetic import llama_config, make_llama_checkpoint;"
             "a = json.loads(sys.argv[1]);"
             "make_llama_checkpoint(Path(a['folder']), llama_config(a['hidden'], a['layers'], a['vocab'],"
             " a['intermediate'], context=a['context']), dtype=a['dtype'])")

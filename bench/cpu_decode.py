@@ -4,8 +4,8 @@ all in dtype-serve's LeanBatchGenerator, in one process, taking turns:
     python -m bench.cpu_decode --shape llama-25m --dtype float32 --vocab 32000 --batch 1 8 16 --trials 7
 
 Configurations: `plain` (mlx-lm's load + set_dtype), `fused` (RMSNorm and RoPE compiled,
-models/cpu_fusion.py), `layout` (dtype-serve's load: column-major float32 Linear weights,
-models/cpu_layout.py, modules unfused) and `served` (both, as the server runs). The figure is the median
+models/decode/cpu_fusion.py), `layout` (dtype-serve's load: column-major float32 Linear weights,
+models/decode/cpu_layout.py, modules unfused) and `served` (both, as the server runs). The figure is the median
 step time after the prefill; ratios are plain's over each per trial (median over trials). Every
 configuration's tokens must match plain's.
 """
@@ -21,7 +21,7 @@ from bench.decode_step import decode, step_arguments, write_steps
 
 def set_fused(model, fused: bool) -> None:
     # not at the top: MLX is imported only after the BLAS is chosen (bench.baselines.load)
-    from models.cpu_fusion import FUSED_CLASSES
+    from models.decode.cpu_fusion import FUSED_CLASSES
 
     swaps = FUSED_CLASSES if fused else {v: k for k, v in FUSED_CLASSES.items()}
     for _, module in model.named_modules():
@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = step_arguments(__doc__, "cpu-decode", 7, argv)
     folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
     plain_model, tokenizer = load(str(folder), a.dtype)  # mlx-lm's load: plain modules, row-major weights
-    from models.cpu_fusion import compiles_on_cpu
-    from models.loader import load_variant
+    from models.decode.cpu_fusion import compiles_on_cpu
     from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
+    from models.weights.loader import load_variant
 
     if not compiles_on_cpu():
         raise SystemExit("MLX cannot compile CPU kernels here")

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trials", type=int, default=7)
     a = p.parse_args(argv)
     folder = ensure_model(a.shape, "bfloat16", vocab=a.vocab)
-    from models.compat import prepare_mlx
+    from models.platform.compat import prepare_mlx
 
     prepare_mlx()  # the BLAS before anything imports MLX (bench.baselines.load would be too late here)
     from mlx_lm.generate import BatchGenerator

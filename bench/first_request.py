@@ -25,10 +25,10 @@ from bench.common import ROOT, ensure_model, gpu_model_parser, numbered_prompt, 
 
 
 def measure(folder: str, dtype: str, variant: str, tokens: int) -> dict:
-    import models.single_stream as single_stream
+    import models.decode.single_stream as single_stream
     from models.api import Finished, GenerationParams
-    from models.catalog import ModelCatalog
-    from models.engine import MLXEngine
+    from models.engine.core import MLXEngine
+    from models.weights.catalog import ModelCatalog
 
     parts: dict[str, float] = {}
     prefill, step = single_stream.prefill, single_stream.SingleStream.step

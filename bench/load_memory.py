@@ -21,13 +21,13 @@ CONVERSIONS = [("float32", "bfloat16"), ("bfloat16", "float32"), ("bfloat16", "f
 
 _CHILD = """
 import json, sys, gc
-from models.blas import configure_blas; configure_blas('auto')
+from models.platform.blas import configure_blas; configure_blas('auto')
 import mlx.core as mx
 folder, target, method = sys.argv[1:4]
 gc.collect(); mx.clear_cache(); base = mx.get_active_memory(); mx.reset_peak_memory()
 if method == 'ours':
     from pathlib import Path
-    from models.loader import load_variant
+    from models.weights.loader import load_variant
     v = load_variant('bench', Path(folder), target)
     out = {'peak': v.stats.peak_bytes, 'final': v.stats.final_bytes, 'largest': v.stats.largest_source_bytes,
            'seconds': v.stats.load_seconds}

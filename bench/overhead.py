@@ -76,8 +76,8 @@ async def engine_rate(engine, clients: int, tokens: int) -> dict:
 
 def make_engine(folder, dtype: str, batch: int, interval: float, check: bool = True,
                 profiler: cProfile.Profile | None = None, prompt_cache: str = "0.05"):
-    from models.catalog import ModelCatalog
-    from models.engine import MLXEngine
+    from models.engine.core import MLXEngine
+    from models.weights.catalog import ModelCatalog
 
     engine = MLXEngine(ModelCatalog({folder.name: folder}), folder.name, dtype, max_batch_size=batch,
                        max_queue=512, prompt_cache_bytes=prompt_cache, stream_interval_s=interval)

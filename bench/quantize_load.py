@@ -17,18 +17,18 @@ from bench.common import ROOT, SHAPES, child_json, ensure_model, write_result
 
 _CHILD = """
 import json, sys, gc, time
-from models.blas import configure_blas; configure_blas('auto')
+from models.platform.blas import configure_blas; configure_blas('auto')
 import mlx.core as mx
 from pathlib import Path
 folder, target, method = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 gc.collect(); mx.clear_cache(); base = mx.get_active_memory(); mx.reset_peak_memory()
 if method == 'ours':
-    from models.loader import load_variant
+    from models.weights.loader import load_variant
     v = load_variant('bench', folder, target)
     out = {'peak': v.stats.peak_bytes, 'final': v.stats.final_bytes, 'largest': v.stats.largest_source_bytes,
            'seconds': v.stats.load_seconds}
 elif method == 'derive':
-    from models.loader import derive_variant, load_variant
+    from models.weights.loader import derive_variant, load_variant
     source = load_variant('bench', folder, 'float32')
     v = derive_variant(source, target)
     out = {'peak': v.stats.peak_bytes, 'final': v.stats.final_bytes, 'seconds': v.stats.load_seconds,
@@ -37,7 +37,7 @@ else:
     from mlx.utils import tree_flatten, tree_map
     from mlx_lm import load
     from mlx_lm.utils import quantize_model
-    from models.dtypes import parse_precision
+    from models.weights.dtypes import parse_precision
     q = parse_precision(target).quantization
     t = time.perf_counter()
     model, tok, config = load(str(folder), return_config=True)

@@ -24,7 +24,7 @@ from contextlib import ExitStack
 
 from bench.baselines import BaselineProcess
 from bench.common import PROMPT, ROOT, ensure_model, free_port, load_run, server, write_result
-from models.blas import _find_optimized
+from models.platform.blas import _find_optimized
 
 
 def ours(folder, dtype: str, port: int, blas: str, batch: int):

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import MODELS, ROOT, ensure_model, free_port, percentile, server, write_result
-from models.catalog import default_model_ref
+from models.weights.catalog import default_model_ref
 
 TARGET_GAP_S = 0.25  # the figure to reach
 

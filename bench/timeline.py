@@ -34,7 +34,7 @@ class StepRecorder:
     def install(self) -> None:
         from mlx_lm.generate import BatchGenerator
 
-        from models.single_stream import SingleStream
+        from models.decode.single_stream import SingleStream
 
         recorder = self
         batch_next = BatchGenerator._next

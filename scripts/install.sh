@@ -6,7 +6,7 @@ set -eu
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 EXTRAS=${EXTRAS:-}
-# An optimized BLAS makes float32 on Linux CPUs 10-50x faster (models/blas.py loads it).
+# An optimized BLAS makes float32 on Linux CPUs 10-50x faster (models/platform/blas.py loads it).
 if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
    && ! ldconfig -p 2>/dev/null | grep -q libopenblas; then
   (apt-get update -qq && apt-get install -y -qq --no-install-recommends libopenblas0-pthread) >/dev/null 2>&1 \
@@ -27,7 +27,7 @@ if [ "${CUDA:-0}" = 1 ]; then
 fi
 "$VENV/bin/python" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
 # The OpenBLAS wheel's copy renamed for MLX, made now rather than at the first start (an image stays read-only)
-"$VENV/bin/python" -c "from models.openblas_wheel import bridged_library; bridged_library()" || true
+"$VENV/bin/python" -c "from models.platform.openblas_wheel import bridged_library; bridged_library()" || true
 if [ "${CUDA:-0}" = 1 ]; then
   # mlx-cpu and mlx-cuda-13 ship the same library file: keep only the CUDA one
   "$VENV/bin/python" -m pip uninstall -q -y mlx-cpu

@@ -12,11 +12,11 @@ from pydantic import ValidationError
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:  # `dtype-serve compare ...`: the fidelity report on the command line
-        from models.blas import blas_choice
-        from models.compat import prepare_mlx
+        from models.platform.blas import blas_choice
+        from models.platform.compat import prepare_mlx
 
         prepare_mlx(blas_choice(argv[1:]))
-        from models.fidelity import main as compare
+        from models.report.fidelity import main as compare
 
         return compare(argv[1:])
     if argv[:1] in (["ps"], ["models"]):  # `dtype-serve ps|models`: a running server's variants, as a table

@@ -33,12 +33,12 @@ log = logging.getLogger("dtype_serve")
 
 def build_engine(settings: Settings) -> Engine:
     """The MLX engine for these settings. The BLAS is chosen before MLX is first imported."""
-    from models.compat import prepare_mlx
+    from models.platform.compat import prepare_mlx
 
     blas = prepare_mlx(settings.blas, settings.blas_threads)
     log.info("BLAS: %s (%s, threads=%s) %s", blas.library, blas.vendor, blas.threads, blas.note)
-    from models.catalog import ModelCatalog, resolve_startup_model
-    from models.engine import MLXEngine
+    from models.engine.core import MLXEngine
+    from models.weights.catalog import ModelCatalog, resolve_startup_model
 
     name, folder = resolve_startup_model(settings.model)
     catalog = ModelCatalog({name: folder}, settings.model_dirs, aliases={settings.model: name})

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from models.api import Finished
-from models.dtypes import ALIASES, DTYPE_NAMES, accepted_names, normalize_dtype
+from models.weights.dtypes import ALIASES, DTYPE_NAMES, accepted_names, normalize_dtype
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 

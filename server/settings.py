@@ -20,9 +20,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from models.catalog import default_model_ref
-from models.dtypes import ALIASES, DEFAULT_FIT_ORDER, DTYPE_NAMES, FIT, normalize_dtype
-from models.sizes import parse_size
+from models.weights.catalog import default_model_ref
+from models.weights.dtypes import ALIASES, DEFAULT_FIT_ORDER, DTYPE_NAMES, FIT, normalize_dtype
+from models.weights.sizes import parse_size
 
 ENV_PREFIX = "DTYPE_SERVE_"
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.blas import configure_blas
+from models.platform.blas import configure_blas
 
 configure_blas("auto")
 
@@ -14,7 +14,7 @@ from pathlib import Path  # noqa: E402
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 
-from models.catalog import default_model_ref  # noqa: E402
+from models.weights.catalog import default_model_ref  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
@@ -43,7 +43,7 @@ async def client(app):
         yield c
 
 
-# What the catch-alls log (server/errors.py, models/engine.py): an exception nobody expected, i.e. a bug.
+# What the catch-alls log (server/errors.py, models/engine/core.py): an exception nobody expected, i.e. a bug.
 CATCH_ALL_MESSAGES = ("unhandled error", "admitting a request failed", "engine call failed")
 
 
@@ -135,7 +135,7 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
 
 def fail_first_step(monkeypatch):
     """Fault injection: the next decode step raises, as an out-of-memory would."""
-    from models.single_stream import SingleStream
+    from models.decode.single_stream import SingleStream
 
     original, calls = SingleStream.step, []
 
@@ -151,7 +151,7 @@ def fail_first_step(monkeypatch):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """Two small llamas under one model folder: float32, and quantized to 4 bits by mlx-lm's own layout."""
-    from models.synthetic import llama_config, make_llama_checkpoint
+    from models.testing.synthetic import llama_config, make_llama_checkpoint
 
     root = tmp_path_factory.mktemp("models")
     config = llama_config(hidden=256, layers=2, vocab=100, intermediate=512, context=512)

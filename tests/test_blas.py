@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from models.blas import _find_optimized, blas_info
+from models.platform.blas import _find_optimized, blas_info
 
 
 def test_the_optimized_blas_on_this_machine_is_in_use():
@@ -40,7 +40,7 @@ def test_float32_matvec_matches_numpy():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
 def test_the_openblas_wheel_is_renamed_once_into_the_cache(tmp_path, monkeypatch):
-    from models import openblas_wheel
+    from models.platform import openblas_wheel
 
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
     path = openblas_wheel.bridged_library()
@@ -56,7 +56,7 @@ def test_the_openblas_wheel_is_renamed_once_into_the_cache(tmp_path, monkeypatch
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
 def test_without_patchelf_the_wheel_is_left_alone(tmp_path, monkeypatch):
-    from models import openblas_wheel
+    from models.platform import openblas_wheel
 
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
     monkeypatch.setattr(openblas_wheel, "_patchelf", lambda: None)
@@ -66,7 +66,7 @@ def test_without_patchelf_the_wheel_is_left_alone(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
 def test_a_failed_rename_leaves_no_partial_file(tmp_path, monkeypatch):
-    from models import openblas_wheel
+    from models.platform import openblas_wheel
 
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
     monkeypatch.setattr(openblas_wheel, "_patchelf", lambda: "false")  # a command that fails
@@ -76,7 +76,7 @@ def test_a_failed_rename_leaves_no_partial_file(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
 def test_a_failed_rename_is_not_retried_until_patchelf_changes(tmp_path, monkeypatch):
-    from models import openblas_wheel
+    from models.platform import openblas_wheel
 
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path / "cache"))
     runs = tmp_path / "runs"
@@ -94,7 +94,7 @@ def test_a_failed_rename_is_not_retried_until_patchelf_changes(tmp_path, monkeyp
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
 def test_a_copy_without_the_names_mlx_needs_is_not_kept(tmp_path, monkeypatch):
-    from models import openblas_wheel
+    from models.platform import openblas_wheel
 
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
     monkeypatch.setattr(openblas_wheel, "PREFIX", "nothing_")  # as if a wheel used another prefix

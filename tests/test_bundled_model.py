@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-# The BLAS must be chosen before anything imports mlx (models.blas itself does not import mlx).
-from models.blas import configure_blas
+# The BLAS must be chosen before anything imports mlx (models.platform.blas itself does not import mlx).
+from models.platform.blas import configure_blas
 
 configure_blas("auto")
 

@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from models.loader import cast_parameters
+from models.weights.loader import cast_parameters
 
 
 class Mixed(nn.Module):

@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 CODE = """
 import resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
-from models.compat import import_mlx_lm
+from models.platform.compat import import_mlx_lm
 import_mlx_lm()
 import mlx_lm
 print(resource.getrlimit(resource.RLIMIT_NOFILE))
@@ -23,7 +23,7 @@ def test_mlx_lm_imports_under_a_low_hard_limit():
 
 ATTENTION = """
 import os
-from models.compat import configure_cuda_attention
+from models.platform.compat import configure_cuda_attention
 configure_cuda_attention()
 print(os.environ["MLX_CUDA_USE_CUDNN_SDPA"])
 """

@@ -1,4 +1,4 @@
-"""MLX's CPU kernel cache poisoned by a process stopped mid-compile (models.compile_cache): libraries cut
+"""MLX's CPU kernel cache poisoned by a process stopped mid-compile (models.platform.compile_cache): libraries cut
 off halfway are found and removed, the fused path and the server recover, and a compile that a signal
 to the process group reaches still completes or leaves nothing."""
 
@@ -16,8 +16,8 @@ import httpx
 import mlx.core as mx
 import pytest
 
-import models.compile_cache as compile_cache
-from models.compile_cache import is_complete_library, kernel_folders, sweep
+import models.platform.compile_cache as compile_cache
+from models.platform.compile_cache import is_complete_library, kernel_folders, sweep
 from tests.conftest import ROOT, start_server, stop_server
 
 pytestmark = pytest.mark.skipif(mx.default_device().type != mx.cpu or shutil.which("g++") is None,
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(mx.default_device().type != mx.cpu or shutil.whi
 PROBE = """
 import sys
 import models
-from models.compile_cache import kernel_folders, use_private_compile_cache
-from models.cpu_fusion import compiles_on_cpu, fused_kernels_state
+from models.platform.compile_cache import kernel_folders, use_private_compile_cache
+from models.decode.cpu_fusion import compiles_on_cpu, fused_kernels_state
 if sys.argv[1] == "poison-after-start":  # cut off by another process after this one's start-up sweep
     for library in kernel_folders(use_private_compile_cache())[0].glob("*.so"):
         library.write_bytes(library.read_bytes()[:100])

@@ -16,8 +16,8 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from models.dtypes import mx_dtype
-from models.synthetic_archs import MIXTURES_OF_EXPERTS, TINY_CONFIGS, make_checkpoint
+from models.testing.synthetic_archs import MIXTURES_OF_EXPERTS, TINY_CONFIGS, make_checkpoint
+from models.weights.dtypes import mx_dtype
 from tests.conftest import start_server, stop_server
 
 DTYPES = ("float32", "bfloat16", "float16")

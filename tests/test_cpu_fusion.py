@@ -1,4 +1,4 @@
-"""Fused RMSNorm and RoPE on the CPU (models.cpu_fusion): bitwise MLX's own results, in every dtype,
+"""Fused RMSNorm and RoPE on the CPU (models.decode.cpu_fusion): bitwise MLX's own results, in every dtype,
 and a fused model decodes the same tokens and logits as mlx-lm's model left as it is."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 
-from models.cpu_fusion import FusedRMSNorm, FusedRoPE, compiles_on_cpu, fuse_for_cpu, fused_rms_norm, fused_rope
+from models.decode.cpu_fusion import FusedRMSNorm, FusedRoPE, compiles_on_cpu, fuse_for_cpu, fused_rms_norm, fused_rope
 from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 from tests.conftest import BUNDLED
 

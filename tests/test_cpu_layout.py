@@ -1,4 +1,4 @@
-"""Column-major float32 Linear weights on the CPU (models.cpu_layout): applied while loading and deriving,
+"""Column-major float32 Linear weights on the CPU (models.decode.cpu_layout): applied while loading and deriving,
 only to float32, with mlx-lm's tokens and its logits within float32 rounding."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
-from models.cpu_layout import laid_out, linear_weight_paths
-from models.loader import derive_variant, load_variant
+from models.decode.cpu_layout import laid_out, linear_weight_paths
+from models.weights.loader import derive_variant, load_variant
 from tests.conftest import BUNDLED
 
 pytestmark = pytest.mark.skipif(mx.default_device().type != mx.cpu, reason="the layout applies to the CPU only")

@@ -12,8 +12,8 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
+from models.decode.sampling import HostSampler
 from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
-from models.sampling import HostSampler
 from tests.conftest import BUNDLED
 from tests.test_registry import app_client, close
 
@@ -199,7 +199,7 @@ def test_the_step_checks_the_picked_scores_every_few_steps_first_and_last(bundle
 
 
 def test_the_lone_stream_checks_on_the_same_schedule(bundled):
-    from models.single_stream import SingleStream
+    from models.decode.single_stream import SingleStream
 
     model, tokenizer = bundled
     model.set_dtype(mx.float32)

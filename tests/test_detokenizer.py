@@ -3,7 +3,7 @@
 import pytest
 from mlx_lm import load
 
-from models.detokenizer import IncrementalDetokenizer, fast_decode, streaming_detokenizer
+from models.text.detokenizer import IncrementalDetokenizer, fast_decode, streaming_detokenizer
 from tests.conftest import BUNDLED
 
 

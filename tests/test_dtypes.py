@@ -1,6 +1,7 @@
 import pytest
 
-from models.dtypes import (
+from models.errors import UnknownDtypeError
+from models.weights.dtypes import (
     DTYPE_NAMES,
     FIT,
     Quantization,
@@ -10,7 +11,6 @@ from models.dtypes import (
     quantization_names,
     will_cast,
 )
-from models.errors import UnknownDtypeError
 
 
 @pytest.mark.parametrize("name,expected", [

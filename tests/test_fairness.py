@@ -3,7 +3,7 @@ texts that cannot fit are refused unread, chat parts are capped."""
 
 import threading
 
-from models.prompts import PromptEncoder
+from models.text.prompts import PromptEncoder
 
 
 def default_loaded(engine):
@@ -90,12 +90,12 @@ async def test_report_starts_are_limited_by_the_operator():
 
 
 async def test_a_load_lets_the_running_streams_decode_between_its_tensors(app, monkeypatch):
-    import models.engine
+    import models.engine.core
     from models.api import Finished, GenerationParams, TextDelta
     from models.errors import EngineError
 
     engine = app.state.engine
-    monkeypatch.setattr(models.engine, "LOAD_STEP_S", 0.0)  # a step after every tensor: a count, not a time
+    monkeypatch.setattr(models.engine.core, "LOAD_STEP_S", 0.0)  # a step after every tensor: a count, not a time
     try:
         await engine.unload(engine.default_model, "float16")
     except EngineError:

@@ -9,8 +9,8 @@ import httpx
 import mlx.core as mx
 import pytest
 
+from models.decode.single_stream import SingleStream
 from models.errors import EngineUnavailableError
-from models.single_stream import SingleStream
 from server.app import create_app
 from tests.conftest import BUNDLED, caught_by_catch_all, make_settings
 

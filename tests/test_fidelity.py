@@ -1,9 +1,9 @@
-"""The dtype fidelity report (models.fidelity): its numbers against an independent computation,
+"""The dtype fidelity report (models.report.fidelity): its numbers against an independent computation,
 float32 against itself, non-finite detection, the task accuracy, stepping, the chart and the probes."""
 
 from __future__ import annotations
 
-from models.blas import configure_blas
+from models.platform.blas import configure_blas
 
 configure_blas("auto")
 
@@ -15,9 +15,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from mlx_lm import load as mlx_lm_load  # noqa: E402
 
-from models.catalog import default_model_ref  # noqa: E402
-from models.fidelity import FidelityJob, run_report  # noqa: E402
-from models.probes import (  # noqa: E402
+from models.report.chart import render_chart, render_svg  # noqa: E402
+from models.report.fidelity import FidelityJob, run_report  # noqa: E402
+from models.report.probes import (  # noqa: E402
     BUNDLED_PROMPTS,
     MAX_PROMPT_CHARS,
     MAX_PROMPTS,
@@ -25,8 +25,8 @@ from models.probes import (  # noqa: E402
     parse_prompts,
     probe_set,
 )
-from models.report_chart import render_chart, render_svg  # noqa: E402
-from models.synthetic import llama_config, make_llama_checkpoint  # noqa: E402
+from models.testing.synthetic import llama_config, make_llama_checkpoint  # noqa: E402
+from models.weights.catalog import default_model_ref  # noqa: E402
 
 BUNDLED = Path(default_model_ref())
 PROBES = ["17+25=", "The small cat sees the", "Alice likes to"]

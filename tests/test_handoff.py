@@ -44,7 +44,7 @@ async def test_arrivals_during_a_lone_stream_change_no_output(max_batch_size):
 async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_together(monkeypatch):
     """The first time, a request that arrives 50 ms after another finds it decoding alone (a hand-off
     follows). Once requests have overlapped, the first of a burst waits for the rest: no lone start."""
-    from models import engine as engine_module
+    from models.engine import core as engine_module
 
     monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)  # a slow CI machine's arrivals still count
     app, ctx, client = await app_client(max_batch_size=8, max_queue=8, gather_ms=1000)
@@ -75,7 +75,7 @@ async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_t
 async def test_a_client_sending_one_request_after_another_does_not_wait_for_a_burst(monkeypatch):
     """After overlapping traffic, the first lone request may wait for others; the ones after it,
     each sent when the last one finished, start at once."""
-    from models import engine as engine_module
+    from models.engine import core as engine_module
 
     monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)  # a wait would be long enough to see
     app, ctx, client = await app_client(max_batch_size=8, max_queue=8, gather_ms=1000)
@@ -96,7 +96,7 @@ async def test_a_client_sending_one_request_after_another_does_not_wait_for_a_bu
 async def test_a_gathered_burst_of_one_prompt_length_decodes_without_a_mask(monkeypatch):
     """Requests that start together with prompts of one length leave no row padded, so their steps run
     without an attention mask (models.mlx_lm_ext.decode_mask); a row joining later pads the batch and brings it back."""
-    from models import engine as engine_module
+    from models.engine import core as engine_module
 
     monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)
     app, ctx, client = await app_client(max_batch_size=8, max_queue=8, gather_ms=1000)

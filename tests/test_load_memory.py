@@ -8,9 +8,9 @@ import gc
 import mlx.core as mx
 import pytest
 
-from models.loader import load_variant
-from models.memory import floating_dtypes
-from models.synthetic import llama_config, make_llama_checkpoint
+from models.testing.synthetic import llama_config, make_llama_checkpoint
+from models.weights.loader import load_variant
+from models.weights.memory import floating_dtypes
 
 SLACK = 8 * 1024 * 1024  # tokenizer, small temporaries
 

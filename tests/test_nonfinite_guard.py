@@ -7,7 +7,7 @@ import httpx
 import mlx.core as mx
 import pytest
 
-from models.synthetic import llama_config, make_llama_checkpoint
+from models.testing.synthetic import llama_config, make_llama_checkpoint
 from server.app import create_app
 from tests.conftest import make_settings
 

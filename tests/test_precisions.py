@@ -9,15 +9,15 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.convert import mixed_quant_predicate_builder
 from mlx_lm.utils import compute_bits_per_weight, get_total_parameters, load_model, quantize_model
 
-from models.catalog import default_model_ref
-from models.checkpoint import variant_spec
-from models.dtypes import Quantization, parse_precision
 from models.errors import PrecisionUnavailableError
-from models.estimate import estimate_all, estimate_variant
-from models.loader import load_variant
-from models.memory import bits_per_weight
-from models.quantize import check_runs
-from models.synthetic import llama_config, make_llama_checkpoint
+from models.testing.synthetic import llama_config, make_llama_checkpoint
+from models.weights.catalog import default_model_ref
+from models.weights.checkpoint import variant_spec
+from models.weights.dtypes import Quantization, parse_precision
+from models.weights.estimate import estimate_all, estimate_variant
+from models.weights.loader import load_variant
+from models.weights.memory import bits_per_weight
+from models.weights.quantize import check_runs
 
 BUNDLED = Path(default_model_ref())
 # (precision, its float rest on the bundled bfloat16 model)
@@ -140,15 +140,15 @@ def test_every_named_precision_runs_here():
 
 
 def test_load_progress_is_logged_by_quarters(caplog):
-    caplog.set_level("INFO", logger="models.loader")
+    caplog.set_level("INFO", logger="models.weights.loader")
     load_variant("tiny", BUNDLED, "q4")
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading tiny/q4")]
     assert [m.split(": ")[1].split("%")[0] for m in progress] == ["25", "50", "75", "100"]
 
 
 def test_load_progress_is_visible_while_loading_and_cleared_after():
-    from models.catalog import ModelCatalog
-    from models.registry import VariantRegistry
+    from models.weights.catalog import ModelCatalog
+    from models.weights.registry import VariantRegistry
 
     seen = []
     registry = VariantRegistry(ModelCatalog({"tiny": BUNDLED}), "auto", 10**9,

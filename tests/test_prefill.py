@@ -8,11 +8,11 @@ from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
 from models.api import Finished, GenerationParams, TextDelta
-from models.catalog import ModelCatalog
-from models.engine import MLXEngine
-from models.prefill import BUCKETS, bucket, prefill
-from models.single_stream import SingleStream
-from models.warmup import warm_shapes
+from models.decode.prefill import BUCKETS, bucket, prefill
+from models.decode.single_stream import SingleStream
+from models.decode.warmup import warm_shapes
+from models.engine.core import MLXEngine
+from models.weights.catalog import ModelCatalog
 from tests.conftest import BUNDLED
 
 

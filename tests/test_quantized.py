@@ -4,8 +4,8 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from models.loader import load_variant
-from models.synthetic import llama_config, make_llama_checkpoint
+from models.testing.synthetic import llama_config, make_llama_checkpoint
+from models.weights.loader import load_variant
 
 
 @pytest.fixture(scope="module")

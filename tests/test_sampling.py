@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx_lm.sample_utils import apply_top_p
 
-from models.sampling import HostSampler, make_request_sampler, top_p_threshold
+from models.decode.sampling import HostSampler, make_request_sampler, top_p_threshold
 from tests.test_registry import app_client, close
 
 
@@ -63,7 +63,7 @@ def test_seeds_reproduce_and_unseeded_settings_share_one_sampler():
 
 
 async def test_concurrent_sampled_requests_are_drawn_in_one_call_per_step(monkeypatch):
-    import models.sampling as sampling
+    import models.decode.sampling as sampling
 
     calls: list[int] = []
     original = HostSampler.__call__
@@ -87,7 +87,7 @@ async def test_concurrent_sampled_requests_are_drawn_in_one_call_per_step(monkey
 
 def test_device_sampler_keeps_to_the_nucleus_and_its_seed():
     """The Metal/CUDA path (mlx-lm's top-p, MLX's categorical), run here on the CPU device."""
-    from models.sampling import _device_sampler
+    from models.decode.sampling import _device_sampler
 
     probs = np.array([0.5, 0.25, 0.15, 0.06, 0.04])
     lp = mx.array(np.log(np.tile(probs, (2000, 1))).astype(np.float32))

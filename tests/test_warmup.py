@@ -4,9 +4,9 @@ import json
 import shutil
 
 from models.api import GenerationParams
-from models.catalog import ModelCatalog
-from models.engine import MLXEngine
+from models.engine.core import MLXEngine
 from models.errors import InvalidRequestError
+from models.weights.catalog import ModelCatalog
 from server.app import create_app
 from server.warmup import warm_http
 from tests.conftest import BUNDLED, make_settings

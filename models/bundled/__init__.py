@@ -1,4 +1,4 @@
 """The project's bundled default language model (tiny-arith) and the code that reproduces it.
 
-Importing this package does not import mlx (see models.blas: the BLAS must be chosen first).
+Importing this package does not import mlx (see models.platform.blas: the BLAS must be chosen first).
 """

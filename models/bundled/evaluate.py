@@ -13,8 +13,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from models.blas import configure_blas
 from models.bundled import charset, tasks
+from models.platform.blas import configure_blas
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "tiny-arith"
 

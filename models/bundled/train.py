@@ -15,9 +15,10 @@ import random
 import time
 from pathlib import Path
 
-# The BLAS must be chosen before anything imports mlx.
-from models.blas import configure_blas
 from models.bundled import charset, tasks
+
+# The BLAS must be chosen before anything imports mlx.
+from models.platform.blas import configure_blas
 
 MODEL_CONFIG = {
     "architectures": ["LlamaForCausalLM"],

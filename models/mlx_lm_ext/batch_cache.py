@@ -1,4 +1,4 @@
-"""How sequences with a reused KV cache (models.prefix_cache) join mlx-lm's BatchGenerator, without
+"""How sequences with a reused KV cache (models.decode.prefix_cache) join mlx-lm's BatchGenerator, without
 copying their caches more often than once.
 
 mlx-lm merges the joining sequences' caches into one BatchKVCache exactly as long as the longest,

@@ -31,10 +31,10 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 
+from models.decode.step_rules import needs_logprobs, picked_finite
 from models.mlx_lm_ext.batch_cache import MovingPromptBatch, merge_caches
 from models.mlx_lm_ext.contract import GENERATION_BATCH_ATTRIBUTES
 from models.mlx_lm_ext.decode_mask import unmask_unpadded
-from models.step_rules import needs_logprobs, picked_finite
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from models.dtypes import DTYPE_NAMES, FIT, FLOATING, quantization_names
+from models.weights.dtypes import DTYPE_NAMES, FIT, FLOATING, quantization_names
 from server.deps import ReadyEngine
 from server.schemas import ERROR_RESPONSES, Dtype
 

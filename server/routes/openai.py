@@ -11,8 +11,8 @@ from fastapi import APIRouter, HTTPException, Request
 from sse_starlette import EventSourceResponse
 
 from models.api import Engine, Finished, GenerationParams, TokenLogprob
-from models.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
 from models.errors import EngineError, UnknownDtypeError
+from models.weights.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
 from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
 from server.openai_schemas import ChatCompletionRequest, CompletionRequest

@@ -69,7 +69,7 @@ async def chart(engine: ReadyEngine, model: ModelQuery = None, dtypes: DtypesQue
     status = await engine.report(model, tuple(dtypes) if dtypes else None, None)
     if status["state"] != "done":
         return _answer(status)
-    from models.report_chart import render_bytes  # matplotlib, not MLX: fine off the worker
+    from models.report.chart import render_bytes  # matplotlib, not MLX: fine off the worker
 
     data = await asyncio.to_thread(render_bytes, status["result"], format)
     return Response(data, media_type="image/png" if format == "png" else "image/svg+xml")

@@ -10,7 +10,7 @@ held-out task accuracy.
 one dtype, one batch of task prompts) so the engine's single MLX worker thread can interleave it
 with requests. Everything runs on the calling thread: call `step()` from one thread only.
 
-    python -m models.fidelity [--model PATH] [--dtypes float32 bfloat16 float16] [--prompts FILE]
+    python -m models.report.fidelity [--model PATH] [--dtypes float32 bfloat16 float16] [--prompts FILE]
                               [--out report.json] [--chart chart.png]
 """
 
@@ -29,20 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.blas import blas_choice, blas_info, configure_blas
+from models.platform.blas import blas_choice, blas_info, configure_blas
 
-if __name__ == "__main__":  # `python -m models.fidelity`: the BLAS must be chosen before mlx is imported
+if __name__ == "__main__":  # `python -m models.report.fidelity`: the BLAS must be chosen before mlx is imported
     configure_blas(blas_choice(sys.argv[1:]))
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-from models.catalog import default_model_ref  # noqa: E402
-from models.dtypes import AUTO, normalize_dtype  # noqa: E402
 from models.errors import EngineError  # noqa: E402
-from models.loader import LoadedModel, load_variant, resolve_auto  # noqa: E402
-from models.memory import device_info  # noqa: E402
-from models.probes import probe_set, validate_prompts  # noqa: E402
+from models.report.probes import probe_set, validate_prompts  # noqa: E402
+from models.weights.catalog import default_model_ref  # noqa: E402
+from models.weights.dtypes import AUTO, normalize_dtype  # noqa: E402
+from models.weights.loader import LoadedModel, load_variant, resolve_auto  # noqa: E402
+from models.weights.memory import device_info  # noqa: E402
 
 REFERENCE = "float32"
 # Yielded inside a unit of work: the worker may serve requests here, but the unit is not done. Units are
@@ -567,7 +567,7 @@ def run_report(folder: str | Path, dtypes: Iterable[str] = DEFAULT_DTYPES, promp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from models.probes import load_prompt_file
+    from models.report.probes import load_prompt_file
 
     p = argparse.ArgumentParser(prog="dtype-serve compare", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=default_model_ref(), help="model folder (mlx-lm layout)")
@@ -607,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(text)
     if args.chart:
-        from models.report_chart import render_chart
+        from models.report.chart import render_chart
 
         render_chart(result, args.chart)
     for warning in result["warnings"]:

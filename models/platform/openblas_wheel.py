@@ -19,7 +19,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# What libmlx.so takes from a CBLAS, and what models/blas.py calls to set and report threads.
+# What libmlx.so takes from a CBLAS, and what models/platform/blas.py calls to set and report threads.
 RENAMED = ("cblas_sgemm", "cblas_dgemm", "cblas_cgemm", "openblas_set_num_threads",
            "openblas_get_num_threads", "openblas_get_corename", "openblas_get_config")
 PREFIX = "scipy_"

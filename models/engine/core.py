@@ -34,11 +34,11 @@ from models.api import (
     TokenLogprob,
     Usage,
 )
-from models.blas import blas_info
-from models.catalog import ModelCatalog
-from models.cpu_fusion import fused_kernels_state
-from models.detokenizer import streaming_detokenizer
-from models.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
+from models.decode.cpu_fusion import fused_kernels_state
+from models.decode.prefill import shapes_cost
+from models.decode.sampling import make_request_sampler
+from models.decode.single_stream import SingleStream
+from models.decode.warmup import warm_shapes, warm_variant
 from models.errors import (
     DtypeRefusedError,
     EngineError,
@@ -48,20 +48,20 @@ from models.errors import (
     MemoryBudgetError,
     QueueFullError,
 )
-from models.estimate import estimate_all, estimate_variant
-from models.fidelity import DEFAULT_DTYPES, FidelityJob
-from models.memory import device_info, parse_budget, process_memory
 from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 from models.mlx_lm_ext.contract import check_contract
 from models.mlx_lm_ext.internals import no_stop_sequences
-from models.prefill import shapes_cost
-from models.prompt_encoding import encode_text, prompt_text
-from models.prompts import PromptEncoder
-from models.registry import Variant, VariantRegistry
-from models.sampling import make_request_sampler
-from models.single_stream import SingleStream
-from models.stop_strings import StopStringMatcher
-from models.warmup import warm_shapes, warm_variant
+from models.platform.blas import blas_info
+from models.report.fidelity import DEFAULT_DTYPES, FidelityJob
+from models.text.detokenizer import streaming_detokenizer
+from models.text.prompt_encoding import encode_text, prompt_text
+from models.text.prompts import PromptEncoder
+from models.text.stop_strings import StopStringMatcher
+from models.weights.catalog import ModelCatalog
+from models.weights.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
+from models.weights.estimate import estimate_all, estimate_variant
+from models.weights.memory import device_info, parse_budget, process_memory
+from models.weights.registry import Variant, VariantRegistry
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -909,7 +909,7 @@ def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
 
 
 def _reads_logprobs(job: _Job | None) -> bool:
-    """Its rows' logits must be normalized (models.step_rules)."""
+    """Its rows' logits must be normalized (models.decode.step_rules)."""
     return job is not None and job.params.logprobs is not None
 
 

@@ -30,7 +30,7 @@ _folder: Path | None = None
 
 
 def _default_folder() -> Path:
-    from models.openblas_wheel import cache_root
+    from models.platform.openblas_wheel import cache_root
 
     return cache_root() / "mlx-compile"
 
@@ -120,7 +120,7 @@ def remove_failed_library(error: BaseException) -> bool:
 
 _WRAPPER = """#!/bin/sh
 # dtype-serve: MLX's kernel compile, its library written under a temporary name and renamed once
-# complete, so that no process ever loads a library cut off halfway (models/compile_cache.py).
+# complete, so that no process ever loads a library cut off halfway (models/platform/compile_cache.py).
 trap '' INT TERM HUP
 out= prev=
 for arg do

@@ -7,7 +7,7 @@ import resource
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from models.blas import BlasInfo
+    from models.platform.blas import BlasInfo
 
 # MLX's CUDA backend runs attention through cuDNN graphs built per shape: every new prompt length
 # (and batch size) stalls ~80 ms to build one. Its own kernels need no build; operators may set 1.
@@ -45,7 +45,7 @@ def import_mlx_lm() -> None:
 def prepare_mlx(blas: str = "auto", threads: int | None = None) -> BlasInfo:
     """What must happen before MLX is first used, in order (server, `compare`, benchmark baselines):
     the attention setting, the BLAS (before mlx is imported), then mlx-lm's import."""
-    from models.blas import configure_blas
+    from models.platform.blas import configure_blas
 
     configure_cuda_attention()
     info = configure_blas(blas, threads)

@@ -14,7 +14,7 @@ now strided, ~0.06 ms more per step (20 ms more per 1,000 prompt tokens).
 bfloat16 and float16 run on MLX's own CPU kernels, which gain nothing from it, so their weights stay
 row-major; so do all weights on a GPU.
 
-The layout is applied while casting (models.loader.cast_parameters): the copy is made in the
+The layout is applied while casting (models.weights.loader.cast_parameters): the copy is made in the
 source's dtype before the cast, so a load's peak stays the final size plus about one tensor.
 """
 

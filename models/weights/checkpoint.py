@@ -8,14 +8,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.dtypes import (
+from models.errors import ModelLoadError, PrecisionUnavailableError
+from models.weights.dtypes import (
     SAFETENSORS_DTYPES,
     Quantization,
     default_float_dtype,
     is_floating,
     parse_precision,
 )
-from models.errors import ModelLoadError, PrecisionUnavailableError
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 

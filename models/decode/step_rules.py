@@ -12,7 +12,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 def accepts_logits(sampler: Any) -> bool:
     """Whether `sampler` draws the same from raw logits as from log-probabilities: the argmax, and
-    samplers that say so (models.sampling.HostSampler normalizes each row itself)."""
+    samplers that say so (models.decode.sampling.HostSampler normalizes each row itself)."""
     return sampler is greedy_sampler or getattr(sampler, "accepts_logits", False)
 
 

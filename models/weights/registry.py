@@ -17,9 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from models.catalog import ModelCatalog
-from models.checkpoint import VariantSpec, read_config, variant_spec
-from models.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
+from models.decode.prefix_cache import PrefixCache
 from models.errors import (
     DtypeRefusedError,
     InvalidRequestError,
@@ -28,11 +26,13 @@ from models.errors import (
     PrecisionUnavailableError,
     VariantPinnedError,
 )
-from models.estimate import config_floor_bytes, estimate_variant, kv_cache_bytes
-from models.loader import LoadedModel, context_length, derive_variant, load_variant, log_progress
-from models.memory import bits_per_weight, floating_dtypes, unique_bytes
-from models.prefix_cache import PrefixCache
-from models.quantize import check_runs
+from models.weights.catalog import ModelCatalog
+from models.weights.checkpoint import VariantSpec, read_config, variant_spec
+from models.weights.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
+from models.weights.estimate import config_floor_bytes, estimate_variant, kv_cache_bytes
+from models.weights.loader import LoadedModel, context_length, derive_variant, load_variant, log_progress
+from models.weights.memory import bits_per_weight, floating_dtypes, unique_bytes
+from models.weights.quantize import check_runs
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]

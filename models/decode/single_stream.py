@@ -18,8 +18,8 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from models.prefill import prefill
-from models.step_rules import needs_logprobs, picked_finite
+from models.decode.prefill import prefill
+from models.decode.step_rules import needs_logprobs, picked_finite
 
 
 @dataclass
@@ -39,7 +39,7 @@ class SingleStream:
                  cached: int = 0, pad_prefill: bool = False, logprobs: bool = False,
                  check_every: int = 1) -> None:
         """`cache`, if given, holds the keys and values of the first `cached` prompt tokens;
-        `pad_prefill`: prefill in bucket shapes (see models.prefill); `logprobs`: the request reads
+        `pad_prefill`: prefill in bucket shapes (see models.decode.prefill); `logprobs`: the request reads
         them (a greedy one that does not decodes on raw float32 logits, as models.mlx_lm_ext.batch_generator does);
         `check_every`: tokens between non-finite checks (the first and the last are always checked)."""
         self.model = model
@@ -64,7 +64,7 @@ class SingleStream:
         is finite, else -1 - id, so that one read gives the token and the check (no extra round trip);
         on the others it is the token. Each op costs ~15 us of host time on CUDA, a few % of a lone
         1B token, so only every `check_every`-th token is checked (an overflow stays in the KV cache).
-        The logprobs are raw logits where nothing needs them normalized (see models.step_rules)."""
+        The logprobs are raw logits where nothing needs them normalized (see models.decode.step_rules)."""
         logits = self.model(inputs[None], cache=self.cache)[:, -1, :]
         if self.processors:
             context = mx.array(self.tokens)

@@ -1,4 +1,4 @@
-"""Chart of a fidelity report (models.fidelity): memory, speed and fidelity per dtype.
+"""Chart of a fidelity report (models.report.fidelity): memory, speed and fidelity per dtype.
 
 Uses matplotlib's object API with the Agg/SVG canvases only (no pyplot, no GUI, no global state),
 so it is safe on any thread. matplotlib is imported on first use.

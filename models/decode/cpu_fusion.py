@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.compile_cache import remove_failed_library
+from models.platform.compile_cache import remove_failed_library
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 MLX's CUDA backend sets up its matrix multiplications per shape (cuBLASLt plans): the first prompt
 of a length never seen before waits 15-25 ms more on an H200 (`bench.shape_costs`). Padding the
 last prefill chunk to one of a few bucket lengths, and running each bucket once at start-up
-(models.warmup), leaves no new shapes for real prompts. The padding sits after the prompt, so the
+(models.decode.warmup), leaves no new shapes for real prompts. The padding sits after the prompt, so the
 causal mask hides it from every prompt token, and the KV cache is trimmed back before decoding.
 """
 

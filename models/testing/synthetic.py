@@ -10,9 +10,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from models.dtypes import mx_dtype
+from models.weights.dtypes import mx_dtype
 
-BUNDLED = Path(__file__).resolve().parent / "bundled" / "tiny-arith"
+BUNDLED = Path(__file__).resolve().parent.parent / "bundled" / "tiny-arith"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

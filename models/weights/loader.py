@@ -21,13 +21,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
-from models.checkpoint import VariantSpec, checkpoint_tensors, read_config, stored_floating_dtype, variant_spec
-from models.cpu_fusion import fuse_for_cpu
-from models.cpu_layout import laid_out, linear_weight_paths
-from models.dtypes import AUTO, Quantization, dtype_name, mx_dtype, will_cast
+from models.decode.cpu_fusion import fuse_for_cpu
+from models.decode.cpu_layout import laid_out, linear_weight_paths
 from models.errors import EngineError, ModelLoadError
-from models.memory import bytes_by_dtype, bytes_by_role, parameter_count
-from models.quantize import check_runs, quantization_config, quantization_plan, quantize_layers
+from models.weights.checkpoint import VariantSpec, checkpoint_tensors, read_config, stored_floating_dtype, variant_spec
+from models.weights.dtypes import AUTO, Quantization, dtype_name, mx_dtype, will_cast
+from models.weights.memory import bytes_by_dtype, bytes_by_role, parameter_count
+from models.weights.quantize import check_runs, quantization_config, quantization_plan, quantize_layers
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (parameters done, parameters in all)
@@ -42,8 +42,8 @@ class LoadStats:
     bytes_by_dtype: dict[str, int]
     parameter_count: int
     source: str  # "checkpoint" or the dtype of the resident variant it was derived from
-    bytes_by_role: dict[str, int] = field(default_factory=dict)  # models.memory.bytes_by_role
-    warmup_seconds: float = 0.0  # kernels compiled for request shapes after the load (models.registry)
+    bytes_by_role: dict[str, int] = field(default_factory=dict)  # models.weights.memory.bytes_by_role
+    warmup_seconds: float = 0.0  # kernels compiled for request shapes after the load (models.weights.registry)
 
     @property
     def peak_over_final(self) -> float:
@@ -54,7 +54,7 @@ class LoadStats:
 class LoadedModel:
     name: str
     path: Path
-    dtype: str  # the variant's precision name (models.checkpoint.VariantSpec.key)
+    dtype: str  # the variant's precision name (models.weights.checkpoint.VariantSpec.key)
     model: nn.Module
     tokenizer: Any
     config: dict
@@ -71,10 +71,10 @@ def resolve_auto(folder: Path) -> str:
 
 def cast_parameters(model: nn.Module, dtype: str, progress: Progress | None = None) -> int:
     """Cast (set_dtype semantics + cast_predicate) and evaluate one parameter at a time; on the CPU,
-    Linear weights also take the layout their dtype multiplies fastest in (models.cpu_layout).
+    Linear weights also take the layout their dtype multiplies fastest in (models.decode.cpu_layout).
 
     Returns the largest source tensor in bytes. `dtype` "auto" evaluates without casting. Layers
-    swapped for quantized ones (models.quantize) are quantized here, as their outputs are evaluated.
+    swapped for quantized ones (models.weights.quantize) are quantized here, as their outputs are evaluated.
     """
     target = None if dtype == AUTO else mx_dtype(dtype)
     predicate = getattr(model, "cast_predicate", None)

@@ -15,7 +15,7 @@ import platform
 import sys
 from dataclasses import dataclass
 
-from models.openblas_wheel import bridged_library
+from models.platform.openblas_wheel import bridged_library
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _bundled_reference_blas() -> str | None:
 
 def _find_optimized() -> str | None:
     """The best optimized CBLAS on this machine: MKL in the environment, else the OpenBLAS wheel
-    (models/openblas_wheel.py), else a system OpenBLAS."""
+    (models/platform/openblas_wheel.py), else a system OpenBLAS."""
     for pattern in ("lib/libmkl_rt.so*",):
         hits = sorted(glob.glob(os.path.join(sys.prefix, pattern)))
         if hits:

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from models.synthetic import BUNDLED, TOKENIZER_FILES
+from models.testing.synthetic import BUNDLED, TOKENIZER_FILES
 
 # untied heads but qwen2's: a random tied model mostly repeats its input's last token
 _COMMON = {"tie_word_embeddings": False, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,

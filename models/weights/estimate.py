@@ -8,8 +8,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from models.checkpoint import TensorInfo, VariantSpec, checkpoint_tensors, read_config, variant_spec
-from models.dtypes import (
+from models.errors import ModelLoadError, PrecisionUnavailableError
+from models.mlx_lm_ext.internals import model_class, model_classes
+from models.weights.checkpoint import TensorInfo, VariantSpec, checkpoint_tensors, read_config, variant_spec
+from models.weights.dtypes import (
     BYTES_PER_ELEMENT,
     FLOATING,
     SAFETENSORS_DTYPES,
@@ -17,8 +19,6 @@ from models.dtypes import (
     is_floating,
     will_cast,
 )
-from models.errors import ModelLoadError, PrecisionUnavailableError
-from models.mlx_lm_ext.internals import model_class, model_classes
 
 _ELEMENT_BYTES = {name: size for name, size in SAFETENSORS_DTYPES.values()}
 
@@ -73,7 +73,7 @@ def config_floor_bytes(config: dict) -> int:
 def _planned_layers(config: dict, spec: VariantSpec) -> dict[str, dict]:
     """The quantization plan on the model's structure, built from the config and never evaluated
     (MLX is lazy: the random initial weights are never computed)."""
-    from models.quantize import quantization_plan
+    from models.weights.quantize import quantization_plan
 
     try:
         model_type, args_type = model_classes(config)

@@ -64,7 +64,7 @@ class HostSampler:
         self.rng = rng
 
     # Each row is shifted to a maximum of 0 first, so raw logits sample as their log-probabilities do
-    # (models.step_rules then skips the normalization).
+    # (models.decode.step_rules then skips the normalization).
     accepts_logits = True
 
     def __call__(self, logprobs: mx.array) -> mx.array:

@@ -13,7 +13,7 @@ from typing import Any
 
 from models.api import GenerationParams
 from models.errors import InvalidRequestError
-from models.prompt_encoding import encode_text, prompt_text
+from models.text.prompt_encoding import encode_text, prompt_text
 
 # Characters added to the bound: templates and special tokens may come on top of the user's text.
 _BOUND_SLACK = 256

@@ -16,7 +16,7 @@ from typing import Any
 from models.errors import UnknownDtypeError
 
 AUTO = "auto"
-FIT = "fit"  # the highest precision of an order whose estimate fits the budget (models.registry)
+FIT = "fit"  # the highest precision of an order whose estimate fits the budget (models.weights.registry)
 FLOATING = ("float32", "float16", "bfloat16")
 DTYPE_NAMES = (AUTO, *FLOATING)
 # Documented aliases, as vLLM and PyTorch users write them.

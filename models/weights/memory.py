@@ -9,8 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from models.dtypes import dtype_name
-from models.sizes import parse_size
+from models.weights.dtypes import dtype_name
+from models.weights.sizes import parse_size
 
 
 def bytes_by_dtype(model: nn.Module) -> dict[str, int]:

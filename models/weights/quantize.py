@@ -16,8 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from models.dtypes import Quantization, mx_dtype
 from models.errors import PrecisionUnavailableError
+from models.weights.dtypes import Quantization, mx_dtype
 
 LayerParams = dict[str, Any]  # to_quantized's keyword arguments: group_size, bits, mode
 
@@ -67,7 +67,7 @@ def quantization_plan(model: nn.Module, quantization: Quantization) -> Quantizat
 
 def quantize_layers(model: nn.Module, plan: QuantizationPlan, float_dtype: str) -> None:
     """Swap each planned layer for its quantized form, lazily: nothing is computed until the loader
-    evaluates the new parameters one at a time (models.loader.cast_parameters). The weights are cast
+    evaluates the new parameters one at a time (models.weights.loader.cast_parameters). The weights are cast
     to `float_dtype` first, as mlx_lm.convert does, so scales and biases come out in it."""
     target = mx_dtype(float_dtype)
     modules = dict(model.named_modules())
@@ -93,7 +93,7 @@ def check_runs(quantization: Quantization, float_dtype: str) -> None:
     bits or group size on this backend): a clear error instead of a crash while serving."""
     bits = {quantization.bits}
     if quantization.recipe:
-        from models.dtypes import RECIPES
+        from models.weights.dtypes import RECIPES
 
         bits = set(RECIPES[quantization.recipe])
     for b in sorted(bits):

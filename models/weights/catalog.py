@@ -80,4 +80,4 @@ class ModelCatalog:
 
 def default_model_ref() -> str:
     """The bundled model folder."""
-    return os.fspath(Path(__file__).resolve().parent / "bundled" / "tiny-arith")
+    return os.fspath(Path(__file__).resolve().parent.parent / "bundled" / "tiny-arith")

@@ -3,7 +3,7 @@
 Prompts run through the same code as requests (padded prefill, first decode step of a lone stream)
 on the generation stream, so that a real request differs from the warm-up only in its token values.
 (On an H200 the first real prefill took 2-13x the steady one however it was warmed: it ran after a
-reused 1-token prefix, a shape no warm-up runs. With models.prefix_cache.MIN_REUSE it measured
+reused 1-token prefix, a shape no warm-up runs. With models.decode.prefix_cache.MIN_REUSE it measured
 0.97-1.09x steady there.)
 """
 
@@ -16,8 +16,8 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
-from models.prefill import BUCKETS
-from models.single_stream import SingleStream
+from models.decode.prefill import BUCKETS
+from models.decode.single_stream import SingleStream
 
 
 def warm_variant(model: Any, context: int, max_batch: int, pad_prefill: bool,

@@ -1,0 +1,1 @@
+"""Synthetic checkpoints in the mlx-lm layout, for tests and benchmarks."""

@@ -1,0 +1,1 @@
+"""Weights and memory: precision names, checkpoint headers, estimates, loading (cast or quantize), residency."""
