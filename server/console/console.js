@@ -459,7 +459,7 @@ async function start() {
   $("#key-form").hidden = true;
   $("main").hidden = false;
   state.models = models;
-  const dtypes = models.weights.dtypes;
+  const dtypes = models.dtypes;
   for (const id of ["#load-model", "#report-model", "#play-model"]) fillSelect($(id), models.models, models.default.model);
   fillSelect($("#load-dtype"), dtypes, dtypes.find((d) => d !== "auto" && d !== models.default.dtype));
   fillSelect($("#play-dtype-a"), dtypes, models.default.dtype);
