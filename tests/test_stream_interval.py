@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 from tests.test_registry import app_client, close
 
@@ -21,13 +22,15 @@ async def test_the_stream_interval_merges_deltas_and_loses_nothing():
         await close(ctx, client)
     app, ctx, client = await app_client(stream_interval_s=0.2)
     try:
+        began = time.monotonic()
         merged = await streamed_chunks(client, 120)
+        elapsed = time.monotonic() - began
     finally:
         await close(ctx, client)
     assert "".join(merged) == "".join(every_token)
-    assert len(every_token) >= 100  # one chunk per token (a few tokens may be partial characters)
     assert len(merged[0]) <= 2  # the first text is not held back
-    assert len(merged) < len(every_token) / 2
+    # at most one chunk per interval after the first (a slow reader merges more, never fewer)
+    assert len(merged) <= 2 + elapsed / 0.2
 
 
 async def test_many_streams_share_a_cap_on_events_per_second():
