@@ -27,7 +27,8 @@ from bench.common import ROOT, ensure_model, gpu_model_parser, numbered_prompt, 
 def measure(folder: str, dtype: str, variant: str, tokens: int) -> dict:
     import models.decode.single_stream as single_stream
     from models.api import Finished, GenerationParams
-    from models.engine.core import MLXEngine
+    from models.engine.config import EngineConfig
+    from models.engine.engine import MLXEngine
     from models.weights.catalog import ModelCatalog
 
     parts: dict[str, float] = {}
@@ -46,8 +47,8 @@ def measure(folder: str, dtype: str, variant: str, tokens: int) -> dict:
 
     single_stream.prefill, single_stream.SingleStream.step = timed_prefill, timed_step
     path = Path(folder)
-    engine = MLXEngine(ModelCatalog({path.name: path}), path.name, dtype, max_batch_size=32,
-                       prompt_cache_bytes="0.05")
+    engine = MLXEngine(ModelCatalog({path.name: path}),
+                       EngineConfig(path.name, dtype, max_batch_size=32, prompt_cache_bytes="0.05"))
 
     async def run() -> list[dict]:
         start = time.perf_counter()

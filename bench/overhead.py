@@ -76,16 +76,18 @@ async def engine_rate(engine, clients: int, tokens: int) -> dict:
 
 def make_engine(folder, dtype: str, batch: int, interval: float, check: bool = True,
                 profiler: cProfile.Profile | None = None, prompt_cache: str = "0.05"):
-    from models.engine.core import MLXEngine
+    from models.engine.config import EngineConfig
+    from models.engine.engine import MLXEngine
     from models.weights.catalog import ModelCatalog
 
-    engine = MLXEngine(ModelCatalog({folder.name: folder}), folder.name, dtype, max_batch_size=batch,
-                       max_queue=512, prompt_cache_bytes=prompt_cache, stream_interval_s=interval)
+    engine = MLXEngine(ModelCatalog({folder.name: folder}),
+                       EngineConfig(folder.name, dtype, max_batch_size=batch, max_queue=512,
+                                    prompt_cache_bytes=prompt_cache, stream_interval_s=interval))
     if not check:
-        engine._check_finite = lambda variant, responses: None
+        engine.serving._check_finite = lambda variant, scheduler, responses: None
     if profiler is not None:  # the worker thread's own time, not the event loop's
-        run = engine._run
-        engine._run = lambda: profiler.runcall(run)
+        run = engine.worker.run
+        engine.worker.run = lambda: profiler.runcall(run)
     return engine
 
 

@@ -110,6 +110,75 @@ class Tokenized:
     max_model_len: int
 
 
+WORKER_PHASES = ("idle", "admit", "decode", "emit", "flush", "report")
+
+
+@dataclass
+class WorkerStats:
+    """The MLX worker's counters. `seconds`: its time by phase: idle, admit (requests joining), decode
+    (device steps, waits included), emit (checks, detokenizing, events), flush (hand-off to the event
+    loops), report (the dtype report)."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(WORKER_PHASES, 0.0))
+    decode_steps: int = 0
+    unmasked_steps: int = 0  # batch decode steps without an attention mask (models.mlx_lm_ext.decode_mask)
+    steps_during_loads: int = 0  # decode steps run between the tensors of a load
+    gather_waits: int = 0  # times an idle worker waited for a burst's other requests
+    bursts_gathered: int = 0  # ...and the waits that brought in at least one more
+    handoffs: int = 0  # lone sequences moved into a batch
+
+    def snapshot(self) -> WorkerStats:
+        """A copy that later counting leaves alone."""
+        return WorkerStats(dict(self.seconds), self.decode_steps, self.unmasked_steps, self.steps_during_loads,
+                           self.gather_waits, self.bursts_gathered, self.handoffs)
+
+    def as_dict(self) -> dict:
+        return {"seconds": {k: round(v, 6) for k, v in self.seconds.items()},
+                "decode_steps": self.decode_steps, "unmasked_steps": self.unmasked_steps,
+                "steps_during_loads": self.steps_during_loads, "gather_waits": self.gather_waits,
+                "bursts_gathered": self.bursts_gathered, "handoffs": self.handoffs}
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What /memory shows: each resident variant, the process's and device's memory, the budget, the worker."""
+
+    variants: list[dict]
+    process: dict
+    device: dict
+    budget: dict
+    worker: WorkerStats
+
+    def as_dict(self) -> dict:
+        return {"variants": self.variants, "process": self.process, "device": self.device, "budget": self.budget,
+                "worker": self.worker.as_dict()}
+
+
+@dataclass(frozen=True)
+class Health:
+    """The engine's state: created, starting, ready, stopping, stopped or failed."""
+
+    status: str
+    ready: bool
+    worker_alive: bool
+    default_model: str
+    default_dtype: str
+    fit: dict | None = None  # what `fit` chose for the default model, and why (default dtype `fit` only)
+    loading: dict | None = None  # the load in progress
+    error: str | None = None  # why the start failed
+
+    def as_dict(self) -> dict:
+        report = {"status": self.status, "ready": self.ready, "worker_alive": self.worker_alive,
+                  "default_model": self.default_model, "default_dtype": self.default_dtype}
+        if self.fit is not None:
+            report["fit"] = self.fit
+        if self.loading is not None:
+            report["loading"] = self.loading
+        if self.error:
+            report["error"] = self.error
+        return report
+
+
 class Engine(Protocol):
     default_model: str
     default_dtype: str
@@ -122,8 +191,8 @@ class Engine(Protocol):
     async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False) -> list[dict]: ...
     async def report(self, model: str | None, dtypes: tuple[str, ...] | None,
                      prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "") -> dict: ...
-    async def memory(self) -> dict: ...
-    def health(self) -> dict: ...
+    async def memory(self) -> MemoryReport: ...
+    def health(self) -> Health: ...
     def model_names(self) -> list[str]: ...
     async def tokenize(self, params: TokenizeParams) -> Tokenized: ...
     async def detokenize(self, model: str | None, tokens: tuple[int, ...]) -> str: ...

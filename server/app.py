@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from dataclasses import fields
 
 from fastapi import FastAPI
 
 from models.api import Engine
+from models.engine.config import EngineConfig  # plain values: no MLX imported
 from server.errors import install_error_handlers
 from server.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, JsonCORSMiddleware
 from server.request_id import RequestIdMiddleware
@@ -37,21 +39,21 @@ def build_engine(settings: Settings) -> Engine:
 
     blas = prepare_mlx(settings.blas, settings.blas_threads)
     log.info("BLAS: %s (%s, threads=%s) %s", blas.library, blas.vendor, blas.threads, blas.note)
-    from models.engine.core import MLXEngine
+    from models.engine.engine import MLXEngine
     from models.weights.catalog import ModelCatalog, resolve_startup_model
 
     name, folder = resolve_startup_model(settings.model)
     catalog = ModelCatalog({name: folder}, settings.model_dirs, aliases={settings.model: name})
-    return MLXEngine(catalog, name, settings.dtype, max_batch_size=settings.max_batch_size,
-                     warmup=settings.warmup, trust_remote_code=settings.trust_remote_code,
-                     memory_budget=settings.memory_budget, idle_unload_s=settings.idle_unload_s,
-                     pin_default=settings.pin_default, max_queue=settings.max_queue,
-                     default_max_tokens=min(settings.default_max_tokens, settings.max_tokens_limit),
-                     nonfinite_policy=settings.nonfinite_policy, prompt_cache_bytes=settings.prompt_cache_bytes,
-                     stream_interval_s=settings.stream_interval_s,
-                     stream_events_per_s=settings.stream_events_per_s, gather_s=settings.gather_ms / 1000,
-                     show_paths=settings.show_paths, report_starts_per_hour=settings.report_starts_per_hour,
-                     fit_order=settings.fit_order)
+    return MLXEngine(catalog, engine_config(settings, name))
+
+
+def engine_config(settings: Settings, default_model: str) -> EngineConfig:
+    """The engine's configuration: each EngineConfig field that Settings has by the same name, and the
+    few it spells otherwise; the tuning constants keep their defaults."""
+    named = {f.name: getattr(settings, f.name) for f in fields(EngineConfig) if f.name in Settings.model_fields}
+    return EngineConfig(**{**named, "default_model": default_model, "default_dtype": settings.dtype,
+                           "gather_s": settings.gather_ms / 1000,
+                           "default_max_tokens": min(settings.default_max_tokens, settings.max_tokens_limit)})
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:

@@ -25,8 +25,8 @@ async def ready_engine(request: Request) -> Engine:
     """The engine, or a 503 while the default model is still loading."""
     engine: Engine = request.app.state.engine
     health = engine.health()
-    if not health["ready"]:
-        if health["status"] in ("starting", "created"):
+    if not health.ready:
+        if health.status in ("starting", "created"):
             raise EngineUnavailableError("the server is starting: the default model is loading")
         raise EngineUnavailableError("the engine is not available")
     return engine

@@ -32,7 +32,7 @@ async def app():
     application = create_app(make_settings(model_dirs=()))
     async with application.router.lifespan_context(application):
         await application.state.start_task
-        assert application.state.engine.health()["ready"]
+        assert application.state.engine.health().ready
         yield application
 
 
@@ -43,7 +43,7 @@ async def client(app):
         yield c
 
 
-# What the catch-alls log (server/errors.py, models/engine/core.py): an exception nobody expected, i.e. a bug.
+# What the catch-alls log (server/errors.py, models/engine/worker.py): an exception nobody expected, i.e. a bug.
 CATCH_ALL_MESSAGES = ("unhandled error", "admitting a request failed", "engine call failed")
 
 

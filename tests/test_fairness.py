@@ -90,12 +90,14 @@ async def test_report_starts_are_limited_by_the_operator():
 
 
 async def test_a_load_lets_the_running_streams_decode_between_its_tensors(app, monkeypatch):
-    import models.engine.core
+    from dataclasses import replace
+
     from models.api import Finished, GenerationParams, TextDelta
     from models.errors import EngineError
 
     engine = app.state.engine
-    monkeypatch.setattr(models.engine.core, "LOAD_STEP_S", 0.0)  # a step after every tensor: a count, not a time
+    # a step after every tensor: a count, not a time
+    monkeypatch.setattr(engine.worker, "config", replace(engine.worker.config, load_step_s=0.0))
     try:
         await engine.unload(engine.default_model, "float16")
     except EngineError:
@@ -103,9 +105,9 @@ async def test_a_load_lets_the_running_streams_decode_between_its_tensors(app, m
     stream = engine.generate(GenerationParams(prompt="The cat", max_tokens=200, ignore_eos=True))
     while not isinstance(await anext(stream), TextDelta):  # decoding now
         pass
-    before = engine.steps_during_loads
+    before = engine.stats.steps_during_loads
     loaded = await engine.load(None, "float16")
-    during = engine.steps_during_loads - before
+    during = engine.stats.steps_during_loads - before
     events = [event async for event in stream]
     await engine.unload(engine.default_model, "float16")
     assert loaded["dtype"] == "float16"

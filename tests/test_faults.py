@@ -122,13 +122,13 @@ async def test_a_report_whose_model_fails_to_load_says_so_and_is_not_rerun(clien
     body = r.json()
     assert r.status_code == 200 and body["state"] == "failed", body
     assert "wrong-arch" in body["error"] and "not supported" in body["error"] and "/tmp" not in body["error"]
-    loads = app.state.engine._reports.copy()
+    loads = app.state.engine.reports.jobs.copy()
     for _ in range(3):  # polling again shows the failure; nothing is run again
         again = await c.get("/v1/dtypes/report", params=params)
         assert again.json()["state"] == "failed" and again.json()["error"] == body["error"]
-    assert app.state.engine._reports == loads
+    assert app.state.engine.reports.jobs == loads
     retried = await c.get("/v1/dtypes/report", params={**params, "retry": "true"})  # asked again explicitly
-    assert retried.json()["state"] in ("running", "failed") and app.state.engine._reports != loads
+    assert retried.json()["state"] in ("running", "failed") and app.state.engine.reports.jobs != loads
     await still_serving(c)
 
 

@@ -166,7 +166,7 @@ async def test_unknown_route_is_json_404(client):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 async def test_requests_joining_midway_do_not_change_greedy_outputs(app, client, dtype):
     """A lone request decodes outside the batch and moves into it when others arrive."""
-    handoffs = app.state.engine.handoffs
+    handoffs = app.state.engine.stats.handoffs
     long = {"prompt": "The dog", "dtype": dtype, "max_tokens": 120, "ignore_eos": True}
     sums = [{"prompt": f"{a}+{a + 3}=", "dtype": dtype, "max_tokens": 8} for a in (11, 23, 35)]
     alone = (await generate(client, **long)).json()["text"]
@@ -180,4 +180,4 @@ async def test_requests_joining_midway_do_not_change_greedy_outputs(app, client,
     assert results[0].json()["text"] == alone
     assert results[0].json()["usage"]["completion_tokens"] == 120
     assert [r.json()["text"] for r in results[1:]] == expected
-    assert app.state.engine.handoffs > handoffs
+    assert app.state.engine.stats.handoffs > handoffs

@@ -2,11 +2,18 @@
 the lone one joins them once they decode (or at once when the batch has no room for both)."""
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_registry import app_client, close
+
+
+def slow_gaps(app) -> None:
+    """Requests up to 0.5 s apart count as one burst (the gather gap, a tuning constant)."""
+    worker = app.state.engine.worker
+    worker.config = replace(worker.config, gather_gap_s=0.5)
 
 
 async def generate(client, **body):
@@ -29,25 +36,23 @@ async def test_arrivals_during_a_lone_stream_change_no_output(max_batch_size):
         sums = [{"prompt": f"{a}+{a + 4}=", "dtype": "float32", "max_tokens": 6} for a in (12, 31, 47)]
         alone = (await generate(client, **long))["text"]
         expected = [(await generate(client, **s))["text"] for s in sums]
-        handoffs = engine.handoffs
+        handoffs = engine.stats.handoffs
 
         results = await asyncio.gather(generate(client, **long), *(later(client, s, 0.05) for s in sums))
         assert results[0]["text"] == alone and results[0]["usage"]["completion_tokens"] == 200
         assert [r["text"] for r in results[1:]] == expected
-        assert engine.handoffs == handoffs + 1  # the lone stream moved into the batch once
+        assert engine.stats.handoffs == handoffs + 1  # the lone stream moved into the batch once
         memory = (await client.get("/memory")).json()
         assert all(v["in_flight"] == 0 for v in memory["variants"])
     finally:
         await close(ctx, client)
 
 
-async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_together(monkeypatch):
+async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_together():
     """The first time, a request that arrives 50 ms after another finds it decoding alone (a hand-off
     follows). Once requests have overlapped, the first of a burst waits for the rest: no lone start."""
-    from models.engine import core as engine_module
-
-    monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)  # a slow CI machine's arrivals still count
     app, ctx, client = await app_client(max_batch_size=8, max_queue=8, gather_ms=1000)
+    slow_gaps(app)  # a slow CI machine's arrivals still count
     try:
         long = {"prompt": "The dog", "dtype": "float32", "max_tokens": 100, "ignore_eos": True}
         short = {"prompt": "12+16=", "dtype": "float32", "max_tokens": 6}
@@ -72,53 +77,49 @@ async def test_once_requests_overlap_a_burst_that_finds_the_worker_idle_starts_t
         await close(ctx, client)
 
 
-async def test_a_client_sending_one_request_after_another_does_not_wait_for_a_burst(monkeypatch):
+async def test_a_client_sending_one_request_after_another_does_not_wait_for_a_burst():
     """After overlapping traffic, the first lone request may wait for others; the ones after it,
     each sent when the last one finished, start at once."""
-    from models.engine import core as engine_module
-
-    monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)  # a wait would be long enough to see
     app, ctx, client = await app_client(max_batch_size=8, max_queue=8, gather_ms=1000)
+    slow_gaps(app)  # a wait would be long enough to see
     try:
         engine = app.state.engine
         body = {"prompt": "12+16=", "dtype": "float32", "max_tokens": 6}
         await asyncio.gather(*(generate(client, **body) for _ in range(3)))  # requests overlap
-        waits = engine.gather_waits
+        waits = engine.stats.gather_waits
         await generate(client, **body)
-        assert engine.gather_waits == waits + 1  # it might have been the first of another burst
+        assert engine.stats.gather_waits == waits + 1  # it might have been the first of another burst
         for _ in range(3):
             await generate(client, **body)
-        assert engine.gather_waits == waits + 1
+        assert engine.stats.gather_waits == waits + 1
     finally:
         await close(ctx, client)
 
 
-async def test_a_gathered_burst_of_one_prompt_length_decodes_without_a_mask(monkeypatch):
+async def test_a_gathered_burst_of_one_prompt_length_decodes_without_a_mask():
     """Requests that start together with prompts of one length leave no row padded, so their steps run
     without an attention mask (models.mlx_lm_ext.decode_mask); a row joining later pads the batch and brings it back."""
-    from models.engine import core as engine_module
-
-    monkeypatch.setattr(engine_module, "GATHER_GAP_S", 0.5)
     app, ctx, client = await app_client(max_batch_size=8, max_queue=8, gather_ms=1000)
+    slow_gaps(app)
     try:
         engine = app.state.engine
         sums = [{"prompt": f"{a}+{a + 4}=", "dtype": "float32", "max_tokens": 24, "ignore_eos": True}
                 for a in (12, 31, 47)]
         await asyncio.gather(*(generate(client, **s) for s in sums))  # requests overlap: later bursts gather
-        steps, unmasked = engine.decode_steps, engine.unmasked_steps
+        steps, unmasked = engine.stats.decode_steps, engine.stats.unmasked_steps
         await asyncio.gather(*(generate(client, **s) for s in sums))
-        assert engine.unmasked_steps - unmasked >= 20 and engine.decode_steps - steps >= 20
-        steps, unmasked = engine.decode_steps, engine.unmasked_steps
+        assert engine.stats.unmasked_steps - unmasked >= 20 and engine.stats.decode_steps - steps >= 20
+        steps, unmasked = engine.stats.decode_steps, engine.stats.unmasked_steps
         slow = [{**s, "max_tokens": 200} for s in sums]  # still decoding when the late one is in
         late = {"prompt": "The dog ran", "dtype": "float32", "max_tokens": 40, "ignore_eos": True}
         results = await asyncio.gather(*(generate(client, **s) for s in slow), later(client, late, 0.1))
         assert all(r["usage"]["completion_tokens"] == 200 for r in results[:3])
-        masked = (engine.decode_steps - steps) - (engine.unmasked_steps - unmasked)
+        masked = (engine.stats.decode_steps - steps) - (engine.stats.unmasked_steps - unmasked)
         assert masked >= 39  # a row of another length pads the batch for its 40 tokens; none once it left
-        assert engine.unmasked_steps - unmasked >= 200 - 40 - 40
+        assert engine.stats.unmasked_steps - unmasked >= 200 - 40 - 40
         text = (await client.get("/metrics")).text
         metric = next(s.value for f in text_string_to_metric_families(text) for s in f.samples
                       if s.name == "dtype_serve_unmasked_decode_steps_total")
-        assert metric == engine.unmasked_steps
+        assert metric == engine.stats.unmasked_steps
     finally:
         await close(ctx, client)

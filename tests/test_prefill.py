@@ -11,7 +11,8 @@ from models.api import Finished, GenerationParams, TextDelta
 from models.decode.prefill import BUCKETS, bucket, prefill
 from models.decode.single_stream import SingleStream
 from models.decode.warmup import warm_shapes
-from models.engine.core import MLXEngine
+from models.engine.config import EngineConfig
+from models.engine.engine import MLXEngine
 from models.weights.catalog import ModelCatalog
 from tests.conftest import BUNDLED
 
@@ -75,8 +76,8 @@ async def test_engine_answers_alike_with_padding_and_warms_each_shape():
     prompts = ["17+25=", "3+4=", "17+25=", "120+7="]  # the second "17+25=" hits the prefix cache
     answers = {}
     for pad in (False, True):
-        engine = MLXEngine(catalog, BUNDLED.name, "float32", max_batch_size=4, pad_prefill=pad,
-                           prompt_cache_bytes="0.05")
+        engine = MLXEngine(catalog, EngineConfig(BUNDLED.name, "float32", max_batch_size=4, pad_prefill=pad,
+                                                  prompt_cache_bytes="0.05"))
         await engine.start()
         try:
             answers[pad] = [await run(engine, p) for p in prompts]

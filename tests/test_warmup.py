@@ -4,7 +4,8 @@ import json
 import shutil
 
 from models.api import GenerationParams
-from models.engine.core import MLXEngine
+from models.engine.config import EngineConfig
+from models.engine.engine import MLXEngine
 from models.errors import InvalidRequestError
 from models.weights.catalog import ModelCatalog
 from server.app import create_app
@@ -29,10 +30,10 @@ async def test_engine_warms_up_with_a_tokenizer_that_has_no_chat_template(tmp_pa
     config = json.loads(config_path.read_text())
     config.pop("chat_template")
     config_path.write_text(json.dumps(config))
-    engine = MLXEngine(ModelCatalog({folder.name: folder}), folder.name, "float32", warmup=True)
+    engine = MLXEngine(ModelCatalog({folder.name: folder}), EngineConfig(folder.name, "float32", warmup=True))
     await engine.start()
     try:
-        assert engine.health()["ready"]
+        assert engine.health().ready
         try:
             async for _ in engine.generate(GenerationParams(messages=({"role": "user", "content": "1+1="},))):
                 pass
@@ -45,12 +46,13 @@ async def test_engine_warms_up_with_a_tokenizer_that_has_no_chat_template(tmp_pa
 
 async def test_the_warm_up_overlap_does_not_make_the_first_request_wait():
     """The warm-up overlaps requests on purpose; the first real request must not wait for a burst."""
-    engine = MLXEngine(ModelCatalog({BUNDLED.name: BUNDLED}), BUNDLED.name, "float32", warmup=True, gather_s=0.5)
+    engine = MLXEngine(ModelCatalog({BUNDLED.name: BUNDLED}),
+                       EngineConfig(BUNDLED.name, "float32", warmup=True, gather_s=0.5))
     await engine.start()
     try:
-        waits = engine.gather_waits
+        waits = engine.stats.gather_waits
         async for _ in engine.generate(GenerationParams(prompt="17+25=", max_tokens=3)):
             pass
-        assert engine.gather_waits == waits
+        assert engine.stats.gather_waits == waits
     finally:
         await engine.stop()

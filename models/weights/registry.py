@@ -46,8 +46,7 @@ class Variant:
     loaded: LoadedModel
     prefix: PrefixCache
     generator: Any = None  # mlx-lm BatchGenerator, created when two requests overlap
-    single: Any = None  # SingleStream: the one request, while it is alone
-    joining: set[int] = field(default_factory=set)  # batch uids still in prefill while `single` decodes
+    scheduler: Any = None  # models.engine.scheduler.VariantScheduler: the lone stream and the batch
     jobs: dict[int, Any] = field(default_factory=dict)
     last_used: float = field(default_factory=time.time)
     requests_served: int = 0

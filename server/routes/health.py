@@ -13,10 +13,10 @@ router = APIRouter(tags=["health"])
 @router.get("/health", summary="Liveness: 200 while the process and its MLX worker are alive")
 async def health(engine: EngineDep) -> JSONResponse:
     report = engine.health()
-    return JSONResponse(report, status_code=503 if report["status"] == "failed" else 200)
+    return JSONResponse(report.as_dict(), status_code=503 if report.status == "failed" else 200)
 
 
 @router.get("/health/ready", summary="Readiness: 503 until the default variant is loaded and warm")
 async def ready(engine: EngineDep) -> JSONResponse:
     report = engine.health()
-    return JSONResponse(report, status_code=200 if report["ready"] else 503)
+    return JSONResponse(report.as_dict(), status_code=200 if report.ready else 503)

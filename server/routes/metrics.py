@@ -76,5 +76,5 @@ class _Snapshot:
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(engine: ReadyEngine) -> Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(await engine.memory(), getattr(engine, "open_requests", 0)))
+    registry.register(_Snapshot((await engine.memory()).as_dict(), getattr(engine, "open_requests", 0)))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -87,7 +87,7 @@ async def list_models(engine: ReadyEngine) -> dict:
     """Each model, its float dtypes and standard quantizations, and any other resident variant
     (`tiny:q4:float16`); a resident variant carries its float dtype and bytes."""
     created = int(time.time())
-    resident = {f"{v['model']}:{v['dtype']}": v for v in (await engine.memory())["variants"]}
+    resident = {f"{v['model']}:{v['dtype']}": v for v in (await engine.memory()).variants}
     data = []
     for name in engine.model_names():
         data.append({"id": name, "object": "model", "created": created, "owned_by": "dtype-serve"})

@@ -1,0 +1,314 @@
+"""MLXEngine: the async front end the server calls (models.api.Engine) and the engine's lifecycle.
+
+Every MLX call runs on one worker thread (models.engine.worker); the front end sends it typed commands and
+receives plain Python values. Requests for the same variant decode together (models.engine.scheduler: a
+lone stream, then the batch); variants take turns, one decode step each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from models.api import (
+    Finished,
+    GenerationParams,
+    Health,
+    MemoryReport,
+    Started,
+    TextDelta,
+    Tokenized,
+    TokenizeParams,
+    WorkerStats,
+)
+from models.decode.cpu_fusion import fused_kernels_state
+from models.decode.prefill import shapes_cost
+from models.decode.warmup import warm_shapes, warm_variant
+from models.engine.config import EngineConfig
+from models.engine.nonfinite import NonFinitePolicy
+from models.engine.outbox import Outbox
+from models.engine.reports import ReportHost
+from models.engine.sequence import Sequence
+from models.engine.serving import Serving
+from models.engine.worker import Call, Generate, PhaseClock, Traffic, Wake, Worker
+from models.errors import (
+    EngineError,
+    EngineUnavailableError,
+    GenerationFailedError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from models.mlx_lm_ext.contract import check_contract
+from models.platform.blas import blas_info
+from models.text.prompt_encoding import encode_text, prompt_text
+from models.weights.catalog import ModelCatalog
+from models.weights.dtypes import DEFAULT_FIT_ORDER, FIT, normalize_dtype
+from models.weights.estimate import estimate_all, estimate_variant
+from models.weights.memory import device_info, parse_budget, process_memory
+from models.weights.registry import Variant, VariantRegistry
+
+log = logging.getLogger(__name__)
+
+
+class MLXEngine:
+    """models.api.Engine over MLX, for the models of `catalog`, as `config` says."""
+
+    def __init__(self, catalog: ModelCatalog, config: EngineConfig) -> None:
+        self.catalog = catalog
+        self.config = config
+        self.default_model = config.default_model
+        self.default_dtype = normalize_dtype(config.default_dtype)
+        # prefill in a few fixed shapes where new shapes cost set-up time (CUDA), warmed at start-up
+        self.pad_prefill = shapes_cost() if config.pad_prefill is None else config.pad_prefill
+        self.registry = VariantRegistry(
+            catalog, self.default_dtype, parse_budget(config.memory_budget),
+            trust_remote_code=config.trust_remote_code, idle_unload_s=config.idle_unload_s,
+            prompt_cache_bytes=parse_budget(config.prompt_cache_bytes, allow_zero=True),
+            kv_sequences=config.max_batch_size, warm=self._warm_loaded,
+            fit_order=config.fit_order or DEFAULT_FIT_ORDER)
+        self.policy = NonFinitePolicy(config.nonfinite_policy, config.check_every)
+        self.stats = WorkerStats()
+        self.reports = ReportHost(catalog, self.registry, config, self.policy)
+        clock = PhaseClock(self.stats)
+        self.serving = Serving(config, self.registry, self.reports, self.policy, self.stats, clock.lap,
+                               self.pad_prefill)
+        self.outbox = Outbox(config.stream_interval_s, config.stream_events_per_s, self.serving.running)
+        self.traffic = Traffic()
+        self.worker = Worker(config, self.serving, self.outbox, self.stats, clock, self.traffic, self._worker_died)
+        self.registry.between_tensors = self.worker.serve_during_load
+        self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self._state = "created"
+        self._failure: str | None = None
+        self.mlx_lm = check_contract()  # the private mlx-lm names the batch relies on, present or not
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the worker, load the default variant and warm it up; then report ready."""
+        if self.worker.thread is not None:
+            raise RuntimeError("the engine was already started")
+        self._state = "starting"
+        if self.mlx_lm.missing:
+            log.warning("mlx-lm %s (dtype-serve expects %s) lacks %s: those paths fall back to mlx-lm's own",
+                        self.mlx_lm.version, self.mlx_lm.pinned, ", ".join(self.mlx_lm.missing))
+        self.worker.start()
+        try:
+            default = await self.load(self.default_model, self.default_dtype)
+            if self.config.pin_default:
+                await self._call(lambda: self.registry.pinned.add((default["model"], default["dtype"])))
+            if self.config.warmup:
+                await self._warm_up()
+        except Exception as e:
+            self._state, self._failure = "failed", str(e) or type(e).__name__
+            raise
+        self._state = "ready"
+
+    async def _warm_up(self) -> None:
+        """Compile the kernels real traffic needs before reporting ready: a lone request with a
+        prompt of typical length, then overlapping ones (the batch path, short and long prompts)."""
+
+        async def run(prompt: str, tokens: int, chat: bool = False) -> None:
+            messages = ({"role": "user", "content": prompt},) if chat else None
+            try:
+                async for _ in self.generate(GenerationParams(prompt=None if chat else prompt, messages=messages,
+                                                              max_tokens=tokens, ignore_eos=True)):
+                    pass
+            except InvalidRequestError:  # a model with a very short context: skip that shape
+                pass
+            except GenerationFailedError:  # chat on a tokenizer without a template: fails for requests too
+                if not chat:
+                    raise
+
+        text = "The quick brown fox jumps over the lazy dog. " * 3
+        await run(text, 8)
+        await run(text, 4, chat=True)  # the chat template compiles on first use
+        await asyncio.gather(run(text, 16), run("1+1=", 8), run(text[:40], 8))
+        self.traffic.forget()  # the warm-up's overlap says nothing about the traffic to come
+        if self.pad_prefill:
+            shapes = await self._call(self._warm_shapes)
+            log.info("warm-up: %d prefill and decode shapes set up", shapes)
+
+    def _warm_loaded(self, loaded: Any) -> None:
+        """A variant loaded at run time runs the shapes requests use before it serves (the start-up
+        variant gets the full warm-up instead)."""
+        if self._state == "ready" and self.config.warmup:
+            warm_variant(loaded.model, loaded.context_length, self.config.max_batch_size, self.pad_prefill,
+                         between=self.worker.serve_during_load)
+
+    def _warm_shapes(self) -> int:
+        variant = self.registry.get(self.default_model, self.default_dtype)
+        return warm_shapes(variant.loaded.model, variant.loaded.context_length, self.config.max_batch_size)
+
+    def _worker_died(self) -> None:
+        self._state = "failed"
+
+    async def stop(self) -> None:
+        if self.worker.alive:
+            self._state = "stopping"
+            self.worker.stop_soon()
+            await asyncio.to_thread(self.worker.thread.join, 30)
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        self._state = "stopped"
+
+    def health(self) -> Health:
+        alive = self.worker.alive
+        state = self._state if alive or self._state in ("created", "stopped") else "failed"
+        fit = self.registry.fits.get(self.default_model) if self.default_dtype == FIT else None
+        return Health(status=state, ready=state == "ready" and alive, worker_alive=alive,
+                      default_model=self.default_model, default_dtype=self.default_dtype,
+                      fit=None if fit is None else {"chosen": fit["chosen"], "reason": fit["reason"]},
+                      loading=self.registry.loading,  # set by the worker; readable while it loads
+                      error=self._failure)
+
+    @property
+    def open_requests(self) -> int:
+        return self.traffic.open
+
+    def model_names(self) -> list[str]:
+        return self.catalog.names()
+
+    # ---- requests ---------------------------------------------------------------------------
+    async def generate(self, params: GenerationParams) -> AsyncIterator[Started | TextDelta | Finished]:
+        """Stream the events of one generation; leaving early cancels it within one step."""
+        self._ensure_alive()
+        config = self.config
+        if self.traffic.open >= config.max_batch_size + config.max_queue:
+            raise QueueFullError(f"the server is at capacity ({config.max_batch_size} running, "
+                                 f"{config.max_queue} queued); retry shortly")
+        seq = Sequence(params, asyncio.get_running_loop(), asyncio.Queue(), self.outbox.items)
+        self.traffic.opened()  # counted from here: requests still being tokenized take their place too
+        held = None  # an event read ahead while merging deltas
+        try:
+            seq.tokens = await self._encode_off_worker(params)
+            self.worker.put(Generate(seq))
+            while True:
+                event, held = held or await seq.events.get(), None
+                # A slow reader gets the deltas that piled up as one event, not one per token.
+                while isinstance(event, TextDelta) and not seq.events.empty():
+                    following = seq.events.get_nowait()
+                    if not isinstance(following, TextDelta):
+                        held = following
+                        break
+                    event = event.then(following)
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            self.traffic.closed()
+            if not seq.done:
+                seq.cancelled = True
+                self.worker.put(Wake())
+
+    async def _encode_off_worker(self, params: GenerationParams) -> list[int] | None:
+        """The prompt's tokens, encoded on a tokenizing thread, once its model's tokenizer is known (else
+        None: the worker encodes it after loading). A text too long for the context is refused unread."""
+        encoder = self.serving.encoders.get(params.model or self.default_model)
+        if encoder is None:
+            return None
+        encoder.check_size(params)
+        return await self._on_tokenizing_thread(encoder.encode, params)
+
+    async def load(self, model: str | None, dtype: str | None) -> dict:
+        return await self._call(lambda: self.registry.get(model or self.default_model, dtype).describe())
+
+    async def unload(self, model: str, dtype: str) -> dict:
+        return await self._call(lambda: self.registry.unload(model, dtype))
+
+    async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False) -> list[dict]:
+        """Bytes a variant would hold, from the safetensors headers (no weights read): one precision,
+        or the float dtypes (and with `include_quantized` the standard quantizations)."""
+        name = self.catalog.canonical(model or self.default_model)
+
+        def run() -> list[dict]:
+            folder = self.catalog.resolve(name)
+            if not dtype:
+                return [{"model": name, **e} for e in estimate_all(folder, include_quantized)]
+            wanted = normalize_dtype(dtype)
+            if wanted == FIT:
+                wanted = self.registry.fit(name)["chosen"]
+            return [{"model": name, **estimate_variant(folder, wanted)}]
+
+        return await self._call(run)
+
+    async def memory(self) -> MemoryReport:
+        return await self._call(self._memory_report)
+
+    async def report(self, model: str | None, dtypes: tuple[str, ...] | None,
+                     prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "") -> dict:
+        """Start (or look up) the fidelity report of a model; its status, with the result when done.
+        A failed report stays failed, with its reason, until `retry` asks for it again. Reports over
+        given prompts are kept per `scope` (a tenant), so no one learns which prompts others sent."""
+        return await self._call(lambda: self.reports.status(self.reports.get(model, dtypes, prompts, retry, scope)))
+
+    async def tokenize(self, params: TokenizeParams) -> Tokenized:
+        """A prompt's token ids exactly as generation would encode it (on a tokenizing thread: a long text
+        never holds the MLX worker)."""
+        variant = await self._call(lambda: self._tokenizer_variant(params.model, params.dtype))
+        return await self._on_tokenizing_thread(self._tokenize, variant, params)
+
+    async def detokenize(self, model: str | None, tokens: tuple[int, ...]) -> str:
+        """The text of token ids (special tokens included); ids outside the vocabulary are a 400."""
+        variant = await self._call(lambda: self._tokenizer_variant(model, None))
+        return await self._on_tokenizing_thread(self._detokenize, variant, tokens)
+
+    async def _on_tokenizing_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on a tokenizing thread; an unexpected failure fails this request only."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
+        except EngineError:
+            raise
+        except Exception as e:  # e.g. a chat to a tokenizer without a template, as on the worker
+            log.exception("tokenizing failed")
+            raise GenerationFailedError(f"internal error: {type(e).__name__}") from None
+
+    def _tokenizer_variant(self, model: str | None, dtype: str | None) -> Variant:
+        """A resident variant of the model (any dtype: they share the tokenizer), else `dtype`'s, loaded."""
+        name = self.catalog.canonical(model or self.default_model)
+        resident = [v for v in self.registry.variants.values() if v.loaded.name == name]
+        return next((v for v in resident if v.loaded.dtype == dtype), resident[0]) if resident \
+            else self.registry.get(name, dtype)
+
+    @staticmethod
+    def _tokenize(variant: Variant, params: TokenizeParams) -> Tokenized:
+        tokenizer = variant.loaded.tokenizer
+        text = prompt_text(tokenizer, params.prompt, params.messages, params.tools,
+                           add_generation_prompt=params.add_generation_prompt,
+                           continue_final_message=params.continue_final_message)
+        tokens = encode_text(tokenizer, text, params.add_special_tokens)
+        return Tokenized(variant.loaded.name, tuple(tokens), tuple(tokenizer.convert_ids_to_tokens(tokens)),
+                         variant.loaded.context_length)
+
+    @staticmethod
+    def _detokenize(variant: Variant, tokens: tuple[int, ...]) -> str:
+        tokenizer = variant.loaded.tokenizer
+        vocab = len(tokenizer.get_vocab())
+        if any(not 0 <= t < vocab for t in tokens):
+            raise InvalidRequestError(f"tokens: ids must be in [0, {vocab})")
+        return tokenizer.decode(list(tokens))
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread and await its result."""
+        self._ensure_alive()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self.worker.put(Call(fn, loop, future))
+        return await future
+
+    def _ensure_alive(self) -> None:
+        if not self.worker.alive or self._state in ("stopping", "stopped", "failed"):
+            raise EngineUnavailableError("the engine is not running")
+
+    def _memory_report(self) -> MemoryReport:
+        """On the worker: one consistent picture."""
+        show_paths = self.config.show_paths
+        return MemoryReport(
+            variants=[v.describe() for v in self.registry.variants.values()],
+            process=process_memory(),
+            device={**device_info(), "blas": blas_info().as_dict(paths=show_paths),
+                    "cpu_kernels": fused_kernels_state(), "mlx_lm": self.mlx_lm.as_dict()},
+            budget=self.registry.report(),
+            worker=self.stats.snapshot())

@@ -1,0 +1,105 @@
+"""Hosting of the dtype fidelity reports on the worker: started on request, cached, stepped between decode steps."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+from models.engine.config import EngineConfig
+from models.engine.nonfinite import NonFinitePolicy
+from models.errors import InvalidRequestError, MemoryBudgetError, QueueFullError
+from models.report.fidelity import DEFAULT_DTYPES, FidelityJob
+from models.weights.catalog import ModelCatalog
+from models.weights.dtypes import normalize_dtype
+from models.weights.estimate import estimate_variant
+from models.weights.registry import VariantRegistry
+
+log = logging.getLogger(__name__)
+MAX_REPORTS = 8  # reports kept (the newest)
+
+
+class ReportHost:
+    """The reports of this engine, per (model, dtypes, prompts, scope). Every method runs on the worker."""
+
+    def __init__(self, catalog: ModelCatalog, registry: VariantRegistry, config: EngineConfig,
+                 policy: NonFinitePolicy) -> None:
+        self.catalog = catalog
+        self.registry = registry
+        self.config = config
+        self.policy = policy
+        self.jobs: dict[tuple, FidelityJob] = {}
+        self._starts: list[float] = []  # when reports were started, within the last window
+
+    def get(self, model: str | None, dtypes: tuple[str, ...] | None, prompts: tuple[str, ...] | None,
+            retry: bool = False, scope: str = "") -> FidelityJob:
+        """The report of a model, started if new (or failed and `retry`). Reports over given prompts are
+        kept per `scope` (a tenant), so no one learns which prompts others sent."""
+        name = self.catalog.canonical(model or self.config.default_model)
+        folder = self.catalog.resolve(name)
+        wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or DEFAULT_DTYPES)}))
+        key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest(), scope if prompts else "")
+        job = self.jobs.get(key)
+        if job is not None and not (retry and job.error is not None):
+            return job
+        self._check_start()
+        # Its own float32 copy plus one other variant at a time must fit beside what is resident.
+        sizes = [estimate_variant(folder, d)["total_bytes"] for d in {"float32", *wanted}]
+        need = estimate_variant(folder, "float32")["total_bytes"] + max(sizes)
+        self.registry.make_room_in_prompt_caches(need)
+        free = self.registry.budget_bytes - self.registry.used_bytes()
+        if need > free:
+            raise MemoryBudgetError(f"the report needs {need} bytes beside the resident variants; {free} are free",
+                                    required_bytes=need, available_bytes=free, dtype="float32", retry=False)
+        try:
+            job = FidelityJob(name, folder, wanted, list(prompts) if prompts else None,
+                              trust_remote_code=self.registry.trust_remote_code, show_paths=self.config.show_paths)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        while len(self.jobs) >= MAX_REPORTS:  # keep the newest reports only
+            self.jobs.pop(next(iter(self.jobs))).close()
+        self.jobs[key] = job
+        self._starts.append(time.monotonic())
+        return job
+
+    def _check_start(self) -> None:
+        """Refuse a new report (429) once report_starts_per_hour have started within the last window."""
+        limit, window = self.config.report_starts_per_hour, self.config.report_start_window_s
+        if limit is None:
+            return
+        now = time.monotonic()
+        self._starts = [t for t in self._starts if now - t < window]
+        if len(self._starts) >= limit:
+            wait = window - (now - self._starts[0]) if self._starts else None
+            raise QueueFullError(f"the server starts at most {limit} new dtype reports "
+                                 "an hour" + (f"; the next may start in {wait:.0f} s" if wait else "")
+                                 + " (reports already computed are still served)")
+
+    def running(self) -> FidelityJob | None:
+        return next((j for j in self.jobs.values() if not j.done and j.error is None), None)
+
+    def step(self, serving: bool) -> None:
+        """Advance the running report: one step while requests decode (`serving`), else for up to
+        report_slice_s. A finished report's non-finite dtypes are refused under the `refuse` policy."""
+        job = self.running()
+        if job is None:
+            return
+        deadline = time.perf_counter() + (0.0 if serving else self.config.report_slice_s)
+        try:
+            done = job.step()
+            while not done and time.perf_counter() < deadline:
+                done = job.step()
+            if done:
+                for dtype, reason in self.policy.refused_by_report(job.name, job.result).items():
+                    self.registry.refuse((job.name, dtype), reason)
+        except Exception:
+            log.exception("fidelity report of %s failed", job.name)
+
+    @staticmethod
+    def status(job: FidelityJob) -> dict:
+        """A report as /v1/dtypes/report shows it: its progress and state, with the result when done."""
+        state = "failed" if job.error else "done" if job.done else "running"
+        report = {**job.status(), "state": state, "dtypes": job.dtypes}
+        if job.done:
+            report["result"] = job.result
+        return report
