@@ -52,7 +52,7 @@ from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 from models.mlx_lm_ext.contract import check_contract
 from models.mlx_lm_ext.internals import no_stop_sequences
 from models.platform.blas import blas_info
-from models.report.fidelity import DEFAULT_DTYPES, FidelityJob
+from models.report.fidelity import FidelityJob, default_report_dtypes
 from models.text.detokenizer import streaming_detokenizer
 from models.text.prompt_encoding import encode_text, prompt_text
 from models.text.prompts import PromptEncoder
@@ -807,11 +807,16 @@ class MLXEngine:
         return await self._call(lambda: self._report_status(self._get_report(model, dtypes, prompts, retry,
                                                                              scope)))
 
+    async def report_dtypes(self, model: str | None = None) -> list[str]:
+        """The precisions a model's report measures when asked for none (quantizations this device runs)."""
+        name = self.catalog.canonical(model or self.default_model)
+        return await self._call(lambda: list(default_report_dtypes(self.catalog.resolve(name))))
+
     def _get_report(self, model: str | None, dtypes: tuple[str, ...] | None,
                     prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "") -> FidelityJob:
         name = self.catalog.canonical(model or self.default_model)
         folder = self.catalog.resolve(name)
-        wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or DEFAULT_DTYPES)}))
+        wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or default_report_dtypes(folder))}))
         key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest(), scope if prompts else "")
         job = self._reports.get(key)
         if job is not None and not (retry and job.error is not None):
