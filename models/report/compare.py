@@ -100,8 +100,10 @@ class Tally:
     task_ok: int = 0
     task_n: int = 0
 
-    def add_prompt(self, c: LogitComparison, greedy_common: int, reference_greedy: int) -> dict:
-        """Count one probe prompt in; its own figures (the report's `per_prompt` entry)."""
+    def add_prompt(self, c: LogitComparison, greedy: list[int], reference_greedy: list[int]) -> dict:
+        """Count one probe prompt in (its logits and its greedy continuation against the reference's);
+        its own figures (the report's `per_prompt` entry)."""
+        greedy_common = agreement_length(greedy, reference_greedy)
         self.positions += c.positions
         self.agree += c.agree
         self.finite_positions += len(c.kls)
@@ -115,8 +117,8 @@ class Tally:
         return {"positions": c.positions, "top1_agreement": c.agree / c.positions,
                 "kl_mean": sum(c.kls) / len(c.kls) if c.kls else None, "kl_max": max(c.kls) if c.kls else None,
                 "max_abs_logit_diff": max(c.diffs) if c.diffs else None,
-                "greedy_agreement_tokens": greedy_common, "reference_greedy_tokens": reference_greedy,
-                "nonfinite_logits": c.nonfinite}
+                "greedy_agreement_tokens": greedy_common, "reference_greedy_tokens": len(reference_greedy),
+                "greedy_tokens": list(greedy), "nonfinite_logits": c.nonfinite}
 
     @property
     def nonfinite_share(self) -> float:

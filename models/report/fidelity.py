@@ -33,7 +33,7 @@ from models.decode.prefill import shapes_cost  # noqa: E402
 from models.errors import EngineError, PrecisionUnavailableError  # noqa: E402
 from models.platform.blas import blas_info  # noqa: E402
 from models.report import runs  # noqa: E402
-from models.report.compare import Tally, agreement_length, compare_logits  # noqa: E402
+from models.report.compare import Tally, compare_logits  # noqa: E402
 from models.report.probes import probe_set, validate_prompts  # noqa: E402
 from models.weights.catalog import default_model_ref  # noqa: E402
 from models.weights.checkpoint import variant_spec  # noqa: E402
@@ -378,8 +378,7 @@ class FidelityJob:
         comparison = compare_logits(ref, runs.teacher_forced_logits(variant.model, seq))
         yield _PART
         greedy = yield from self._greedy(variant, self._ids[i])
-        common = agreement_length(greedy, self._ref_greedy[i])
-        return tally.add_prompt(comparison, common, len(self._ref_greedy[i]))
+        return tally.add_prompt(comparison, greedy, self._ref_greedy[i])
 
     def _task_batch(self, variant: LoadedModel, chunk: list[tuple[list[int], str]],
                     tally: Tally) -> Iterator[object]:
