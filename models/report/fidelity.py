@@ -37,7 +37,7 @@ from models.report.compare import Tally, compare_logits  # noqa: E402
 from models.report.probes import probe_set, validate_prompts  # noqa: E402
 from models.weights.catalog import default_model_ref  # noqa: E402
 from models.weights.checkpoint import variant_spec  # noqa: E402
-from models.weights.dtypes import AUTO, FIT, normalize_dtype  # noqa: E402
+from models.weights.dtypes import AUTO, FIT, normalize_dtype, parse_precision  # noqa: E402
 from models.weights.loader import LoadedModel, load_variant, resolve_auto  # noqa: E402
 from models.weights.memory import bits_per_weight, device_info  # noqa: E402
 from models.weights.quantize import check_runs  # noqa: E402
@@ -127,11 +127,11 @@ class FidelityJob:
             if d not in requested:
                 requested.append(d)
         self.dtypes = requested
-        self._concrete = {d: self._concrete_name(d) for d in requested}
-        self._order = list(dict.fromkeys(self._concrete.values()))  # unique concrete precisions, float32 first
         self.prompts = probe_set() if prompts is None else validate_prompts(prompts, source="probe prompts")
         if not self.prompts:
             raise ValueError("the probe set is empty")
+        self._concrete = {d: self._concrete_name(d) for d in requested}
+        self._order = list(dict.fromkeys(self._concrete.values()))  # unique concrete precisions, float32 first
         if task == "auto":
             task = bundled_task() if is_bundled(self.folder) else None
         elif task is not None and not isinstance(task, Task):
@@ -178,6 +178,8 @@ class FidelityJob:
         bfloat16 is the default rest); refuses what this device or checkpoint cannot have."""
         if dtype == AUTO:
             return resolve_auto(self.folder)
+        if parse_precision(dtype).quantization is None:
+            return dtype
         reason = available(self.folder, dtype)
         if reason is not None:
             raise PrecisionUnavailableError(reason)
