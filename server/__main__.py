@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         from models.platform.compat import prepare_mlx
 
         prepare_mlx(blas_choice(argv[1:]))
-        from models.report.fidelity import main as compare
+        from models.report.cli import main as compare
 
         return compare(argv[1:])
     if argv[:1] in (["ps"], ["models"]):  # `dtype-serve ps|models`: a running server's variants, as a table

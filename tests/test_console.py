@@ -195,6 +195,8 @@ def test_console_in_a_real_browser(browser, keyed_server):
 
     # Report: float32 against bfloat16, started from the page, its progress, then the chart and the table
     page.click('#tabs button[data-view="report"]')
+    offered = [box.get_attribute("value") for box in page.locator("#report-dtypes input").all()]
+    assert {"bfloat16", "float16", "q8", "q4"} <= set(offered)  # /models' report_dtypes: quantized ones too
     for box in page.locator("#report-dtypes input").all():
         box.set_checked(box.get_attribute("value") == "bfloat16")
     page.click("#report-form button")

@@ -15,8 +15,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from mlx_lm import load as mlx_lm_load  # noqa: E402
 
+from models.errors import PrecisionUnavailableError  # noqa: E402
 from models.report.chart import render_chart, render_svg  # noqa: E402
-from models.report.fidelity import FidelityJob, run_report  # noqa: E402
+from models.report.fidelity import FidelityJob, default_report_dtypes, run_report  # noqa: E402
 from models.report.probes import (  # noqa: E402
     BUNDLED_PROMPTS,
     MAX_PROMPT_CHARS,
@@ -188,6 +189,21 @@ def test_chart_renders_png_and_svg(bundled_report, tmp_path):
     assert render_chart(bundled_report, tmp_path / "chart.svg").read_text().count("<svg") == 1
     with pytest.raises(ValueError, match="png or .svg"):
         render_chart(bundled_report, tmp_path / "chart.gif")
+
+
+def test_default_precisions_are_those_the_device_and_checkpoint_can_have(tmp_path):
+    bundled = default_report_dtypes(BUNDLED)
+    assert bundled[:3] == ("float32", "bfloat16", "float16") and {"q8", "q4"} <= set(bundled)
+    config = llama_config(hidden=128, layers=2, vocab=64, intermediate=256)
+    prequantized = make_llama_checkpoint(tmp_path / "q4", config, dtype="float16", quantize_bits=4)
+    # an already quantized checkpoint is measured as it is, not requantized
+    assert default_report_dtypes(prequantized) == ("float32", "bfloat16", "float16", "q4")
+    job = FidelityJob("q4", prequantized, ["q4", "float16"], PROBES[:1], task=None)
+    assert job.dtypes == ["float32", "q4", "float16"] and job._order == ["float32", "float16"]  # q4 is its float16
+    with pytest.raises(PrecisionUnavailableError, match="already quantized"):
+        FidelityJob("q4", prequantized, ["q8"], PROBES[:1], task=None)
+    with pytest.raises(ValueError, match="not fit"):
+        FidelityJob("tiny", BUNDLED, ["fit"], PROBES[:1], task=None)
 
 
 # ---- probes -----------------------------------------------------------------------------------

@@ -68,3 +68,71 @@ def test_compare_on_the_command_line(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["dtypes"]) == {"float32", "bfloat16"}
     assert chart.read_bytes()[:4] == b"\x89PNG"
+
+
+QUANT_PROMPTS = ["17+25=", "The small cat sees the", "Once upon a time, there was a"]
+
+
+async def test_models_lists_quantized_report_dtypes(client):
+    measured = (await client.get("/models")).json()["report_dtypes"]
+    assert measured[:3] == ["float32", "bfloat16", "float16"]
+    assert {"q8", "q4"} <= set(measured)  # MLX runs both on every backend
+    r = await client.get("/v1/dtypes/report", params={"dtypes": "fit"})
+    assert r.status_code == 422  # the report measures named precisions
+
+
+async def test_quantized_report_decodes_as_served_requests_and_counts_their_bytes(client):
+    r = await poll(client, "POST", "/v1/dtypes/report", json={"dtypes": ["q8", "q4"], "prompts": QUANT_PROMPTS})
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert list(result["dtypes"]) == ["float32", "q4", "q8"]  # the engine keys reports by sorted precisions
+    f32, q8, q4 = (result["dtypes"][d] for d in ("float32", "q8", "q4"))
+    # the report's greedy continuations are a served greedy request's tokens at that precision
+    for dtype in ("float32", "q8", "q4"):
+        for prompt, entry in zip(QUANT_PROMPTS, result["dtypes"][dtype]["per_prompt"], strict=True):
+            served = (await client.post("/generate", json={"prompt": prompt, "dtype": dtype, "temperature": 0,
+                                                           "max_tokens": result["greedy_tokens"]})).json()
+            n = served["usage"]["completion_tokens"]
+            tokens = entry["greedy_tokens"]
+            assert len(tokens) == n  # both count the end-of-sequence token, which has no text
+            text_tokens = tokens[:-1] if served["finish_reason"] == "stop" else tokens
+            text = (await client.post("/detokenize", json={"tokens": text_tokens})).json()["prompt"]
+            assert text == served["text"], (dtype, prompt)
+    # bytes and bits per weight are those of the served variants (/memory), resident now
+    memory = {v["dtype"]: v for v in (await client.get("/memory")).json()["variants"]}
+    for dtype, entry in (("q8", q8), ("q4", q4)):
+        assert entry["total_bytes"] == memory[dtype]["total_bytes"]
+        assert entry["bytes_by_dtype"] == memory[dtype]["bytes_by_dtype"]
+        assert entry["bits_per_weight"] == memory[dtype]["bits_per_weight"]
+        assert entry["quantization"]["mode"] == "affine" and entry["float_dtype"] == "bfloat16"
+    assert f32["bits_per_weight"] == 32 and 8 < q8["bits_per_weight"] < 9 and 4 < q4["bits_per_weight"] < 5
+    assert q4["total_bytes"] < q8["total_bytes"] < f32["total_bytes"] * 0.3
+    # fidelity: fewer bits, further from float32 (KL); both still mostly agree
+    assert 0 < q8["kl_mean"] < q4["kl_mean"] and 0.8 < q4["top1_agreement"] <= q8["top1_agreement"] <= 1
+    for entry in (f32, q8, q4):
+        assert entry["decode_tok_s"] > 0 and entry["decode_batch_tok_s"] > 0 and entry["prefill_tok_s"] > 0
+        assert entry["nonfinite_share"] == 0 and entry["task_accuracy"] >= 0.9
+    assert result["speed"]["batch"] == 8
+
+
+def test_report_cli_module_measures_a_quantization(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("17+25=\nThe small cat sees the\n")
+    out = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, "-m", "models.report.cli", "--dtypes", "q4", "--prompts", str(prompts),
+                          "--no-bundled-prompts", "--task-prompts", "0", "--greedy-tokens", "8", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert list(result["dtypes"]) == ["float32", "q4"] and result["probe_prompts"] == 2
+    q4 = result["dtypes"]["q4"]
+    assert q4["quantization"] == {"mode": "affine", "bits": 4, "group_size": 64} and q4["kl_mean"] > 0
+    assert q4["task_accuracy"] is None and result["task"] is None
+
+
+def test_report_cli_refuses_bad_precisions(tmp_path):
+    for module in ("models.report.cli", "models.report.fidelity"):  # the old entry point still works
+        for dtype, message in (("q9", "unknown dtype"), ("fit", "named precisions")):
+            run = subprocess.run([sys.executable, "-m", module, "--dtypes", dtype], cwd=ROOT,
+                                 capture_output=True, text=True)
+            assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -97,6 +97,11 @@ class SingleStream:
         finish = "stop" if token in self.stop_tokens else "length" if last else None
         return TokenStep(self.uid, token, logprobs, finish, finite)
 
+    def sync(self) -> None:
+        """Wait for the step queued by the last `step()` (or the prefill), so that a caller timing one step
+        at a time counts only its own work (the dtype report's speed figures)."""
+        mx.eval(*self._next)
+
     def cached_context(self) -> tuple[list[int], list[Any]]:
         """(tokens, KV cache holding exactly those tokens), for the prefix cache."""
         offset = getattr(self.cache[0], "offset", None) if self.cache else None

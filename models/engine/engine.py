@@ -43,6 +43,7 @@ from models.errors import (
 )
 from models.mlx_lm_ext.contract import check_contract
 from models.platform.blas import blas_info
+from models.report.fidelity import default_report_dtypes
 from models.text.prompt_encoding import encode_text, prompt_text
 from models.weights.catalog import ModelCatalog
 from models.weights.dtypes import DEFAULT_FIT_ORDER, FIT, normalize_dtype
@@ -243,6 +244,11 @@ class MLXEngine:
         A failed report stays failed, with its reason, until `retry` asks for it again. Reports over
         given prompts are kept per `scope` (a tenant), so no one learns which prompts others sent."""
         return await self._call(lambda: self.reports.status(self.reports.get(model, dtypes, prompts, retry, scope)))
+
+    async def report_dtypes(self, model: str | None = None) -> list[str]:
+        """The precisions a model's report measures when asked for none (quantizations this device runs)."""
+        name = self.catalog.canonical(model or self.config.default_model)
+        return await self._call(lambda: list(default_report_dtypes(self.catalog.resolve(name))))
 
     async def tokenize(self, params: TokenizeParams) -> Tokenized:
         """A prompt's token ids exactly as generation would encode it (on a tokenizing thread: a long text

@@ -9,7 +9,7 @@ import time
 from models.engine.config import EngineConfig
 from models.engine.nonfinite import NonFinitePolicy
 from models.errors import InvalidRequestError, MemoryBudgetError, QueueFullError
-from models.report.fidelity import DEFAULT_DTYPES, FidelityJob
+from models.report.fidelity import FidelityJob, default_report_dtypes
 from models.weights.catalog import ModelCatalog
 from models.weights.dtypes import normalize_dtype
 from models.weights.estimate import estimate_variant
@@ -37,7 +37,7 @@ class ReportHost:
         kept per `scope` (a tenant), so no one learns which prompts others sent."""
         name = self.catalog.canonical(model or self.config.default_model)
         folder = self.catalog.resolve(name)
-        wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or DEFAULT_DTYPES)}))
+        wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or default_report_dtypes(folder))}))
         key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest(), scope if prompts else "")
         job = self.jobs.get(key)
         if job is not None and not (retry and job.error is not None):

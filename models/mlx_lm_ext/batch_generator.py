@@ -180,6 +180,13 @@ class LeanBatchGenerator(BatchGenerator):
             rows, tokens = rows + 1, tokens + need
         return max(rows, self._prefill_rows_min)
 
+    def sync(self) -> None:
+        """Wait for the decode step queued by the last `next()`, so that a caller timing one step at a time
+        counts only its own work (the dtype report's speed figures)."""
+        queued = getattr(self._generation_batch, "_next_tokens", None)
+        if queued is not None:
+            mx.eval(queued)
+
     @property
     def unmasked_steps(self) -> int:
         """Decode steps so far whose attention ran without a mask (no row padded)."""

@@ -1,4 +1,4 @@
-"""Chart of a fidelity report (models.report.fidelity): memory, speed and fidelity per dtype.
+"""Chart of a dtype report (models.report.fidelity): memory, speed and fidelity per precision.
 
 Uses matplotlib's object API with the Agg/SVG canvases only (no pyplot, no GUI, no global state),
 so it is safe on any thread. matplotlib is imported on first use.
@@ -13,6 +13,8 @@ from pathlib import Path
 _FORMATS = {".png": "png", ".svg": "svg"}
 _BOX = {"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.75, "lw": 0}
 _COLORS = {"float32": "#4c72b0", "bfloat16": "#dd8452", "float16": "#55a868", "auto": "#8172b3"}
+# quantized precisions, in the order they come (q8, q4, mxfp8, ...)
+_QUANT_COLORS = ("#c44e52", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd", "#2a9d8f", "#e76f51")
 
 
 def _figure(result: dict):
@@ -21,10 +23,11 @@ def _figure(result: dict):
     dtypes = list(result.get("dtypes", {}))
     entries = [result["dtypes"][d] for d in dtypes]
     labels = [d if e.get("dtype", d) == d else f"{d}\n({e['dtype']})" for d, e in zip(dtypes, entries, strict=True)]
-    colors = [_COLORS.get(e.get("dtype", d), "#937860") for d, e in zip(dtypes, entries, strict=True)]
+    quantized = iter(_QUANT_COLORS * 4)
+    colors = [_COLORS.get(e.get("dtype", d)) or next(quantized) for d, e in zip(dtypes, entries, strict=True)]
     x = list(range(len(dtypes)))
 
-    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    fig = Figure(figsize=(max(11.0, 1.4 * len(dtypes) + 2), 3.8), layout="constrained")
     axes = fig.subplots(1, 3)
     reference = result.get("reference", "float32")
     fig.suptitle(f"{result.get('model', 'model')}: dtypes against {reference} "
@@ -46,14 +49,23 @@ def _figure(result: dict):
     unit, scale = next(((u, f) for u, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if largest >= f),
                        ("bytes", 1))
     scaled = [b / scale if isinstance(b, (int, float)) else None for b in sizes]
-    bars(axes[0], scaled, f"parameter memory ({unit})", lambda v: f"{v:,.2f}")
+    bars(axes[0], scaled, f"parameter memory ({unit}), bits per weight (text)", lambda v: f"{v:,.2f}")
+    for i, e in enumerate(entries):
+        if isinstance(e.get("bits_per_weight"), (int, float)):
+            axes[0].annotate(f"{e['bits_per_weight']:.2f}\nbits", (i, 0), ha="center", va="bottom", fontsize=7,
+                             xytext=(0, 4), textcoords="offset points", bbox=_BOX)
 
     decode = [e.get("decode_tok_s") for e in entries]
     prefill = [e.get("prefill_tok_s") for e in entries]
-    bars(axes[1], decode, "decode tokens/s (bar), prefill (text)", lambda v: f"{v:,.0f}")
-    for i, p in enumerate(prefill):
-        if isinstance(p, (int, float)):
-            axes[1].annotate(f"prefill\n{p:,.0f}", (i, 0), ha="center", va="bottom", fontsize=7,
+    batched = [e.get("decode_batch_tok_s") for e in entries]
+    batch = result.get("speed", {}).get("batch")
+    bars(axes[1], decode, "decode tokens/s at batch 1 (bar); prefill, batched (text)", lambda v: f"{v:,.0f}")
+    for i, (p, b) in enumerate(zip(prefill, batched, strict=True)):
+        lines = [f"prefill\n{p:,.0f}"] if isinstance(p, (int, float)) else []
+        if isinstance(b, (int, float)):
+            lines.append(f"batch {batch}\n{b:,.0f}" if batch else f"batched\n{b:,.0f}")
+        if lines:
+            axes[1].annotate("\n".join(lines), (i, 0), ha="center", va="bottom", fontsize=7,
                              xytext=(0, 4), textcoords="offset points", bbox=_BOX)
 
     agreement = [e.get("top1_agreement") for e in entries]

@@ -1,55 +1,71 @@
-"""Fidelity and speed of each dtype of a model against float32.
+"""The dtype report as a job: fidelity and speed of each precision of a model against float32.
 
-For every dtype: exact parameter bytes and load time, prefill and decode tokens/s, and against the
-float32 variant over a probe set: top-1 agreement of the next-token argmax at every teacher-forced
-position, KL(p_float32 || p_dtype) per position (mean and max), the largest |logit difference|, the
-mean length of greedy agreement, and the share of non-finite logits; for the bundled model also the
-held-out task accuracy.
+For every precision (float dtypes and quantizations): exact parameter bytes, bits per weight, load time
+and peak, prefill and decode tokens/s at batch 1 and batched, and against the float32 variant over a probe
+set the figures of models.report.compare; for the bundled model also the held-out task accuracy. The
+decoding runs on the serving code (models.report.runs).
 
-`FidelityJob.step()` does one small unit of work (one load, one speed measurement, one prompt for
-one dtype, one batch of task prompts) so the engine's single MLX worker thread can interleave it
-with requests. Everything runs on the calling thread: call `step()` from one thread only.
-
-    python -m models.report.fidelity [--model PATH] [--dtypes float32 bfloat16 float16] [--prompts FILE]
-                              [--out report.json] [--chart chart.png]
+`FidelityJob.step()` does one model call (a load, a prefill, one decode step, one teacher-forced pass)
+so the engine's single MLX worker thread can interleave it with requests. Everything runs on the calling
+thread: call `step()` from one thread only. The command line is models.report.cli (`dtype-serve compare`).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import math
 import re
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.platform.blas import blas_choice, blas_info, configure_blas
+from models.platform.blas import blas_choice, configure_blas
 
-if __name__ == "__main__":  # `python -m models.report.fidelity`: the BLAS must be chosen before mlx is imported
+if __name__ == "__main__":  # `python -m models.report.fidelity` (the old entry): the BLAS before mlx
     configure_blas(blas_choice(sys.argv[1:]))
 
 import mlx.core as mx  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-from models.errors import EngineError  # noqa: E402
+from models.decode.prefill import shapes_cost  # noqa: E402
+from models.errors import EngineError, PrecisionUnavailableError  # noqa: E402
+from models.platform.blas import blas_info  # noqa: E402
+from models.report import runs  # noqa: E402
+from models.report.compare import Tally, compare_logits  # noqa: E402
 from models.report.probes import probe_set, validate_prompts  # noqa: E402
 from models.weights.catalog import default_model_ref  # noqa: E402
-from models.weights.dtypes import AUTO, normalize_dtype  # noqa: E402
+from models.weights.checkpoint import variant_spec  # noqa: E402
+from models.weights.dtypes import AUTO, FIT, normalize_dtype, parse_precision  # noqa: E402
 from models.weights.loader import LoadedModel, load_variant, resolve_auto  # noqa: E402
-from models.weights.memory import device_info  # noqa: E402
+from models.weights.memory import bits_per_weight, device_info  # noqa: E402
+from models.weights.quantize import check_runs  # noqa: E402
 
 REFERENCE = "float32"
-# Yielded inside a unit of work: the worker may serve requests here, but the unit is not done. Units are
-# cut at every model call of a decode loop, so that no step holds the MLX worker for long.
-_PART = object()
-DEFAULT_DTYPES = ("float32", "bfloat16", "float16")
+_PART = runs.PART
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_DTYPES = FLOAT_DTYPES  # the report's set before it covered quantizations (see default_report_dtypes)
+# Quantizations the default report covers where this device and the model can have them
+REPORT_QUANTIZATIONS = ("q8", "q4", "mxfp8", "mxfp4", "nvfp4")
 DEFAULT_TASK_PROMPTS = 100
+
+
+def available(folder: Path, dtype: str) -> str | None:
+    """None if `folder` can be loaded at precision `dtype` on this device; else why not."""
+    try:
+        spec = variant_spec(Path(folder), dtype)
+        if spec.quantize:
+            check_runs(spec.quantization, spec.float_dtype)
+    except PrecisionUnavailableError as e:
+        return str(e)
+    return None
+
+
+def default_report_dtypes(folder: str | Path) -> tuple[str, ...]:
+    """The report's default precisions for a model: the float dtypes, and those of REPORT_QUANTIZATIONS
+    that this device can run and the checkpoint can take (runs a tiny kernel per mode: MLX thread only)."""
+    return FLOAT_DTYPES + tuple(q for q in REPORT_QUANTIZATIONS if available(Path(folder), q) is None)
 
 
 @dataclass(frozen=True)
@@ -73,55 +89,6 @@ def is_bundled(folder: Path) -> bool:
     return Path(folder).resolve() == Path(default_model_ref()).resolve()
 
 
-@dataclass
-class _Tally:
-    """Running sums of one dtype's comparison with the reference."""
-
-    positions: int = 0
-    agree: int = 0
-    finite_positions: int = 0
-    kl_sum: float = 0.0
-    kl_max: float | None = None
-    max_diff: float | None = None
-    logits: int = 0
-    nonfinite: int = 0
-    greedy_total: int = 0
-    prompts: int = 0
-    task_ok: int = 0
-    task_n: int = 0
-
-
-def _max(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return max(a, b)
-
-
-def _finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
-def kl_divergence(ref: mx.array, out: mx.array) -> mx.array:
-    """KL(softmax(ref) || softmax(out)) over the last axis, accurate for tiny divergences in float32.
-
-    With d = ref - out: KL = E_p[d] + log E_p[exp(-d)]. The textbook sum p * (log p - log q) loses
-    about |log p| * 6e-8 to rounding (~1e-6 for a typical vocabulary), as much as the KL of a 16-bit
-    dtype; written with expm1/log1p the two terms cancel exactly instead. Rows where some |d| >= 8
-    use the textbook form (no overflow, and their KL is far above its rounding). Clamped at 0.
-    """
-    ref_lp = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
-    p = mx.exp(ref_lp)
-    d = ref - out
-    near = mx.max(mx.abs(d), axis=-1) < 8.0
-    d_small = mx.where(near[..., None], d, 0.0)
-    small = mx.sum(p * d_small, axis=-1) + mx.log1p(mx.sum(p * mx.expm1(-d_small), axis=-1))
-    out_lp = out - mx.logsumexp(out, axis=-1, keepdims=True)
-    textbook = mx.sum(p * (ref_lp - out_lp), axis=-1)
-    return mx.maximum(mx.where(near, small, textbook), 0.0)
-
-
 def failure_reason(error: BaseException) -> str:
     """What a client is told of a failed report: an engine error's own (safe) message; otherwise the
     error's type and message with host paths cut to their file names."""
@@ -133,9 +100,11 @@ def failure_reason(error: BaseException) -> str:
 class FidelityJob:
     """A dtype fidelity/speed report computed in small steps.
 
-    `dtypes` are dtype names (aliases and `auto` allowed); float32, the reference, is always measured.
-    `prompts` is the probe set (None: the bundled probe prompts). `task` is a `Task`, None, or "auto"
-    (the held-out additions when `folder` is the bundled model).
+    `dtypes` are precision names (aliases and `auto` allowed, not `fit`); float32, the reference, is always
+    measured; a precision this device or model cannot have raises PrecisionUnavailableError. `prompts` is
+    the probe set (None: the bundled probe prompts). `task` is a `Task`, None, or "auto" (the held-out
+    additions when `folder` is the bundled model). `speed_batch`: rows of the batched speed run;
+    `pad_prefill`: prefill in bucket shapes as the engine does (None: where shapes cost, as its default).
 
     The job loads its own copies of the variants: the reference stays resident for the whole job, and
     one other variant at a time beside it.
@@ -144,7 +113,8 @@ class FidelityJob:
     def __init__(self, name: str, folder: str | Path, dtypes: Iterable[str] = DEFAULT_DTYPES,
                  prompts: Sequence[str] | None = None, task: Task | str | None = "auto", *,
                  greedy_tokens: int = 32, prefill_tokens: int = 128, decode_tokens: int = 32,
-                 speed_repeats: int = 3, task_batch: int = 32, reference_cache_bytes: int = 256 * 2**20,
+                 speed_repeats: int = 3, speed_batch: int = 8, task_batch: int = 32,
+                 reference_cache_bytes: int = 256 * 2**20, pad_prefill: bool | None = None,
                  trust_remote_code: bool = False, show_paths: bool = False) -> None:
         self.name = name
         self.show_paths = show_paths  # file paths in the result (the BLAS library); names only otherwise
@@ -152,14 +122,16 @@ class FidelityJob:
         requested = [REFERENCE]
         for d in dtypes:
             d = normalize_dtype(d)
+            if d == FIT:
+                raise ValueError("the report measures named precisions, not fit (ask for the one fit chose)")
             if d not in requested:
                 requested.append(d)
         self.dtypes = requested
-        self._concrete = {d: (resolve_auto(self.folder) if d == AUTO else d) for d in requested}
-        self._order = list(dict.fromkeys(self._concrete.values()))  # unique concrete dtypes, float32 first
         self.prompts = probe_set() if prompts is None else validate_prompts(prompts, source="probe prompts")
         if not self.prompts:
             raise ValueError("the probe set is empty")
+        self._concrete = {d: self._concrete_name(d) for d in requested}
+        self._order = list(dict.fromkeys(self._concrete.values()))  # unique concrete precisions, float32 first
         if task == "auto":
             task = bundled_task() if is_bundled(self.folder) else None
         elif task is not None and not isinstance(task, Task):
@@ -167,15 +139,17 @@ class FidelityJob:
         self.task: Task | None = task
         for value, label in ((greedy_tokens, "greedy_tokens"), (prefill_tokens, "prefill_tokens"),
                              (decode_tokens, "decode_tokens"), (speed_repeats, "speed_repeats"),
-                             (task_batch, "task_batch")):
+                             (speed_batch, "speed_batch"), (task_batch, "task_batch")):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer")
         self.greedy_tokens = greedy_tokens
         self.prefill_tokens = prefill_tokens
         self.decode_tokens = decode_tokens
         self.speed_repeats = speed_repeats
+        self.speed_batch = speed_batch
         self.task_batch = task_batch
         self.reference_cache_bytes = reference_cache_bytes
+        self.pad_prefill = shapes_cost() if pad_prefill is None else pad_prefill
         self.trust_remote_code = trust_remote_code
 
         self.progress = 0.0
@@ -197,12 +171,24 @@ class FidelityJob:
         self._entries: dict[str, dict] = {}
         self._units_done = 0
         self._units_total = 1
-        self._plan_iter: Iterator[None] | None = None
+        self._plan_iter: Iterator[object] | None = None
+
+    def _concrete_name(self, dtype: str) -> str:
+        """The variant a requested name loads (`auto`: the checkpoint's dtype; `q4:bfloat16` is `q4` where
+        bfloat16 is the default rest); refuses what this device or checkpoint cannot have."""
+        if dtype == AUTO:
+            return resolve_auto(self.folder)
+        if parse_precision(dtype).quantization is None:
+            return dtype
+        reason = available(self.folder, dtype)
+        if reason is not None:
+            raise PrecisionUnavailableError(reason)
+        return variant_spec(self.folder, dtype).key
 
     # ---- driving ----------------------------------------------------------------------------
     def step(self) -> bool:
-        """Do one step of work (a part of a unit: a prefill or one decode step); True once the job is done
-        (then `result` is set)."""
+        """Do one step of work (one model call: a load, a prefill, a decode step, a teacher-forced pass);
+        True once the job is done (then `result` is set)."""
         if self.error is not None:
             raise RuntimeError(f"the fidelity job failed: {self.error}")
         if self.done:
@@ -255,8 +241,8 @@ class FidelityJob:
         gc.collect()
         mx.clear_cache()
 
-    # ---- the plan ---------------------------------------------------------------------------
-    def _plan(self) -> Iterator[None]:
+    # ---- the plan: a generator of units, each cut into parts of one model call ----------------
+    def _plan(self) -> Iterator[object]:
         n_prompts = len(self.prompts)
         self._units_total = self._count_units()
         self.stage = f"loading {REFERENCE}"
@@ -282,7 +268,7 @@ class FidelityJob:
                 self.stage = f"measuring speed of {dtype}"
                 speed = yield from self._speed(variant)
                 yield
-            tally = _Tally()
+            tally = Tally()
             per_prompt: list[dict] = []
             for i in range(n_prompts):
                 self.stage = f"{dtype}: prompt {i + 1}/{n_prompts}"
@@ -324,7 +310,8 @@ class FidelityJob:
         gc.collect()
         return loaded
 
-    def _encode(self, tokenizer: Any, text: str) -> list[int]:
+    @staticmethod
+    def _encode(tokenizer: Any, text: str) -> list[int]:
         return list(tokenizer.encode(text))
 
     def _prepare_inputs(self, ref: LoadedModel) -> None:
@@ -341,7 +328,7 @@ class FidelityJob:
                 ids = ids[:budget]
             self._ids.append(ids)
         # speed prompt: the probe text repeated to prefill_tokens tokens (bounded by the context)
-        length = max(min(self.prefill_tokens, ctx - self.decode_tokens - 1), 1)
+        length = max(min(self.prefill_tokens, ctx - self.decode_tokens - 4), 1)
         ids: list[int] = []
         while len(ids) < length:  # prompt by prompt: encoding a text beyond the context makes tokenizers warn
             before = len(ids)
@@ -361,174 +348,101 @@ class FidelityJob:
             self._task_chunks = [group[k:k + self.task_batch] for _, group in sorted(groups.items())
                                  for k in range(0, len(group), self.task_batch)]
 
-    def _eos(self, loaded: LoadedModel) -> set[int]:
+    @staticmethod
+    def _eos(loaded: LoadedModel) -> set[int]:
         return set(getattr(loaded.tokenizer, "eos_token_ids", None) or ())
 
-    def _greedy(self, loaded: LoadedModel, ids: list[int], n: int) -> Iterator[object]:
-        """Greedy tokens after `ids` with a KV cache: at most n, up to and including end of sequence
-        (the generator's return value; it yields _PART after each model call)."""
-        model, eos = loaded.model, self._eos(loaded)
-        cache = make_prompt_cache(model)
-        logits = model(mx.array(ids)[None], cache=cache)[:, -1, :]
-        out: list[int] = []
-        for k in range(n):
-            token = int(mx.argmax(logits.astype(mx.float32), axis=-1).item())
-            yield _PART
-            out.append(token)
-            if token in eos or k + 1 == n:
-                break
-            logits = model(mx.array([[token]]), cache=cache)[:, -1, :]
-        return out
-
-    def _logits(self, loaded: LoadedModel, seq: list[int]) -> mx.array:
-        """float32 logits at every position of `seq`, shape (len(seq), vocab), evaluated."""
-        out = loaded.model(mx.array(seq)[None])[0].astype(mx.float32)
-        mx.eval(out)
-        return out
+    def _greedy(self, loaded: LoadedModel, ids: list[int]) -> Iterator[object]:
+        return runs.greedy(loaded.model, ids, self.greedy_tokens, self._eos(loaded), self.pad_prefill)
 
     def _prepare_reference(self, i: int) -> Iterator[object]:
         assert self._ref is not None
         ids = self._ids[i]
-        greedy = yield from self._greedy(self._ref, ids, self.greedy_tokens)
+        greedy = yield from self._greedy(self._ref, ids)
         self._ref_greedy.append(greedy)
         eos = self._eos(self._ref)
         continuation = greedy[:-1] if greedy and greedy[-1] in eos else greedy
         seq = ids + continuation
         self._seqs.append(seq)
-        logits = self._logits(self._ref, seq)
+        logits = runs.teacher_forced_logits(self._ref.model, seq)
         if self._cached_bytes + logits.nbytes <= self.reference_cache_bytes:
             self._ref_logits[i] = logits
             self._cached_bytes += logits.nbytes
 
-    def _compare(self, variant: LoadedModel, i: int, tally: _Tally) -> Iterator[object]:
+    def _compare(self, variant: LoadedModel, i: int, tally: Tally) -> Iterator[object]:
         """The comparison of prompt `i` (the return value), counted into `tally`."""
         assert self._ref is not None
         seq = self._seqs[i]
         ref = self._ref_logits.get(i)
         if ref is None:
-            ref = self._logits(self._ref, seq)
+            ref = runs.teacher_forced_logits(self._ref.model, seq)
             yield _PART
-        out = self._logits(variant, seq)
-        out_finite = mx.isfinite(out)
-        row_ok = mx.all(out_finite, axis=-1) & mx.all(mx.isfinite(ref), axis=-1)
-        nonfinite = out.size - mx.sum(out_finite)
-        kl = kl_divergence(ref, out)
-        agree = (mx.argmax(ref, axis=-1) == mx.argmax(out, axis=-1)) & row_ok
-        diff = mx.max(mx.abs(ref - out), axis=-1)
-        mx.eval(row_ok, nonfinite, kl, agree, diff)
-        ok = row_ok.tolist()
-        kls = [k for k, good in zip(kl.tolist(), ok, strict=True) if good]
-        diffs = [d for d, good in zip(diff.tolist(), ok, strict=True) if good]
-        n_agree = int(mx.sum(agree).item())
+        comparison = compare_logits(ref, runs.teacher_forced_logits(variant.model, seq))
         yield _PART
-        greedy = yield from self._greedy(variant, self._ids[i], self.greedy_tokens)
-        common = 0
-        for a, b in zip(greedy, self._ref_greedy[i], strict=False):
-            if a != b:
-                break
-            common += 1
-
-        tally.positions += len(seq)
-        tally.agree += n_agree
-        tally.finite_positions += len(kls)
-        tally.kl_sum += sum(kls)
-        tally.kl_max = _max(tally.kl_max, max(kls) if kls else None)
-        tally.max_diff = _max(tally.max_diff, max(diffs) if diffs else None)
-        tally.logits += out.size
-        tally.nonfinite += int(nonfinite.item())
-        tally.greedy_total += common
-        tally.prompts += 1
-        return {"positions": len(seq), "top1_agreement": n_agree / len(seq),
-                "kl_mean": sum(kls) / len(kls) if kls else None, "kl_max": max(kls) if kls else None,
-                "max_abs_logit_diff": max(diffs) if diffs else None,
-                "greedy_agreement_tokens": common, "reference_greedy_tokens": len(self._ref_greedy[i]),
-                "nonfinite_logits": int(nonfinite.item())}
+        greedy = yield from self._greedy(variant, self._ids[i])
+        return tally.add_prompt(comparison, greedy, self._ref_greedy[i])
 
     def _task_batch(self, variant: LoadedModel, chunk: list[tuple[list[int], str]],
-                    tally: _Tally) -> Iterator[object]:
+                    tally: Tally) -> Iterator[object]:
         assert self.task is not None
-        model, eos = variant.model, self._eos(variant)
-        cache = make_prompt_cache(model)
-        logits = model(mx.array([ids for ids, _ in chunk]), cache=cache)[:, -1, :]
-        rows: list[list[int]] = [[] for _ in chunk]
-        finished = [False] * len(chunk)
-        for k in range(self.task.max_tokens):
-            tokens = mx.argmax(logits.astype(mx.float32), axis=-1)
-            picked = tokens.tolist()
-            yield _PART
-            for r, t in enumerate(picked):
-                if not finished[r]:
-                    if t in eos:
-                        finished[r] = True
-                    else:
-                        rows[r].append(t)
-            if all(finished) or k + 1 == self.task.max_tokens:
-                break
-            logits = model(tokens[:, None], cache=cache)[:, -1, :]
+        rows = yield from runs.batch_greedy(variant.model, [ids for ids, _ in chunk], self.task.max_tokens,
+                                            self._eos(variant))
         for (_, expected), row in zip(chunk, rows, strict=True):
             text = variant.tokenizer.decode(row) if row else ""
             tally.task_ok += bool(self.task.is_correct(expected, text))
             tally.task_n += 1
 
     def _speed(self, loaded: LoadedModel) -> Iterator[object]:
-        """Prefill and synchronous greedy decode with a KV cache, after one warm-up run; medians (the return
-        value). Each model call is timed on its own, so the requests served between them do not count."""
+        """Batch-1 prefill and decode, and batched decode, on the serving paths, each after one warm-up
+        run; medians of the repeats (the return value)."""
         model = loaded.model
-        x = mx.array(self._speed_ids)[None]
 
-        def once() -> Iterator[object]:
-            cache = make_prompt_cache(model)
-            t0 = time.perf_counter()
-            logits = model(x, cache=cache)
-            y = mx.argmax(logits[:, -1, :], axis=-1)
-            mx.eval(y, [c.state for c in cache])
-            prefill = time.perf_counter() - t0
-            decode = 0.0
-            for _ in range(self.decode_tokens):
-                yield _PART
-                t0 = time.perf_counter()
-                logits = model(y[:, None], cache=cache)
-                y = mx.argmax(logits[:, -1, :], axis=-1)
-                mx.eval(y)
-                decode += time.perf_counter() - t0
-            yield _PART
-            return prefill, decode
+        def single() -> Iterator[object]:
+            return runs.single_speed(model, self._speed_ids, self.decode_tokens, self.pad_prefill)
 
-        yield from once()
-        runs = []
+        def batched(steps: int = self.decode_tokens) -> Iterator[object]:
+            return runs.batch_speed(model, self._speed_ids, self.speed_batch, steps)
+
+        ones, many = [], []
+        yield from single()
         for _ in range(self.speed_repeats):
-            runs.append((yield from once()))
-        prefill = statistics.median(r[0] for r in runs)
-        decode = statistics.median(r[1] for r in runs)
+            ones.append((yield from single()))
+        yield from batched(2)  # a warm-up needs the shapes, not the length
+        for _ in range(self.speed_repeats):
+            many.append((yield from batched()))
+        prefill = statistics.median(r.prefill_s for r in ones)
+        decode = statistics.median(r.decode_s for r in ones)
+        batch_rate = statistics.median(r.decode_tokens / r.decode_s for r in many if r.decode_s > 0) \
+            if any(r.decode_s > 0 for r in many) else None
         return {"prefill_tok_s": round(len(self._speed_ids) / prefill, 1) if prefill > 0 else None,
-                "decode_tok_s": round(self.decode_tokens / decode, 1) if decode > 0 else None}
+                "decode_tok_s": round(self.decode_tokens / decode, 1) if decode > 0 else None,
+                "decode_batch_tok_s": round(batch_rate, 1) if batch_rate else None}
 
     # ---- results ----------------------------------------------------------------------------
-    def _entry(self, dtype: str, loaded: LoadedModel, speed: dict, tally: _Tally, per_prompt: list[dict]) -> dict:
+    def _entry(self, dtype: str, loaded: LoadedModel, speed: dict, tally: Tally, per_prompt: list[dict]) -> dict:
         stats = loaded.stats
-        share = tally.nonfinite / tally.logits if tally.logits else 0.0
+        share = tally.nonfinite_share
         if tally.nonfinite:
             self.warnings.append(f"{dtype}: {share:.4%} of logits are non-finite (inf/nan) "
                                  f"({tally.nonfinite} of {tally.logits}); its KL and logit differences "
                                  f"cover the {tally.finite_positions} of {tally.positions} positions that are finite")
+        quantization = loaded.quantization
+        figures = tally.figures()
         return {
             "dtype": dtype,
+            "float_dtype": loaded.float_dtype or dtype,
+            "quantization": None if quantization is None else {
+                "mode": quantization.mode, "bits": quantization.bits, "group_size": quantization.group_size},
             "bytes_by_dtype": dict(stats.bytes_by_dtype),
             "total_bytes": stats.final_bytes,
             "parameter_count": stats.parameter_count,
+            "bits_per_weight": bits_per_weight(stats.final_bytes, stats.parameter_count),
             "load_seconds": round(stats.load_seconds, 4),
-            "prefill_tok_s": speed["prefill_tok_s"],
-            "decode_tok_s": speed["decode_tok_s"],
-            "positions": tally.positions,
-            "top1_agreement": tally.agree / tally.positions if tally.positions else None,
-            "kl_mean": _finite_or_none(tally.kl_sum / tally.finite_positions if tally.finite_positions else None),
-            "kl_max": _finite_or_none(tally.kl_max),
-            "max_abs_logit_diff": _finite_or_none(tally.max_diff),
-            "mean_greedy_agreement_tokens": tally.greedy_total / tally.prompts if tally.prompts else None,
-            "nonfinite_share": share,
-            "task_accuracy": tally.task_ok / tally.task_n if tally.task_n else None,
-            "per_prompt": [{k: _finite_or_none(v) if isinstance(v, float) else v for k, v in p.items()}
-                           for p in per_prompt],
+            "load_peak_bytes": stats.peak_bytes,
+            **speed,
+            **{k: figures[k] for k in ("positions", "top1_agreement", "kl_mean", "kl_max", "max_abs_logit_diff",
+                                       "mean_greedy_agreement_tokens", "nonfinite_share", "task_accuracy")},
+            "per_prompt": [{k: _finite(v) for k, v in p.items()} for p in per_prompt],
         }
 
     def _summary(self) -> dict:
@@ -548,14 +462,20 @@ class FidelityJob:
             "probe_prompts": len(self.prompts),
             "greedy_tokens": self.greedy_tokens,
             "speed": {"prefill_tokens": len(self._speed_ids), "decode_tokens": self.decode_tokens,
-                      "repeats": self.speed_repeats, "method": "prefill, then synchronous greedy decode "
-                      "with a KV cache, batch 1; median of the repeats after one warm-up"},
+                      "repeats": self.speed_repeats, "batch": self.speed_batch,
+                      "method": "the serving decode paths: a lone request's (prefill to its first token, then "
+                      "greedy decode steps) and the batch's (decode steps of `batch` requests of the same "
+                      "prompt); each step timed on its own; median of the repeats after one warm-up"},
             "task": task,
             "device": device_info(),
             "blas": blas_info().as_dict(paths=self.show_paths),
             "dtypes": dtypes,
             "warnings": list(self.warnings),
         }
+
+
+def _finite(value: Any) -> Any:
+    return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
 def run_report(folder: str | Path, dtypes: Iterable[str] = DEFAULT_DTYPES, prompts: Sequence[str] | None = None,
@@ -566,54 +486,7 @@ def run_report(folder: str | Path, dtypes: Iterable[str] = DEFAULT_DTYPES, promp
     return job.run(on_progress)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from models.report.probes import load_prompt_file
-
-    p = argparse.ArgumentParser(prog="dtype-serve compare", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=default_model_ref(), help="model folder (mlx-lm layout)")
-    p.add_argument("--dtypes", nargs="+", default=list(DEFAULT_DTYPES))
-    p.add_argument("--prompts", help="extra probe prompts: one per line, or JSONL with {\"prompt\": ...}")
-    p.add_argument("--no-bundled-prompts", action="store_true", help="probe with --prompts only")
-    p.add_argument("--task-prompts", type=int, default=DEFAULT_TASK_PROMPTS,
-                   help="held-out prompts for the bundled model's task accuracy (0: none)")
-    p.add_argument("--greedy-tokens", type=int, default=32)
-    p.add_argument("--out", help="write the JSON report here (default: stdout)")
-    p.add_argument("--chart", help="write a chart here (.png or .svg)")
-    p.add_argument("--blas", default="auto", help="auto | none | PATH (see dtype-serve --help)")
-    p.add_argument("--trust-remote-code", action="store_true")
-    args = p.parse_args(argv)
-    configure_blas(args.blas)  # a no-op when already chosen at import
-
-    try:
-        user = load_prompt_file(args.prompts) if args.prompts else None
-        prompts = probe_set(user, include_bundled=not args.no_bundled_prompts)
-        folder = Path(args.model)
-        task: Task | str | None = "auto"
-        if is_bundled(folder):
-            task = bundled_task(args.task_prompts) if args.task_prompts > 0 else None
-
-        def show(job: FidelityJob) -> None:
-            print(f"\r{job.progress:6.1%} {job.stage:<40}", end="", file=sys.stderr, flush=True)
-
-        result = run_report(folder, args.dtypes, prompts, task, greedy_tokens=args.greedy_tokens,
-                            trust_remote_code=args.trust_remote_code, on_progress=show)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(file=sys.stderr)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
-    if args.chart:
-        from models.report.chart import render_chart
-
-        render_chart(result, args.chart)
-    for warning in result["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
-    return 0
-
-
 if __name__ == "__main__":
+    from models.report.cli import main
+
     sys.exit(main())

@@ -205,7 +205,9 @@ const METRICS = [
   ["kl_max", "KL max (nats)", (x) => fixed(x, 5)],
   ["task_accuracy", "task accuracy", (x) => pct(x)],
   ["total_bytes", "bytes", (x) => bytes(x)],
+  ["bits_per_weight", "bits per weight", (x) => fixed(x, 2)],
   ["decode_tok_s", "decode tokens/s", (x) => fixed(x, 1)],
+  ["decode_batch_tok_s", "batched decode tokens/s", (x) => fixed(x, 1)],
   ["prefill_tok_s", "prefill tokens/s", (x) => fixed(x, 1)],
 ];
 function reportQuery() {
@@ -242,7 +244,9 @@ function renderReport(result) {
     el("td", {}, d.dtype), el("td", { class: "num" }, pct(d.top1_agreement)), el("td", { class: "num" }, fixed(d.kl_mean, 5)),
     el("td", { class: "num" }, fixed(d.kl_max, 5)), el("td", { class: "num" }, pct(d.task_accuracy)),
     el("td", { class: "num" }, `${bytes(d.total_bytes)} (${ratio(d.total_bytes, ref.total_bytes)})`),
+    el("td", { class: "num" }, fixed(d.bits_per_weight, 2)),
     el("td", { class: "num" }, `${fixed(d.decode_tok_s, 1)} (${ratio(d.decode_tok_s, ref.decode_tok_s)})`),
+    el("td", { class: "num" }, `${fixed(d.decode_batch_tok_s, 1)} (${ratio(d.decode_batch_tok_s, ref.decode_batch_tok_s)})`),
     el("td", { class: "num" }, fixed(d.prefill_tok_s, 1)), el("td", { class: "num" }, pct(d.nonfinite_share)))));
   drawChart(result);
 }

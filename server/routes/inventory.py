@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from models.weights.dtypes import DTYPE_NAMES, FIT, FLOATING, quantization_names
+from models.weights.dtypes import DTYPE_NAMES, FIT, quantization_names
 from server.deps import ReadyEngine
 from server.schemas import ERROR_RESPONSES, Dtype
 
@@ -21,7 +21,7 @@ async def list_models(engine: ReadyEngine) -> dict:
         default["fit"] = fit  # what `fit` chose and why
     return {"default": default, "models": engine.model_names(),
             "dtypes": [*DTYPE_NAMES, FIT, *quantization_names()],
-            "report_dtypes": list(FLOATING),  # what the dtype report measures (quantized ones: not yet)
+            "report_dtypes": await engine.report_dtypes(),  # what the report measures unless told (the default model's)
             "resident": [{"model": v["model"], "dtype": v["dtype"], "float_dtype": v["float_dtype"],
                           "quantization": v["quantization"], "total_bytes": v["total_bytes"],
                           "in_flight": v["in_flight"]} for v in memory["variants"]],

@@ -1,4 +1,4 @@
-"""The dtype report: fidelity and speed of each dtype against float32, computed as a job."""
+"""The dtype report: fidelity and speed of each precision against float32, computed as a job."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from server.deps import ReadyEngine, Tenant
-from server.schemas import ERROR_RESPONSES, FloatDtype
+from server.schemas import ERROR_RESPONSES, ReportDtype
 
 
 class ReportStatus(BaseModel):
@@ -28,15 +28,16 @@ RUNNING = {202: {"model": ReportStatus, "description": "still computing: poll ag
 router = APIRouter(prefix="/v1/dtypes", tags=["report"], responses={**ERROR_RESPONSES, **RUNNING})
 ModelQuery = Annotated[str | None, Query(min_length=1, max_length=256)]
 RetryQuery = Annotated[bool, Query(description="run a failed report again (else its failure is shown)")]
-DtypesQuery = Annotated[list[FloatDtype] | None,
-                        Query(max_length=8, description="repeat: dtypes=bfloat16&dtypes=float16")]
+DtypesQuery = Annotated[list[ReportDtype] | None,
+                        Query(max_length=8, description="repeat: dtypes=bfloat16&dtypes=q4 (default: the float dtypes "
+                                                    "and the quantizations this device runs)")]
 
 
 class ReportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, min_length=1, max_length=256)
-    dtypes: list[FloatDtype] | None = Field(None, max_length=8, description="float32 is always measured; "
-                                                 "float dtypes only for now (not quantizations)")
+    dtypes: list[ReportDtype] | None = Field(None, max_length=8, description="float32 is always measured; "
+                                                  "float dtypes and quantizations (not fit)")
     prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
         None, max_length=256, description="probe prompts used instead of the bundled ones")
     retry: StrictBool = Field(False, description="run a failed report again (else its failure is shown)")
