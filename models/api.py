@@ -86,6 +86,7 @@ class Finished:
     warnings: tuple[str, ...] = field(default=())
     float_dtype: str = ""  # the dtype of the variant's unquantized rest (its only dtype if unquantized)
     stop_sequence: str | None = None  # the stop string that ended it, when one did
+    queue_s: float = 0.0  # arrival to admission to its variant (tokenizing, waiting for the worker or a load)
 
 
 @dataclass(frozen=True)

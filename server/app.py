@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from models.api import Engine
 from server.errors import install_error_handlers
 from server.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, JsonCORSMiddleware
+from server.observe import GenerationObserver
 from server.request_id import RequestIdMiddleware
 from server.routes import (
     admin,
@@ -25,6 +26,7 @@ from server.routes import (
     responses,
     tokenize,
 )
+from server.serving_metrics import ServingMetrics
 from server.settings import Settings
 from server.warmup import warm_http
 
@@ -80,6 +82,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                   description="MLX models served in the dtype each request asks for.")
     app.state.settings = settings
     app.state.engine = engine
+    app.state.serving_metrics = ServingMetrics()
+    app.state.generation_observer = GenerationObserver(app.state.serving_metrics, engine.default_model,
+                                                       engine.default_dtype, settings.log_prompts)
     install_error_handlers(app)
     # The last added runs first: the request id (every answer carries it), CORS (preflights carry no key),
     # then the key (the console's page holds no data and is open), then the body limit.

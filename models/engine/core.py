@@ -93,6 +93,7 @@ class _Job:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     completion_tokens: int = 0
     first_token_at: float | None = None
+    admitted_at: float | None = None  # when the worker admitted it to its variant (queue time ends)
     detokenizer: Any = None
     matcher: StopStringMatcher | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -538,6 +539,7 @@ class MLXEngine:
             return
         params = job.params
         variant = self.registry.get(params.model or self.default_model, params.dtype)
+        job.admitted_at = time.perf_counter()  # queue time ends here: its variant is resident, prefill follows
         encoder = self._encoder(variant)
         tokens = job.tokens if job.tokens is not None else encoder.encode(params)
         context = variant.loaded.context_length
@@ -763,7 +765,7 @@ class MLXEngine:
             usage=Usage(job.prompt_tokens, job.completion_tokens, job.cached_tokens),
             time_to_first_token_s=first - job.arrival, total_s=now - job.arrival,
             decode_tokens_per_second=rate, warnings=tuple(job.warnings), stop_sequence=job.matcher.hit,
-            float_dtype=variant.loaded.float_dtype))
+            float_dtype=variant.loaded.float_dtype, queue_s=(job.admitted_at or job.arrival) - job.arrival))
 
     @staticmethod
     def _fail_jobs(variant: Variant, error: EngineError) -> None:
