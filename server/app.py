@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from models.api import Engine
 from server.errors import install_error_handlers
+from server.load_progress import show_load_progress
 from server.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, JsonCORSMiddleware
 from server.observe import GenerationObserver
 from server.request_id import RequestIdMiddleware
@@ -57,11 +59,17 @@ def build_engine(settings: Settings) -> Engine:
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:
+    # a progress bar for the start-up load on a terminal; elsewhere the loader's log lines say it
+    bar = asyncio.create_task(show_load_progress(engine.health, sys.stderr)) if sys.stderr.isatty() else None
     try:
         await engine.start()
     except Exception as e:
         log.error("the default model could not be loaded: %s", e)
         return
+    finally:
+        if bar is not None:
+            bar.cancel()
+            await asyncio.gather(bar, return_exceptions=True)
     log.info("ready: %s (%s) on http://%s:%s", engine.default_model, engine.default_dtype,
              settings.host, settings.port)
 

@@ -25,7 +25,8 @@ async def list_models(engine: ReadyEngine) -> dict:
             "resident": [{"model": v["model"], "dtype": v["dtype"], "float_dtype": v["float_dtype"],
                           "quantization": v["quantization"], "total_bytes": v["total_bytes"],
                           "in_flight": v["in_flight"]} for v in memory["variants"]],
-            "budget": memory["budget"]}
+            # the load in progress (model, dtype, tensors_done/tensors, bytes_done/bytes), or None
+            "loading": memory["budget"]["loading"], "budget": memory["budget"]}
 
 
 @router.get("/memory/estimate", summary="Bytes a variant would hold, from the safetensors headers alone")
