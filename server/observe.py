@@ -93,6 +93,9 @@ class GenerationObserver:
         except EngineError as e:
             outcome.error_status, outcome.error_type = engine_error_status(e)
             raise
+        except Exception:  # a bug: the catch-all answers 500 (server/errors.py)
+            outcome.error_status, outcome.error_type = 500, "internal_error"
+            raise
         finally:
             await events.aclose()
             self._record(outcome, waiting)

@@ -105,3 +105,18 @@ async def test_errors_counted_by_type(client):
     labels = (("dtype", "auto"), ("error_type", "model_not_found"), ("model", "other"))
     assert after["dtype_serve_request_errors_total"][labels] == before.get(
         "dtype_serve_request_errors_total", {}).get(labels, 0) + 1
+
+
+async def test_queue_time_includes_the_load_a_request_waits_for(client):
+    await client.delete("/models/tiny-arith/float16")  # not resident: the request below loads it
+    before = _families((await client.get("/metrics")).text)
+    r = await client.post("/generate", json={"prompt": "17+25=", "max_tokens": 3, "dtype": "float16"})
+    assert r.status_code == 200
+    after = _families((await client.get("/metrics")).text)
+    key = (("dtype", "float16"), ("model", "tiny-arith"))
+    queued = after["dtype_serve_request_queue_time_seconds_sum"][key] - before.get(
+        "dtype_serve_request_queue_time_seconds_sum", {}).get(key, 0)
+    load_seconds = after["dtype_serve_variant_load_seconds"][key]  # rounded to 0.1 ms
+    assert load_seconds > 0 and queued >= load_seconds - 1e-4
+    assert queued <= r.json()["timings"]["time_to_first_token_s"]
+    await client.delete("/models/tiny-arith/float16")
