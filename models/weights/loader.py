@@ -30,7 +30,7 @@ from models.weights.memory import bytes_by_dtype, bytes_by_role, parameter_count
 from models.weights.quantize import check_runs, quantization_config, quantization_plan, quantize_layers
 
 log = logging.getLogger(__name__)
-# (parameters done, parameters in all, their source bytes done, source bytes in all)
+# (parameters done, parameters in all, the variant's bytes built so far, its bytes in all)
 Progress = Callable[[int, int, int, int], None]
 
 
@@ -82,18 +82,23 @@ def cast_parameters(model: nn.Module, dtype: str, progress: Progress | None = No
     params = tree_flatten(model.parameters())
     linear_weights = linear_weight_paths(model)
     largest, bytes_done = 0, 0
-    bytes_total = sum(a.nbytes for _, a in params)  # from shapes and dtypes: nothing is evaluated
+
+    def casts(path: str, source: mx.array) -> bool:
+        return target is not None and source.dtype != target and will_cast(path, dtype_name(source.dtype), predicate)
+
+    # the variant's bytes, from shapes and dtypes (nothing is evaluated): for the load's progress
+    bytes_total = sum(a.size * target.size if casts(p, a) else a.nbytes for p, a in params)
     for i, (path, source) in enumerate(params):
         params[i] = None  # our list must not keep the source alive either
         largest = max(largest, source.nbytes)
-        bytes_done += source.nbytes
-        casts = target is not None and source.dtype != target and will_cast(path, dtype_name(source.dtype), predicate)
+        cast = casts(path, source)
         if path in linear_weights:
-            value = laid_out(source, target if casts else None)
-        elif casts:
+            value = laid_out(source, target if cast else None)
+        elif cast:
             value = source.astype(target)
         else:
             value = source
+        bytes_done += value.nbytes
         # Swap into the model first and drop our handle, so the source is freed right after eval.
         model.update(tree_unflatten([(path, value)]), strict=False)
         del source

@@ -248,7 +248,7 @@ class VariantRegistry:
 
     def _progress(self, key: Key) -> Callable[[int, int, int, int], None]:
         """Records the load's progress for reports (`loading` in /memory's budget, /health, /models) and
-        logs each quarter. Bytes are the source tensors' (as read from the checkpoint or resident variant)."""
+        logs each quarter. Bytes are the variant's: built so far, and in all."""
         self.loading = {"model": key[0], "dtype": key[1], "tensors_done": 0, "tensors": 0, "bytes_done": 0,
                         "bytes": 0}
         log_quarters = log_progress(*key)

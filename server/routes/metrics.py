@@ -93,8 +93,8 @@ def _loading(loading: dict | None):
     key = [loading["model"], loading["dtype"]]
     for field, text in (("tensors_done", "Tensors of the load in progress done"),
                         ("tensors", "Tensors of the load in progress in all"),
-                        ("bytes_done", "Source bytes of the load in progress done"),
-                        ("bytes", "Source bytes of the load in progress in all")):
+                        ("bytes_done", "Bytes of the variant the load in progress has built"),
+                        ("bytes", "Bytes of the variant the load in progress builds, in all")):
         family = GaugeMetricFamily(f"dtype_serve_loading_{field}", text, labels=["model", "dtype"])
         family.add_metric(key, loading.get(field, 0))
         yield family
