@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 POLL_S = 0.1
 
@@ -45,8 +46,9 @@ async def show_load_progress(health: Callable[[], dict], stream: TextIO) -> None
     """Until cancelled: the loads `health()` reports, as bars on `stream`."""
     bar = LoadProgressBar(stream)
     try:
-        while True:
-            bar.update(health().get("loading"))
-            await asyncio.sleep(POLL_S)
+        with logging_redirect_tqdm():  # the root logger's lines print above the bar, not through it
+            while True:
+                bar.update(health().get("loading"))
+                await asyncio.sleep(POLL_S)
     finally:
         bar.close()
