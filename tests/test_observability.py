@@ -140,3 +140,42 @@ def test_progress_bar_shows_tensors_and_bytes_of_each_load():
     bar.update(None)
     text = stream.getvalue()
     assert "loading tiny/q4" in text and "3/12 tensors" in text and "25%" in text
+
+
+async def test_models_and_metrics_show_a_load_in_progress(app, client):
+    """Midway through a load (the worker thread inside its between-tensors hook), /models, /health and
+    /metrics answer with the load's progress instead of waiting for it to end."""
+    import asyncio
+
+    engine = app.state.engine
+    loop = asyncio.get_running_loop()
+    hook, seen = engine.registry.between_tensors, {}
+
+    def midway() -> None:
+        loading = engine.registry.loading
+        if not seen and loading["tensors"] and loading["tensors_done"] == loading["tensors"] // 2:
+            for path in ("/models", "/health", "/metrics"):
+                seen[path] = asyncio.run_coroutine_threadsafe(client.get(path), loop).result(timeout=30)
+        hook()
+
+    await client.delete("/models/tiny-arith/float32")
+    engine.registry.between_tensors = midway
+    try:
+        r = await client.post("/models/load", json={"dtype": "float32"})
+    finally:
+        engine.registry.between_tensors = hook
+    assert r.status_code == 200
+    models, health = seen["/models"].json(), seen["/health"].json()
+    loading = models["loading"]
+    assert (loading["model"], loading["dtype"]) == ("tiny-arith", "float32")
+    assert 0 < loading["tensors_done"] < loading["tensors"] and 0 < loading["bytes_done"] < loading["bytes"]
+    assert loading["bytes"] == r.json()["total_bytes"]
+    assert "float32" not in {v["dtype"] for v in models["resident"]}
+    assert health["loading"]["tensors_done"] == loading["tensors_done"]
+    gauges = {s.name: s.value for f in text_string_to_metric_families(seen["/metrics"].text) for s in f.samples
+              if s.name.startswith("dtype_serve_loading_")}
+    assert gauges["dtype_serve_loading_bytes"] == loading["bytes"]
+    assert gauges["dtype_serve_loading_tensors_done"] == loading["tensors_done"]
+    after = (await client.get("/models")).json()
+    assert after["loading"] is None and "float32" in {v["dtype"] for v in after["resident"]}
+    await client.delete("/models/tiny-arith/float32")

@@ -170,7 +170,8 @@ class MLXEngine:
         self.decode_steps = 0
         self.steps_during_loads = 0  # decode steps run between the tensors of a load
         self._load_step_at = 0.0
-        self.registry.between_tensors = self._serve_during_load
+        self.registry.between_tensors = self._between_tensors
+        self._report_during_load: dict | None = None  # the memory report at the current load's first tensor
         self.unmasked_steps = 0  # batch decode steps without an attention mask (models.mlx_lm_ext.decode_mask)
         self._lap_start = time.perf_counter()
         self._state = "created"
@@ -666,6 +667,25 @@ class MLXEngine:
                 self._handoff(variant)  # the others (all in the batch) decode: the lone stream joins them
             variant.last_used = time.time()
             self._lap("emit")
+
+    # ---- reports while a load holds the worker ------------------------------------------------
+    def _between_tensors(self) -> None:
+        """A load's hook between two tensors: at its first, keep a memory report for the routes that would
+        otherwise wait for the load to end (memory_during_load); then serve the running variants."""
+        loading = self.registry.loading
+        if loading is not None and loading["tensors_done"] == 1:
+            self._report_during_load = self._memory_report()
+        self._serve_during_load()
+
+    def memory_during_load(self) -> dict | None:
+        """While a load holds the worker: the memory report taken at its first tensor with the load's
+        progress now (the resident set cannot change during a load); None otherwise (ask memory())."""
+        loading, report = self.registry.loading, self._report_during_load
+        taken_for = report and report["budget"]["loading"]
+        if loading is None or not taken_for or (taken_for["model"], taken_for["dtype"]) != (loading["model"],
+                                                                                          loading["dtype"]):
+            return None  # no load, or one before its first tensor (the report kept is an earlier load's)
+        return {**report, "budget": {**report["budget"], "loading": loading}}
 
     def _serve_during_load(self) -> None:
         """Between two tensors of a load: one decode step for the variants already serving (at most every

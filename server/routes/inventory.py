@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from models.weights.dtypes import DTYPE_NAMES, FIT, FLOATING, quantization_names
-from server.deps import ReadyEngine
+from server.deps import ReadyEngine, memory_report
 from server.schemas import ERROR_RESPONSES, Dtype
 
 router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
@@ -15,7 +15,7 @@ router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
 @router.get("/models", summary="Models a request may name, the dtypes, and the resident variants")
 async def list_models(engine: ReadyEngine) -> dict:
-    memory = await engine.memory()
+    memory = await memory_report(engine)
     default = {"model": engine.default_model, "dtype": engine.default_dtype}
     if (fit := memory["budget"]["fit"].get(engine.default_model)) and engine.default_dtype == FIT:
         default["fit"] = fit  # what `fit` chose and why
@@ -38,4 +38,4 @@ async def estimate(engine: ReadyEngine, model: Annotated[str | None, Query(min_l
 
 @router.get("/memory", summary="Exact bytes of each resident variant by parameter dtype; process and device")
 async def memory(engine: ReadyEngine) -> dict:
-    return await engine.memory()
+    return await memory_report(engine)

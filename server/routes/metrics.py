@@ -8,7 +8,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from server.deps import ReadyEngine
+from server.deps import ReadyEngine, memory_report
 
 router = APIRouter(tags=["metrics"])
 
@@ -114,6 +114,6 @@ class _Kept:
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(request: Request, engine: ReadyEngine) -> Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(await engine.memory(), getattr(engine, "open_requests", 0)))
+    registry.register(_Snapshot(await memory_report(engine), getattr(engine, "open_requests", 0)))
     registry.register(_Kept(request.app.state.serving_metrics.registry))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
