@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigFileError as e:
         print(f"dtype-serve: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.log_format import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     import uvicorn
 
     from models.errors import EngineError
@@ -57,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                               head_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 timeout_graceful_shutdown=settings.drain_timeout_s, http=LimitedH11Protocol.factory(limits),
-                timeout_keep_alive=settings.keep_alive_s)
+                timeout_keep_alive=settings.keep_alive_s,
+                # JSON lines: uvicorn's loggers go through the root's JSON handler instead of its own
+                **({"log_config": None} if settings.log_format == "json" else {}))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import fields
 
@@ -12,7 +13,9 @@ from fastapi import FastAPI
 from models.api import Engine
 from models.engine.config import EngineConfig  # plain values: no MLX imported
 from server.errors import install_error_handlers
+from server.load_progress import show_load_progress
 from server.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, JsonCORSMiddleware
+from server.observe import GenerationObserver
 from server.request_id import RequestIdMiddleware
 from server.routes import (
     admin,
@@ -27,6 +30,7 @@ from server.routes import (
     responses,
     tokenize,
 )
+from server.serving_metrics import ServingMetrics
 from server.settings import Settings
 from server.warmup import warm_http
 
@@ -57,11 +61,17 @@ def engine_config(settings: Settings, default_model: str) -> EngineConfig:
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:
+    # a progress bar for the start-up load on a terminal; elsewhere the loader's log lines say it
+    bar = asyncio.create_task(show_load_progress(engine.health, sys.stderr)) if sys.stderr.isatty() else None
     try:
         await engine.start()
     except Exception as e:
         log.error("the default model could not be loaded: %s", e)
         return
+    finally:
+        if bar is not None:
+            bar.cancel()
+            await asyncio.gather(bar, return_exceptions=True)
     log.info("ready: %s (%s) on http://%s:%s", engine.default_model, engine.default_dtype,
              settings.host, settings.port)
 
@@ -82,6 +92,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                   description="MLX models served in the dtype each request asks for.")
     app.state.settings = settings
     app.state.engine = engine
+    app.state.serving_metrics = ServingMetrics()
+    app.state.generation_observer = GenerationObserver(app.state.serving_metrics, engine.default_model,
+                                                       engine.default_dtype, settings.log_prompts)
     install_error_handlers(app)
     # The last added runs first: the request id (every answer carries it), CORS (preflights carry no key),
     # then the key (the console's page holds no data and is open), then the body limit.

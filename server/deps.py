@@ -52,6 +52,12 @@ def cache_scope(tenant_id: str, salt: str | None) -> str:
     return hashlib.sha256(f"{tenant_id}\0{salt or ''}".encode()).hexdigest()[:32]
 
 
+async def memory_report(engine: Engine) -> dict:
+    """The engine's memory report; while a load holds the worker, the one taken at its first tensor with
+    the load's progress now, so that /models, /memory and /metrics answer during a load."""
+    return (engine.memory_during_load() or await engine.memory()).as_dict()
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ReadyEngine = Annotated[Engine, Depends(ready_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

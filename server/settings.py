@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run one short generation after loading the default variant")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="debug, info, warning, error or critical")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: plain log lines; json: one JSON object per line (the request lines' "
+        "fields as keys)")
+    log_prompts: bool = Field(False, description="request log lines carry the prompt text (or the chat "
+                              "messages); default: never")
 
     @field_validator("api_key", "cors_origins", mode="before")
     @classmethod
@@ -109,7 +114,7 @@ class Settings(BaseSettings):
     def _canonical_dtype(cls, value: str) -> str:
         return normalize_dtype(value)
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

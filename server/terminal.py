@@ -66,6 +66,14 @@ def budget_line(budget: dict) -> str:
             f"{human_bytes(budget['free_bytes'])} free")
 
 
+def loading_line(loading: dict) -> str:
+    """The load in progress, as /memory's budget reports it: tensors and bytes done."""
+    share = f"{100 * loading['bytes_done'] / loading['bytes']:.0f}%" if loading.get("bytes") else "starting"
+    return (f"loading {loading['model']}/{loading['dtype']}: {share} ({loading['tensors_done']} of "
+            f"{loading['tensors']} tensors, {human_bytes(loading.get('bytes_done', 0))} of "
+            f"{human_bytes(loading.get('bytes', 0))})")
+
+
 def ps_view(memory: dict, now: float) -> str:
     """The resident variants: bytes by parameter dtype, prompt cache, requests, last use; then the budget."""
     pinned = {(p["model"], p["dtype"]) for p in memory["budget"].get("pinned", ())}
@@ -75,7 +83,8 @@ def ps_view(memory: dict, now: float) -> str:
              ago(v.get("last_used"), now) + (" (pinned)" if (v["model"], v["dtype"]) in pinned else ""))
             for v in memory["variants"]]
     header = ("MODEL", "DTYPE", "SIZE", "WEIGHTS", "PROMPT CACHE", "RUNNING", "SERVED", "LAST USED")
-    return f"{table(header, rows)}\n{budget_line(memory['budget'])}"
+    loading = memory["budget"].get("loading")
+    return f"{table(header, rows)}\n{budget_line(memory['budget'])}" + (f"\n{loading_line(loading)}" if loading else "")
 
 
 def models_view(models: dict, estimates: dict[str, list[dict]]) -> str:

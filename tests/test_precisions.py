@@ -156,3 +156,31 @@ def test_load_progress_is_visible_while_loading_and_cleared_after():
     registry.get("tiny", "q4")
     assert seen[0]["dtype"] == "q4" and seen[0]["tensors_done"] == seen[0]["tensors"] > 0
     assert registry.loading is None and registry.report()["loading"] is None
+
+
+def test_load_progress_counts_tensors_and_bytes_between_tensors():
+    from models.weights.catalog import ModelCatalog
+    from models.weights.registry import VariantRegistry
+
+    registry = VariantRegistry(ModelCatalog({"tiny": BUNDLED}), "auto", 10**9)
+    seen = []
+    registry.between_tensors = lambda: seen.append(dict(registry.loading))
+    variant = registry.get("tiny", "float32")  # cast from the bfloat16 checkpoint
+    assert len(seen) == seen[-1]["tensors"] > 1
+    assert {s["model"] for s in seen} == {"tiny"} and {s["dtype"] for s in seen} == {"float32"}
+    assert [s["tensors_done"] for s in seen] == list(range(1, len(seen) + 1))
+    done = [s["bytes_done"] for s in seen]
+    assert done == sorted(done) and 0 < done[0] < done[-1] == seen[-1]["bytes"]
+    assert seen[-1]["bytes"] == variant.loaded.stats.final_bytes
+    assert registry.loading is None
+
+
+def test_load_progress_bytes_of_a_quantized_load_are_the_variants():
+    from models.weights.catalog import ModelCatalog
+    from models.weights.registry import VariantRegistry
+
+    registry = VariantRegistry(ModelCatalog({"tiny": BUNDLED}), "auto", 10**9)
+    seen = []
+    registry.between_tensors = lambda: seen.append(dict(registry.loading))
+    variant = registry.get("tiny", "q4")
+    assert seen[-1]["bytes_done"] == seen[-1]["bytes"] == variant.loaded.stats.final_bytes

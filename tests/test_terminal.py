@@ -73,3 +73,15 @@ def test_errors_are_one_clear_line(server):
     closed = f"http://127.0.0.1:{free_port()}"
     out = cli("ps", "--url", closed)
     assert out.returncode == 1 and out.stderr.startswith(f"dtype-serve: cannot reach {closed}")
+
+
+def test_ps_shows_the_load_in_progress():
+    from server.terminal import ps_view
+
+    budget = {"used_bytes": 0, "budget_bytes": 1 << 30, "free_bytes": 1 << 30, "pinned": [],
+              "loading": {"model": "big", "dtype": "q4", "tensors_done": 12, "tensors": 48,
+                          "bytes_done": 1 << 20, "bytes": 4 << 20}}
+    view = ps_view({"variants": [], "budget": budget}, 0.0)
+    assert view.splitlines()[-1] == "loading big/q4: 25% (12 of 48 tensors, 1.00 MiB of 4.00 MiB)"
+    budget["loading"] = None
+    assert "loading" not in ps_view({"variants": [], "budget": budget}, 0.0)

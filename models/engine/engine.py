@@ -8,6 +8,7 @@ lone stream, then the batch); variants take turns, one decode step each.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +80,8 @@ class MLXEngine:
         self.outbox = Outbox(config.stream_interval_s, config.stream_events_per_s, self.serving.running)
         self.traffic = Traffic()
         self.worker = Worker(config, self.serving, self.outbox, self.stats, clock, self.traffic, self._worker_died)
-        self.registry.between_tensors = self.worker.serve_during_load
+        self.registry.between_tensors = self._between_tensors
+        self._report_during_load: MemoryReport | None = None  # the memory report at the current load's first tensor
         self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._state = "created"
         self._failure: str | None = None
@@ -307,6 +309,24 @@ class MLXEngine:
     def _ensure_alive(self) -> None:
         if not self.worker.alive or self._state in ("stopping", "stopped", "failed"):
             raise EngineUnavailableError("the engine is not running")
+
+    def _between_tensors(self) -> None:
+        """A load's hook between two tensors: at its first, keep a memory report for the routes that would
+        otherwise wait for the load to end (memory_during_load); then serve the running variants."""
+        loading = self.registry.loading
+        if loading is not None and loading["tensors_done"] == 1:
+            self._report_during_load = self._memory_report()
+        self.worker.serve_during_load()
+
+    def memory_during_load(self) -> MemoryReport | None:
+        """While a load holds the worker: the memory report taken at its first tensor with the load's
+        progress now (the resident set cannot change during a load); None otherwise (ask memory())."""
+        loading, report = self.registry.loading, self._report_during_load
+        taken_for = report and report.budget.get("loading")
+        if loading is None or not taken_for or (taken_for["model"], taken_for["dtype"]) != (loading["model"],
+                                                                                          loading["dtype"]):
+            return None  # no load, or one before its first tensor (the report kept is an earlier load's)
+        return dataclasses.replace(report, budget={**report.budget, "loading": loading})
 
     def _memory_report(self) -> MemoryReport:
         """On the worker: one consistent picture."""

@@ -32,6 +32,7 @@ class Sequence:
     prompt_cache: list | None = None  # ...and that KV cache, until the decoder takes it
     completion_tokens: int = 0
     first_token_at: float | None = None
+    admitted_at: float | None = None  # when the worker admitted it to its variant (queue time ends)
     detokenizer: Any = None
     matcher: StopStringMatcher | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -88,4 +89,4 @@ class Sequence:
             usage=Usage(self.prompt_tokens, tokens, self.cached_tokens),
             time_to_first_token_s=first - self.arrival, total_s=now - self.arrival,
             decode_tokens_per_second=rate, warnings=tuple(self.warnings), stop_sequence=self.matcher.hit,
-            float_dtype=loaded.float_dtype))
+            float_dtype=loaded.float_dtype, queue_s=(self.admitted_at or self.arrival) - self.arrival))

@@ -80,6 +80,7 @@ class Serving:
             return
         params = seq.params
         variant = self.registry.get(params.model or self.config.default_model, params.dtype)
+        seq.admitted_at = time.perf_counter()  # queue time ends here: its variant is resident, prefill follows
         encoder = self.encoder(variant)
         tokens = seq.tokens if seq.tokens is not None else encoder.encode(params)
         context = variant.loaded.context_length

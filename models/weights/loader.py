@@ -30,7 +30,8 @@ from models.weights.memory import bytes_by_dtype, bytes_by_role, parameter_count
 from models.weights.quantize import check_runs, quantization_config, quantization_plan, quantize_layers
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, int], None]  # (parameters done, parameters in all)
+# (parameters done, parameters in all, the variant's bytes built so far, its bytes in all)
+Progress = Callable[[int, int, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -80,24 +81,31 @@ def cast_parameters(model: nn.Module, dtype: str, progress: Progress | None = No
     predicate = getattr(model, "cast_predicate", None)
     params = tree_flatten(model.parameters())
     linear_weights = linear_weight_paths(model)
-    largest = 0
+    largest, bytes_done = 0, 0
+
+    def casts(path: str, source: mx.array) -> bool:
+        return target is not None and source.dtype != target and will_cast(path, dtype_name(source.dtype), predicate)
+
+    # the variant's bytes, from shapes and dtypes (nothing is evaluated): for the load's progress
+    bytes_total = sum(a.size * target.size if casts(p, a) else a.nbytes for p, a in params)
     for i, (path, source) in enumerate(params):
         params[i] = None  # our list must not keep the source alive either
         largest = max(largest, source.nbytes)
-        casts = target is not None and source.dtype != target and will_cast(path, dtype_name(source.dtype), predicate)
+        cast = casts(path, source)
         if path in linear_weights:
-            value = laid_out(source, target if casts else None)
-        elif casts:
+            value = laid_out(source, target if cast else None)
+        elif cast:
             value = source.astype(target)
         else:
             value = source
+        bytes_done += value.nbytes
         # Swap into the model first and drop our handle, so the source is freed right after eval.
         model.update(tree_unflatten([(path, value)]), strict=False)
         del source
         mx.eval(value)
         del value
         if progress is not None:
-            progress(i + 1, len(params))
+            progress(i + 1, len(params), bytes_done, bytes_total)
     return largest
 
 
@@ -149,11 +157,12 @@ def log_progress(name: str, key: str) -> Progress:
     """Log a load's progress at every quarter of its parameters."""
     logged = [0]
 
-    def report(done: int, total: int) -> None:
+    def report(done: int, total: int, bytes_done: int = 0, bytes_total: int = 0) -> None:
         quarter = done * 4 // max(total, 1)
         if quarter > logged[0]:
             logged[0] = quarter
-            log.info("loading %s/%s: %d%% (%d of %d tensors)", name, key, quarter * 25, done, total)
+            log.info("loading %s/%s: %d%% (%d of %d tensors, %d of %d bytes)", name, key, quarter * 25, done, total,
+                     bytes_done, bytes_total)
 
     return report
 

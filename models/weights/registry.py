@@ -102,7 +102,7 @@ class VariantRegistry:
         self.fit_order = tuple(normalize_dtype(d) for d in fit_order)
         self.warm = warm  # compiles a variant loaded at run time for request shapes, before it serves
         self.fits: dict[str, dict] = {}  # model -> what `fit` chose and why
-        self.loading: dict | None = None  # the load in progress: model, dtype, tensors done and in all
+        self.loading: dict | None = None  # the load in progress: model, dtype, tensors and bytes done and in all
         self._specs: dict[tuple[str, str], VariantSpec] = {}
         # called after each tensor of a load: the engine decodes for the variants already serving
         self.between_tensors: Callable[[], None] | None = None
@@ -245,14 +245,18 @@ class VariantRegistry:
                  stats.load_seconds, stats.warmup_seconds)
         return variant
 
-    def _progress(self, key: Key) -> Callable[[int, int], None]:
-        """Records the load's progress for reports (`loading` in /memory's budget) and logs each quarter."""
-        self.loading = {"model": key[0], "dtype": key[1], "tensors_done": 0, "tensors": 0}
+    def _progress(self, key: Key) -> Callable[[int, int, int, int], None]:
+        """Records the load's progress for reports (`loading` in /memory's budget, /health, /models) and
+        logs each quarter. Bytes are the variant's: built so far, and in all."""
+        self.loading = {"model": key[0], "dtype": key[1], "tensors_done": 0, "tensors": 0, "bytes_done": 0,
+                        "bytes": 0}
         log_quarters = log_progress(*key)
 
-        def update(done: int, total: int) -> None:
-            self.loading = {"model": key[0], "dtype": key[1], "tensors_done": done, "tensors": total}
-            log_quarters(done, total)
+        def update(done: int, total: int, bytes_done: int, bytes_total: int) -> None:
+            # one new dict per step: readers on other threads see a whole snapshot, never a half-updated one
+            self.loading = {"model": key[0], "dtype": key[1], "tensors_done": done, "tensors": total,
+                            "bytes_done": bytes_done, "bytes": bytes_total}
+            log_quarters(done, total, bytes_done, bytes_total)
             if self.between_tensors is not None:
                 self.between_tensors()
 

@@ -160,15 +160,25 @@ function markFits(free) {
   }
 }
 function renderLoads() {
-  $("#loads").replaceChildren(...[...state.loads.entries()].map(([id, began]) =>
-    el("li", {}, el("progress", {}), ` loading ${id} … ${((performance.now() - began) / 1000).toFixed(1)} s ` +
-      "(the API reports no progress for a load: elapsed time)")));
+  const p = state.loadProgress;  // /health's `loading`: the load the worker runs now
+  $("#loads").replaceChildren(...[...state.loads.entries()].map(([id, began]) => {
+    const mine = p && `${p.model}:${p.dtype}` === id && p.bytes > 0;
+    const bar = mine ? el("progress", { value: p.bytes_done, max: p.bytes }) : el("progress", {});
+    const done = mine ? `, ${p.tensors_done}/${p.tensors} tensors, ${bytes(p.bytes_done)} of ${bytes(p.bytes)}` : "";
+    return el("li", {}, bar, ` loading ${id} … ${((performance.now() - began) / 1000).toFixed(1)} s${done}`);
+  }));
+}
+async function pollLoadProgress() {
+  try {
+    state.loadProgress = (await api("GET", "/health")).data.loading || null;
+  } catch { state.loadProgress = null; }
+  renderLoads();
 }
 async function loadVariant(model, dtype) {
   const id = `${model}:${dtype}`;
   state.loads.set(id, performance.now());
   renderLoads();
-  const tick = setInterval(renderLoads, 250);
+  const tick = setInterval(pollLoadProgress, 250);
   try {
     const { data } = await api("POST", "/models/load", { model, dtype });
     showNote(`loaded ${data.model ?? model}:${data.dtype ?? dtype}`);
@@ -429,6 +439,10 @@ function metricValue(text, name) {
   const line = text.split("\n").find((l) => l.startsWith(`${name} `));
   return line ? Number(line.split(" ")[1]) : null;
 }
+function metricSum(text, name) {  // a metric's samples summed over their labels
+  return text.split("\n").filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `))
+    .reduce((sum, l) => sum + Number(l.slice(l.lastIndexOf(" ") + 1)), 0);
+}
 async function refreshLive() {
   const [memory, metrics] = await Promise.all([api("GET", "/memory"), api("GET", "/metrics")]);
   const now = performance.now();
@@ -441,7 +455,8 @@ async function refreshLive() {
   };
   const open = metricValue(metrics.data, "dtype_serve_open_requests");
   const running = memory.data.variants.reduce((n, v) => n + v.in_flight, 0);
-  $("#live-summary").textContent = `${open ?? "–"} open requests (running and waiting), ${running} running on a variant`;
+  const waiting = metricSum(metrics.data, "dtype_serve_num_requests_waiting");
+  $("#live-summary").textContent = `${open ?? "–"} open requests: ${running} running on a variant, ${waiting} waiting`;
   $("#live-table tbody").replaceChildren(...memory.data.variants.map((v) => {
     const id = `${v.model}:${v.dtype}`;
     return el("tr", { "data-variant": id }, el("td", {}, id), el("td", { class: "num" }, v.in_flight),

@@ -24,6 +24,7 @@ from server.anthropic_schemas import (
 )
 from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_payload
+from server.observe import observed
 from server.routes.openai import split_model_id, variant_id, warnings_body
 from server.schemas import STREAM_RESPONSE
 from server.settings import check_max_tokens
@@ -119,7 +120,7 @@ async def create_message(body: MessagesRequest, request: Request, engine: ReadyE
     params = GenerationParams(messages=chat_messages(body), tools=template_tools(body), model=model, dtype=dtype,
                               max_tokens=check_max_tokens(body.max_tokens, settings), temperature=body.temperature,
                               top_p=body.top_p, stop=tuple(body.stop_sequences or ()))
-    events = engine.generate(params)
+    events = observed(request, params, engine.generate(params))
     started = await first_event(events)  # errors before the first token get a real status
     message_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:

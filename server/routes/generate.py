@@ -12,6 +12,7 @@ from models.api import Finished, GenerationParams, TextDelta
 from models.errors import EngineError
 from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
+from server.observe import observed
 from server.schemas import (
     ERROR_RESPONSES,
     STREAM_RESPONSE,
@@ -65,7 +66,7 @@ async def _sse(events: AsyncIterator[TextDelta | Finished]) -> AsyncIterator[dic
 async def generate(body: GenerateRequest, request: Request, engine: ReadyEngine, settings: SettingsDep,
                    tenant: Tenant):
     params = to_params(body, settings, tenant)
-    events = engine.generate(params)
+    events = observed(request, params, engine.generate(params))
     await first_event(events)  # errors before the first token get a real status
     if body.stream:
         return EventSourceResponse(_sse(events), ping=15)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from models.weights.dtypes import DTYPE_NAMES, FIT, quantization_names
-from server.deps import ReadyEngine
+from server.deps import ReadyEngine, memory_report
 from server.schemas import ERROR_RESPONSES, Dtype
 
 router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
@@ -15,7 +15,7 @@ router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
 @router.get("/models", summary="Models a request may name, the dtypes, and the resident variants")
 async def list_models(engine: ReadyEngine) -> dict:
-    memory = (await engine.memory()).as_dict()
+    memory = await memory_report(engine)
     default = {"model": engine.default_model, "dtype": engine.default_dtype}
     if (fit := memory["budget"]["fit"].get(engine.default_model)) and engine.default_dtype == FIT:
         default["fit"] = fit  # what `fit` chose and why
@@ -25,7 +25,8 @@ async def list_models(engine: ReadyEngine) -> dict:
             "resident": [{"model": v["model"], "dtype": v["dtype"], "float_dtype": v["float_dtype"],
                           "quantization": v["quantization"], "total_bytes": v["total_bytes"],
                           "in_flight": v["in_flight"]} for v in memory["variants"]],
-            "budget": memory["budget"]}
+            # the load in progress (model, dtype, tensors_done/tensors, bytes_done/bytes), or None
+            "loading": memory["budget"]["loading"], "budget": memory["budget"]}
 
 
 @router.get("/memory/estimate", summary="Bytes a variant would hold, from the safetensors headers alone")
@@ -37,4 +38,4 @@ async def estimate(engine: ReadyEngine, model: Annotated[str | None, Query(min_l
 
 @router.get("/memory", summary="Exact bytes of each resident variant by parameter dtype; process and device")
 async def memory(engine: ReadyEngine) -> dict:
-    return (await engine.memory()).as_dict()
+    return await memory_report(engine)

@@ -1,13 +1,14 @@
-"""GET /metrics: Prometheus text format, read from the engine at scrape time."""
+"""GET /metrics: Prometheus text format: the engine's state read at scrape time, and the request metrics
+the app keeps (server/serving_metrics.py)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from server.deps import ReadyEngine
+from server.deps import ReadyEngine, memory_report
 
 router = APIRouter(tags=["metrics"])
 
@@ -41,7 +42,20 @@ class _Snapshot:
             tokens.add_metric(key, v["tokens_generated"])
             prompt_cache.add_metric(key, v["prompt_cache"]["bytes"])
             cached_tokens.add_metric(key, v["prompt_cache"]["cached_tokens"])
-        yield from (param_bytes, in_flight, served, tokens, prompt_cache, cached_tokens)
+        load_seconds = GaugeMetricFamily("dtype_serve_variant_load_seconds", "How long a resident variant's "
+                                         "load took (read, cast, quantize; warm-up not included)", labels=labels)
+        total_bytes = GaugeMetricFamily("dtype_serve_variant_total_bytes", "Exact bytes of a resident variant's "
+                                        "parameters, all dtypes", labels=labels)
+        load_peak = GaugeMetricFamily("dtype_serve_variant_load_peak_bytes", "Peak bytes MLX held while the "
+                                      "variant loaded", labels=labels)
+        for v in self.report["variants"]:
+            key = [v["model"], v["dtype"]]
+            load_seconds.add_metric(key, v["load_seconds"])
+            total_bytes.add_metric(key, v["total_bytes"])
+            load_peak.add_metric(key, v["load_peak_bytes"])
+        yield from (param_bytes, in_flight, served, tokens, prompt_cache, cached_tokens, load_seconds,
+                    total_bytes, load_peak)
+        yield from _loading(self.report["budget"].get("loading"))
         worker = self.report.get("worker")
         if worker:
             seconds = CounterMetricFamily("dtype_serve_worker_seconds", "Time of the MLX worker thread by phase: "
@@ -72,9 +86,34 @@ class _Snapshot:
             yield GaugeMetricFamily(name, text, value=value)
 
 
+def _loading(loading: dict | None):
+    """The load in progress, if any: tensors and source bytes done and in all."""
+    if not loading:
+        return
+    key = [loading["model"], loading["dtype"]]
+    for field, text in (("tensors_done", "Tensors of the load in progress done"),
+                        ("tensors", "Tensors of the load in progress in all"),
+                        ("bytes_done", "Bytes of the variant the load in progress has built"),
+                        ("bytes", "Bytes of the variant the load in progress builds, in all")):
+        family = GaugeMetricFamily(f"dtype_serve_loading_{field}", text, labels=["model", "dtype"])
+        family.add_metric(key, loading.get(field, 0))
+        yield family
+
+
+class _Kept:
+    """A collector over a long-lived registry, so one scrape reads it and the snapshot together."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        yield from self.registry.collect()
+
+
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(engine: ReadyEngine) -> Response:
+async def metrics(request: Request, engine: ReadyEngine) -> Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot((await engine.memory()).as_dict(), getattr(engine, "open_requests", 0)))
+    registry.register(_Snapshot(await memory_report(engine), getattr(engine, "open_requests", 0)))
+    registry.register(_Kept(request.app.state.serving_metrics.registry))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -15,6 +15,7 @@ from models.errors import EngineError, UnknownDtypeError
 from models.weights.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
 from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
+from server.observe import observed
 from server.openai_schemas import ChatCompletionRequest, CompletionRequest
 from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE, usage_body
 from server.settings import Settings, check_max_tokens
@@ -152,7 +153,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
 async def _respond(engine: Engine, request: Request, params: GenerationParams, stream: bool, include_usage: bool,
                    rid: str, created: int, chunk: Callable, usage_chunk: Callable, *, chat: bool = False,
                    wants_logprobs: bool = False):
-    events = engine.generate(params)
+    events = observed(request, params, engine.generate(params))
     started = await first_event(events)
     if stream:
         model_id = f"{started.model}:{started.dtype}"

@@ -14,6 +14,7 @@ from models.api import Finished, GenerationParams
 from models.errors import EngineError
 from server.deps import ReadyEngine, SettingsDep
 from server.errors import engine_error_status
+from server.observe import observed
 from server.responses_schemas import FunctionCallItem, FunctionCallOutputItem, ResponsesRequest
 from server.routes.openai import split_model_id, variant_id, warnings_body
 from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE
@@ -118,7 +119,8 @@ def usage(done: Finished) -> dict:
 
 @router.post("/responses", responses=STREAM_RESPONSE, summary="OpenAI Responses API (stateless, text output)")
 async def create_response(body: ResponsesRequest, request: Request, engine: ReadyEngine, settings: SettingsDep):
-    events = engine.generate(generation_params(body, settings))
+    params = generation_params(body, settings)
+    events = observed(request, params, engine.generate(params))
     started = await first_event(events)  # errors before the first token get a real status
     builder = ResponseBuilder(body, f"{started.model}:{started.dtype}")
     if body.stream:
