@@ -39,6 +39,7 @@ from models.decode.prefill import shapes_cost
 from models.decode.sampling import make_request_sampler
 from models.decode.single_stream import SingleStream
 from models.decode.warmup import warm_shapes, warm_variant
+from models.engine.scoring import ScoringMixin
 from models.errors import (
     DtypeRefusedError,
     EngineError,
@@ -107,7 +108,7 @@ class _Job:
         self.outbox.append((self, event))
 
 
-class MLXEngine:
+class MLXEngine(ScoringMixin):
     def __init__(self, catalog: ModelCatalog, default_model: str, default_dtype: str = AUTO, *,
                  max_batch_size: int = 16, warmup: bool = True, trust_remote_code: bool = False,
                  memory_budget: str | None = None, idle_unload_s: float | None = None,
@@ -176,6 +177,7 @@ class MLXEngine:
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
         self.mlx_lm = check_contract()  # the private mlx-lm names the batch relies on, present or not
+        self._score_memos: dict = {}  # per variant: recent prompt scores (models.engine.scoring)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -416,6 +418,7 @@ class MLXEngine:
                         command = None
                 if not busy and self._expect_more(commands):
                     self._gather(commands)
+                self._score_together(commands)  # prompt-scoring calls, batched per variant
                 # Requests that arrived together start together in the batch: one prefill for all
                 burst = _generates(commands) > 1
                 while commands:
