@@ -22,6 +22,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
     prompt_logprobs: int = 0  # Engine.score: the top k listed at each prompt position
+    eos_logprob: bool = False  # logprobs list the end-of-sequence token that ends a generation (vLLM's way)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()

@@ -723,8 +723,8 @@ class MLXEngine(ScoringMixin):
         finish = response.finish_reason
         if finish != "stop":  # "stop" from the batch means an end-of-sequence token: no text
             job.detokenizer.add_token(response.token)
-            if job.params.logprobs is not None:
-                job.pending_logprobs.append(self._token_logprob(variant, response, job.params.logprobs))
+        if job.params.logprobs is not None and (finish != "stop" or job.params.eos_logprob):
+            job.pending_logprobs.append(self._token_logprob(variant, response, job.params.logprobs))
         if finish:
             job.detokenizer.finalize()
         text, hit = job.matcher.feed(job.detokenizer.last_segment)

@@ -42,15 +42,16 @@ def split_model_id(model: str | None, dtype: str | None) -> tuple[str | None, st
 def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: Settings, *,
                     max_tokens: int | None, logprobs: int | None, prompt: str | None = None,
                     messages: tuple[dict, ...] | None = None, tenant: str = "",
-                    prompt_tokens: tuple[int, ...] | None = None, prompt_logprobs: int = 0) -> GenerationParams:
+                    prompt_tokens: tuple[int, ...] | None = None, prompt_logprobs: int = 0,
+                    eos_logprob: bool = False) -> GenerationParams:
     model, dtype = split_model_id(body.model, body.dtype)
     check_max_tokens(max_tokens, settings)
     stops = body.stop or ()
     seed = None if body.seed is None else body.seed % (2**63)
     bias = tuple((int(k), v) for k, v in (body.logit_bias or {}).items())
     return GenerationParams(
-        prompt=prompt, prompt_tokens=prompt_tokens, prompt_logprobs=prompt_logprobs, messages=messages,
-        model=model, dtype=dtype, max_tokens=max_tokens,
+        prompt=prompt, prompt_tokens=prompt_tokens, prompt_logprobs=prompt_logprobs, eos_logprob=eos_logprob,
+        messages=messages, model=model, dtype=dtype, max_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stops, logprobs=logprobs,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias,
         ignore_eos=body.ignore_eos, cache_scope=cache_scope(tenant, body.cache_salt))
@@ -143,7 +144,8 @@ async def completions(body: CompletionRequest, request: Request, engine: ReadyEn
     scoring = echo_logprobs or body.prompt_logprobs is not None or max_tokens == 0
     params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=body.logprobs,
                              prompt=body.prompt_text(), prompt_tokens=body.prompt_tokens(), tenant=tenant,
-                             prompt_logprobs=max(body.logprobs or 0, body.prompt_logprobs or 0))
+                             prompt_logprobs=max(body.logprobs or 0, body.prompt_logprobs or 0),
+                             eos_logprob=body.echo)  # lm-eval reads the last entry as the generated token
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     # Scored first: its KV goes to the prefix cache, so the generation that follows prefills less.
