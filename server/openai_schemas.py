@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema
 
 from server.schemas import DTYPE_HELP, SEED_LIMIT, CacheSalt, Dtype, StopStrings, numbers_only
 
@@ -76,12 +76,6 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = Field(None, ge=1, le=1)
 
     _completion_numbers = numbers_only("max_tokens", "logprobs", "best_of", "prompt_logprobs")
-
-    @model_validator(mode="after")
-    def _nothing_to_do(self) -> CompletionRequest:
-        if self.max_tokens == 0 and not (self.echo or self.prompt_logprobs is not None):
-            raise ValueError("max_tokens: 0 is allowed only with echo or prompt_logprobs (scoring the prompt)")
-        return self
 
     def prompt_text(self) -> str | None:
         """The prompt as a string, or None where it is given as token ids."""

@@ -74,7 +74,7 @@ async def test_echo_then_generation_and_text_offsets(client):
 
 async def test_max_tokens_zero_needs_echo_and_echo_alone_returns_the_prompt(client):
     r = await client.post("/v1/completions", json={"prompt": "1+1=", "max_tokens": 0})
-    assert r.status_code == 422 and "max_tokens" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
     body = (await client.post("/v1/completions", json={"prompt": "1+1=", "max_tokens": 0, "echo": True})).json()
     assert body["choices"][0]["text"] == "1+1=" and body["choices"][0]["logprobs"] is None
 

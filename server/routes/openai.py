@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Request
 from sse_starlette import EventSourceResponse
 
 from models.api import Engine, Finished, GenerationParams, PromptScores, TokenLogprob
-from models.errors import EngineError, UnknownDtypeError
+from models.errors import EngineError, InvalidRequestError, UnknownDtypeError
 from models.weights.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
 from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
@@ -139,6 +139,8 @@ async def list_models(engine: ReadyEngine) -> dict:
 async def completions(body: CompletionRequest, request: Request, engine: ReadyEngine, settings: SettingsDep,
                       tenant: Tenant):
     max_tokens = body.max_tokens if body.max_tokens is not None else min(16, settings.max_tokens_limit)
+    if max_tokens == 0 and not (body.echo or body.prompt_logprobs is not None):
+        raise InvalidRequestError("max_tokens: 0 is allowed only with echo or prompt_logprobs (scoring the prompt)")
     wants_logprobs = body.logprobs is not None
     echo_logprobs = body.echo and wants_logprobs
     scoring = echo_logprobs or body.prompt_logprobs is not None or max_tokens == 0
