@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, WithJsonSchema
 
-from server.schemas import DTYPE_HELP, SEED_LIMIT, CacheSalt, Dtype, StopStrings, numbers_only
+from server.schemas import DTYPE_HELP, SEED_LIMIT, CacheSalt, Dtype, StopStrings, json_number, numbers_only
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 Prompt = Annotated[str, Field(min_length=1, max_length=1_000_000)]
 # A prompt given as token ids (lm-eval's local-completions sends these); checked against the vocabulary later.
-TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=1_000_000)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(json_number)]  # 2.0 yes, true and "2" no
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=1_000_000)]
 MAX_LOGPROBS = 20
 _TOKEN_ID = r"^[0-9]{1,9}$"
 # Keys are token ids; the schema says so exactly (pydantic alone leaves other keys unconstrained).
