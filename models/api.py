@@ -10,6 +10,7 @@ from typing import Protocol
 @dataclass(frozen=True)
 class GenerationParams:
     prompt: str | None = None
+    prompt_tokens: tuple[int, ...] | None = None  # the prompt as token ids (instead of `prompt`)
     messages: tuple[dict, ...] | None = None  # chat: rendered with the tokenizer's template
     tools: tuple[dict, ...] | None = None  # chat: tool definitions the template renders (never parsed back)
     model: str | None = None
@@ -20,6 +21,8 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
+    prompt_logprobs: int = 0  # Engine.score: the top k listed at each prompt position
+    eos_logprob: bool = False  # logprobs list the end-of-sequence token that ends a generation (vLLM's way)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
@@ -47,6 +50,9 @@ class TokenLogprob:
     token: str
     logprob: float | None
     top: tuple[tuple[str, float | None], ...] = ()
+    token_id: int | None = None  # prompt scores (Engine.score) carry ids and ranks too
+    rank: int | None = None  # 1: the most likely token
+    top_ids: tuple[int, ...] = ()  # the ids of `top`, in its order
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,18 @@ class Finished:
     float_dtype: str = ""  # the dtype of the variant's unquantized rest (its only dtype if unquantized)
     stop_sequence: str | None = None  # the stop string that ended it, when one did
     queue_s: float = 0.0  # arrival to admission to its variant (tokenizing, waiting for the worker or a load)
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """Engine.score's answer: every prompt token with its logprob given the tokens before it (the first
+    token's is None: it has no context), in the variant the request resolved to."""
+
+    model: str
+    dtype: str
+    float_dtype: str
+    tokens: tuple[TokenLogprob, ...]
+    cached_tokens: int = 0  # prompt tokens whose scores and KV came from earlier requests of the same scope
 
 
 @dataclass(frozen=True)
@@ -187,6 +205,7 @@ class Engine(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     def generate(self, params: GenerationParams) -> AsyncIterator[Started | TextDelta | Finished]: ...
+    async def score(self, params: GenerationParams) -> PromptScores: ...
     async def load(self, model: str | None, dtype: str | None) -> dict: ...
     async def unload(self, model: str, dtype: str) -> dict: ...
     async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False) -> list[dict]: ...

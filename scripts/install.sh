@@ -25,6 +25,13 @@ esac
 if [ "${CUDA:-0}" = 1 ]; then
   EXTRAS=${EXTRAS:+$EXTRAS,}cuda
 fi
+# lm-eval (a test tool) needs torch: on Linux the CPU wheel (~200 MB) instead of the CUDA one PyPI gives (GBs)
+case ",$EXTRAS," in *,test,*)
+  if [ "$(uname -s)" = Linux ] && ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
+      || echo "note: the CPU torch index is unreachable; pip installs the torch that PyPI gives"
+  fi ;;
+esac
 "$VENV/bin/python" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
 # The OpenBLAS wheel's copy renamed for MLX, made now rather than at the first start (an image stays read-only)
 "$VENV/bin/python" -c "from models.platform.openblas_wheel import bridged_library; bridged_library()" || true

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, WithJsonSchema
 
-from server.schemas import DTYPE_HELP, SEED_LIMIT, CacheSalt, Dtype, StopStrings, numbers_only
+from server.schemas import DTYPE_HELP, SEED_LIMIT, CacheSalt, Dtype, StopStrings, json_number, numbers_only
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 Prompt = Annotated[str, Field(min_length=1, max_length=1_000_000)]
+# A prompt given as token ids (lm-eval's local-completions sends these); checked against the vocabulary later.
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(json_number)]  # 2.0 yes, true and "2" no
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=1_000_000)]
+MAX_LOGPROBS = 20
 _TOKEN_ID = r"^[0-9]{1,9}$"
 # Keys are token ids; the schema says so exactly (pydantic alone leaves other keys unconstrained).
 LogitBias = Annotated[
@@ -59,19 +63,33 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)] = Field(
-        description="one prompt (a list of one string is accepted)")
-    max_tokens: int | None = Field(None, ge=1, description="default: 16, as OpenAI's")
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: Literal[False] = Field(False, description="not supported")
+    prompt: (Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]) = Field(
+        description="one prompt: a string or token ids (a list of one of either is accepted)")
+    max_tokens: int | None = Field(None, ge=0, description="default: 16, as OpenAI's; 0 (score the prompt, "
+                                   "generate nothing) only with `echo` or `prompt_logprobs`")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the top N per token; with `echo` "
+                                 "for the prompt's tokens too (the first one's logprob is null)")
+    echo: StrictBool = Field(False, description="return the prompt before the completion")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM's: each prompt token's "
+                                        "logprob, rank and the top N, in `choices[0].prompt_logprobs`")
     suffix: None = Field(None, description="not supported")
     best_of: int | None = Field(None, ge=1, le=1)
 
-    _completion_numbers = numbers_only("max_tokens", "logprobs", "best_of")
+    _completion_numbers = numbers_only("max_tokens", "logprobs", "best_of", "prompt_logprobs")
 
+    def prompt_text(self) -> str | None:
+        """The prompt as a string, or None where it is given as token ids."""
+        prompt = self.prompt if isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int) \
+            else self.prompt[0]
+        return prompt if isinstance(prompt, str) else None
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_tokens(self) -> tuple[int, ...] | None:
+        """The prompt's token ids where it is given as ids, else None."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+            prompt = prompt[0]
+        return tuple(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) else None
 
 
 # Constrained strings are checked as Unicode when parsed, so a lone surrogate ("\\ud800") is a 422,
@@ -103,6 +121,8 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool | None = Field(None, description="null or false: none (OpenAI accepts null)")
+    echo: StrictBool = Field(False, description="vLLM's: the reply starts with the last message's content "
+                             "when that message is the assistant's")
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: Annotated[list, Field(max_length=0, description="tool calling is not supported")] | None = None

@@ -19,6 +19,7 @@ from models.api import (
     GenerationParams,
     Health,
     MemoryReport,
+    PromptScores,
     Started,
     TextDelta,
     Tokenized,
@@ -32,6 +33,7 @@ from models.engine.config import EngineConfig
 from models.engine.nonfinite import NonFinitePolicy
 from models.engine.outbox import Outbox
 from models.engine.reports import ReportHost
+from models.engine.scoring import Scorer, prompt_scores
 from models.engine.sequence import Sequence
 from models.engine.serving import Serving
 from models.engine.worker import Call, Generate, PhaseClock, Traffic, Wake, Worker
@@ -77,6 +79,7 @@ class MLXEngine:
         clock = PhaseClock(self.stats)
         self.serving = Serving(config, self.registry, self.reports, self.policy, self.stats, clock.lap,
                                self.pad_prefill)
+        self.scorer = Scorer(self.registry, self.serving.encoder, config.default_model)
         self.outbox = Outbox(config.stream_interval_s, config.stream_events_per_s, self.serving.running)
         self.traffic = Traffic()
         self.worker = Worker(config, self.serving, self.outbox, self.stats, clock, self.traffic, self._worker_died)
@@ -214,6 +217,15 @@ class MLXEngine:
             return None
         encoder.check_size(params)
         return await self._on_tokenizing_thread(encoder.encode, params)
+
+    async def score(self, params: GenerationParams) -> PromptScores:
+        """Each prompt token's logprob given the tokens before it, with its top `params.prompt_logprobs`
+        alternatives (the first token's logprob is None). Requests that reach the worker together are
+        scored in one padded forward pass per variant; the prompt fits the context with `max_tokens` more."""
+        self._ensure_alive()
+        tokens = await self._encode_off_worker(params)
+        variant, tokens, positions, cached = await self._call(self.scorer.call(params, tokens))
+        return await self._on_tokenizing_thread(prompt_scores, variant, tokens, positions, cached)
 
     async def load(self, model: str | None, dtype: str | None) -> dict:
         return await self._call(lambda: self.registry.get(model or self.default_model, dtype).describe())

@@ -62,8 +62,8 @@ class Sequence:
         self.completion_tokens += 1
         if finish != "stop":
             self.detokenizer.add_token(token)
-            if logprob is not None:
-                self.pending_logprobs.append(logprob)
+        if logprob is not None:  # given for an end-of-sequence token only where the request asks (eos_logprob)
+            self.pending_logprobs.append(logprob)
         if finish:
             self.detokenizer.finalize()
         text, hit = self.matcher.feed(self.detokenizer.last_segment)

@@ -174,7 +174,8 @@ class Serving:
         variant.tokens_generated += 1
         finish = response.finish_reason
         logprob = None
-        if seq.params.logprobs is not None and finish != "stop":
+        # an end-of-sequence token has no text; its logprob is listed only where asked (echo: lm-eval reads it)
+        if seq.params.logprobs is not None and (finish != "stop" or seq.params.eos_logprob):
             logprob = _token_logprob(variant, response, seq.params.logprobs)
         reason = seq.add_token(response.token, finish, logprob, now)
         if reason and finish is None:

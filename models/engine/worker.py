@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from models.api import WorkerStats
 from models.engine.config import EngineConfig
 from models.engine.outbox import Outbox
+from models.engine.scoring import ScoreCall, take_score_calls
 from models.engine.sequence import Sequence
 from models.errors import EngineError, EngineUnavailableError, GenerationFailedError
 
@@ -155,6 +156,7 @@ class Worker:
                         command = None
                 if not busy and self._expect_more(commands):
                     self._gather(commands)
+                self._score_together(commands)  # prompt-scoring calls, batched per variant
                 # Requests that arrived together start together in the batch: one prefill for all
                 burst = _generates(commands) > 1
                 while commands:
@@ -190,6 +192,21 @@ class Worker:
         self.stats.steps_during_loads += self.stats.decode_steps - steps
         self.outbox.flush()
         self._load_step_at = time.perf_counter()
+
+    def _score_together(self, commands: list[Command]) -> None:
+        """Run the scoring calls among the pulled `commands` as batches; those past this iteration's share go
+        back to the queue (models.engine.scoring). With a Stop among them, _fail_all answers them instead."""
+        calls = [c for c in commands if isinstance(c, Call) and isinstance(c.fn, ScoreCall)]
+        if not calls or any(isinstance(c, Stop) for c in commands):
+            return
+        for command in calls:
+            commands.remove(command)
+        taken, later = take_score_calls(calls, self.config.max_batch_size)
+        for command in later:
+            self.commands.put(command)
+        answers = taken[0].fn.scorer.scored([c.fn for c in taken])
+        for command, (value, error) in zip(taken, answers, strict=True):
+            command.loop.call_soon_threadsafe(_settle, command.future, value, error)
 
     def _expect_more(self, commands: list[Command]) -> bool:
         """Requests overlapped lately, and the engine's last busy spell was not a lone request's: a

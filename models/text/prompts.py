@@ -33,10 +33,11 @@ class PromptEncoder:
     tokenizer: Any
     context_length: int
     max_token_chars: int
+    vocab_size: int = 0  # token-id prompts must lie in [0, vocab_size) (0: unchecked)
 
     @classmethod
     def of(cls, tokenizer: Any, context_length: int) -> PromptEncoder:
-        return cls(tokenizer, context_length, longest_token_chars(tokenizer))
+        return cls(tokenizer, context_length, longest_token_chars(tokenizer), len(tokenizer.get_vocab()))
 
     @property
     def max_chars(self) -> int:
@@ -45,6 +46,11 @@ class PromptEncoder:
 
     def check_size(self, params: GenerationParams) -> None:
         """Refuse, from its length alone, a prompt or chat that cannot fit the context."""
+        if params.prompt_tokens is not None:
+            if self.context_length and len(params.prompt_tokens) > self.context_length:
+                raise InvalidRequestError(f"the prompt ({len(params.prompt_tokens)} tokens) does not fit the "
+                                          f"context length of {self.context_length} tokens")
+            return
         if params.messages is not None:
             size = sum(len(m.get("content") or "") for m in params.messages)
         else:
@@ -57,6 +63,12 @@ class PromptEncoder:
         """The prompt's tokens (a chat rendered with the tokenizer's template, tools included); the size is
         checked first."""
         self.check_size(params)
+        if params.prompt_tokens is not None:
+            if self.vocab_size and any(not 0 <= t < self.vocab_size for t in params.prompt_tokens):
+                raise InvalidRequestError(f"prompt: token ids must be in [0, {self.vocab_size})")
+            if not params.prompt_tokens:
+                raise InvalidRequestError("the prompt is empty")
+            return list(params.prompt_tokens)
         tokens = encode_text(self.tokenizer, prompt_text(self.tokenizer, params.prompt, params.messages, params.tools))
         if not tokens:
             raise InvalidRequestError("the prompt is empty after tokenization")

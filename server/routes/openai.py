@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, HTTPException, Request
 from sse_starlette import EventSourceResponse
 
-from models.api import Engine, Finished, GenerationParams, TokenLogprob
-from models.errors import EngineError, UnknownDtypeError
+from models.api import Engine, Finished, GenerationParams, PromptScores, TokenLogprob
+from models.errors import EngineError, InvalidRequestError, UnknownDtypeError
 from models.weights.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
 from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
@@ -42,14 +42,17 @@ def split_model_id(model: str | None, dtype: str | None) -> tuple[str | None, st
 
 def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: Settings, *,
                     max_tokens: int | None, logprobs: int | None, prompt: str | None = None,
-                    messages: tuple[dict, ...] | None = None, tenant: str = "") -> GenerationParams:
+                    messages: tuple[dict, ...] | None = None, tenant: str = "",
+                    prompt_tokens: tuple[int, ...] | None = None, prompt_logprobs: int = 0,
+                    eos_logprob: bool = False) -> GenerationParams:
     model, dtype = split_model_id(body.model, body.dtype)
     check_max_tokens(max_tokens, settings)
     stops = body.stop or ()
     seed = None if body.seed is None else body.seed % (2**63)
     bias = tuple((int(k), v) for k, v in (body.logit_bias or {}).items())
     return GenerationParams(
-        prompt=prompt, messages=messages, model=model, dtype=dtype, max_tokens=max_tokens,
+        prompt=prompt, prompt_tokens=prompt_tokens, prompt_logprobs=prompt_logprobs, eos_logprob=eos_logprob,
+        messages=messages, model=model, dtype=dtype, max_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stops, logprobs=logprobs,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias,
         ignore_eos=body.ignore_eos, cache_scope=cache_scope(tenant, body.cache_salt))
@@ -65,13 +68,43 @@ def warnings_body(done: Finished) -> dict:
 
 
 # ---- logprobs in the two OpenAI formats --------------------------------------------------------
-def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0, text: str | None = None) -> dict:
+    """The legacy shape; a prompt's first token (echo) has neither a logprob nor alternatives: null. Offsets
+    are into `text` where given: a prompt's first token missing from it (BOS) takes no room there."""
     offsets, at = [], offset
     for e in entries:
         offsets.append(at)
-        at += len(e.token)
+        if not (text is not None and _context_free(e) and not text.startswith(e.token, at - offset)):
+            at += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+            "top_logprobs": [None if _context_free(e) else dict(e.top) for e in entries], "text_offset": offsets}
+
+
+def _context_free(entry: TokenLogprob) -> bool:
+    """A prompt's first token: scored (it has an id) but with no context, so no rank."""
+    return entry.token_id is not None and entry.rank is None
+
+
+def vllm_prompt_logprobs(scores: PromptScores) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (the first: null) its id and the top ids -> logprob,
+    rank and text."""
+    out: list[dict | None] = []
+    for e in scores.tokens:
+        if _context_free(e):
+            out.append(None)
+            continue
+        entry = {str(e.token_id): {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.token}}
+        for rank, (token_id, (text, logprob)) in enumerate(zip(e.top_ids, e.top, strict=True), start=1):
+            entry.setdefault(str(token_id), {"logprob": logprob, "rank": rank, "decoded_token": text})
+        out.append(entry)
+    return out
+
+
+def scored_usage(scores: PromptScores) -> dict:
+    """Usage of a request that scored its prompt and generated nothing (max_tokens 0)."""
+    n = len(scores.tokens)
+    return {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n,
+            "prompt_tokens_details": {"cached_tokens": scores.cached_tokens}}
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> dict:
@@ -106,27 +139,67 @@ async def list_models(engine: ReadyEngine) -> dict:
 @router.post("/completions", responses=STREAM_RESPONSE, summary="OpenAI text completions")
 async def completions(body: CompletionRequest, request: Request, engine: ReadyEngine, settings: SettingsDep,
                       tenant: Tenant):
-    max_tokens = body.max_tokens or min(16, settings.max_tokens_limit)
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(16, settings.max_tokens_limit)
+    if max_tokens == 0 and not (body.echo or body.prompt_logprobs is not None):
+        raise InvalidRequestError("max_tokens: 0 is allowed only with echo or prompt_logprobs (scoring the prompt)")
+    wants_logprobs = body.logprobs is not None
+    echo_logprobs = body.echo and wants_logprobs
+    scoring = echo_logprobs or body.prompt_logprobs is not None or max_tokens == 0
     params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=body.logprobs,
-                             prompt=body.prompt_text(), tenant=tenant)
+                             prompt=body.prompt_text(), prompt_tokens=body.prompt_tokens(), tenant=tenant,
+                             prompt_logprobs=max(body.logprobs or 0, body.prompt_logprobs or 0),
+                             eos_logprob=body.echo)  # lm-eval reads the last entry as the generated token
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    wants_logprobs = body.logprobs is not None
+    # Scored first: its KV goes to the prefix cache, so the generation that follows prefills less.
+    scores = await engine.score(params) if scoring else None
+    echo_text = ""
+    if body.echo:
+        echo_text = params.prompt if params.prompt is not None else await engine.detokenize(
+            params.model, params.prompt_tokens)
+    echo_entries = list(scores.tokens) if echo_logprobs and scores else []
+    prompt_logprobs = vllm_prompt_logprobs(scores) if body.prompt_logprobs is not None and scores else None
 
     def chunk(model: str, text: str, finish: str | None, entries: list[TokenLogprob], offset: int) -> dict:
-        return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish,
-                             "logprobs": completion_logprobs(entries, offset) if wants_logprobs else None}]}
+        choice = {"index": 0, "text": text, "finish_reason": finish,
+                  "logprobs": completion_logprobs(entries, offset, text) if wants_logprobs else None}
+        if prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs if offset == 0 else None
+        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
-    return await _respond(engine, request, params, body.stream, include_usage, rid, created,
-                          chunk, lambda model, usage: {"id": rid, "object": "text_completion", "created": created,
-                                                       "model": model, "choices": [], "usage": usage})
+    def usage_chunk(model: str, usage: dict) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                "usage": usage}
+
+    if max_tokens == 0:  # scoring only: nothing is generated
+        return _scored_only(scores, body.stream, include_usage, echo_text, echo_entries, chunk, usage_chunk)
+    return await _respond(engine, request, params, body.stream, include_usage, rid, created, chunk, usage_chunk,
+                          echo_text=echo_text, echo_entries=echo_entries)
+
+
+def _scored_only(scores: PromptScores, stream: bool, include_usage: bool, echo_text: str,
+                 echo_entries: list[TokenLogprob], chunk: Callable, usage_chunk: Callable):
+    """The answer of a request with max_tokens 0: the prompt (echo) and its scores, finish_reason `length`."""
+    model_id, usage = f"{scores.model}:{scores.dtype}", scored_usage(scores)
+    if not stream:
+        return {**chunk(model_id, echo_text, "length", echo_entries, 0), "usage": usage,
+                "float_dtype": scores.float_dtype}
+
+    async def events() -> AsyncIterator[dict]:
+        yield {"data": json.dumps(chunk(model_id, echo_text, "length", echo_entries, 0))}
+        if include_usage:
+            yield {"data": json.dumps(usage_chunk(model_id, usage))}
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events(), ping=15)
 
 
 @router.post("/chat/completions", responses=STREAM_RESPONSE, summary="OpenAI chat completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: ReadyEngine,
                            settings: SettingsDep, tenant: Tenant):
     messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
+    # vLLM's echo: the reply repeats the last message when it is the assistant's (a continued reply)
+    echo_text = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
     top = body.top_logprobs or 0
     params = sampling_params(body, settings, max_tokens=body.max_completion_tokens or body.max_tokens,
                              logprobs=top if body.logprobs else None, messages=messages, tenant=tenant)
@@ -147,18 +220,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                           chunk, lambda model, usage: {"id": rid, "object": "chat.completion.chunk",
                                                        "created": created, "model": model, "choices": [],
                                                        "usage": usage},
-                          chat=True, wants_logprobs=bool(body.logprobs))
+                          chat=True, wants_logprobs=bool(body.logprobs), echo_text=echo_text)
 
 
 async def _respond(engine: Engine, request: Request, params: GenerationParams, stream: bool, include_usage: bool,
                    rid: str, created: int, chunk: Callable, usage_chunk: Callable, *, chat: bool = False,
-                   wants_logprobs: bool = False):
+                   wants_logprobs: bool = False, echo_text: str = "", echo_entries: list[TokenLogprob] | None = None):
+    """Generate and answer; `echo_text` (and its `echo_entries`) come before the generated text."""
     events = observed(request, params, engine.generate(params))
     started = await first_event(events)
+    echo_entries = echo_entries or []
     if stream:
         model_id = f"{started.model}:{started.dtype}"
-        return EventSourceResponse(_stream(events, chunk, usage_chunk, include_usage, model_id), ping=15)
+        head = chunk(model_id, echo_text, None, echo_entries, 0) if echo_text or echo_entries else None
+        return EventSourceResponse(_stream(events, chunk, usage_chunk, include_usage, model_id, head,
+                                           len(echo_text)), ping=15)
     text, entries, done = await collect_unless_disconnected(request, events)
+    text, entries = echo_text + text, echo_entries + entries
     if chat:
         return {"id": rid, "object": "chat.completion", "created": created, "model": variant_id(done),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -172,9 +250,12 @@ async def _respond(engine: Engine, request: Request, params: GenerationParams, s
 
 
 async def _stream(events: AsyncIterator, chunk: Callable, usage_chunk: Callable,
-                  include_usage: bool, model_id: str) -> AsyncIterator[dict]:
-    """Chunks as the tokens come, a last chunk with the finish reason, usage if asked, then [DONE]."""
-    offset = 0
+                  include_usage: bool, model_id: str, head: dict | None = None,
+                  offset: int = 0) -> AsyncIterator[dict]:
+    """`head` (the echoed prompt) first, then chunks as the tokens come (text offsets from `offset`), a last
+    chunk with the finish reason, usage if asked, then [DONE]."""
+    if head is not None:
+        yield {"data": json.dumps(head)}
     try:
         async for event in events:
             if isinstance(event, Finished):
