@@ -8,6 +8,17 @@ from typing import Protocol
 
 
 @dataclass(frozen=True)
+class OutputConstraint:
+    """Structured output: what the generated text must match. `kind` is `json_object` (any JSON object),
+    `json_schema` (`spec`: the schema as JSON text), `regex`, `choice` (`spec`: a JSON list of strings) or
+    `grammar` (`spec`: a Lark grammar, llguidance's dialect). A spec that cannot compile is an
+    InvalidRequestError; the text then parses (or the generation ends with `length`)."""
+
+    kind: str
+    spec: str = ""
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     prompt: str | None = None
     messages: tuple[dict, ...] | None = None  # chat: rendered with the tokenizer's template
@@ -27,6 +38,7 @@ class GenerationParams:
     # Requests reuse cached prompt prefixes only within one scope (the server derives it from the
     # tenant and the request's cache_salt): an opaque string, never shown to anyone.
     cache_scope: str = ""
+    constraint: OutputConstraint | None = None  # structured output (models.decode.constraints)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from models.api import (
     TokenLogprob,
     Usage,
 )
+from models.decode.constraints import compile_constraint
 from models.decode.cpu_fusion import fused_kernels_state
 from models.decode.prefill import shapes_cost
 from models.decode.sampling import make_request_sampler
@@ -98,6 +99,7 @@ class _Job:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     sampler: Any = None
     processors: list = field(default_factory=list)
+    grammar: Any = None  # its structured-output processor, when compiled before reaching the worker
     warnings: list[str] = field(default_factory=list)
 
     outbox: list | None = None  # the engine's: events go out once per worker iteration
@@ -280,6 +282,7 @@ class MLXEngine:
         held = None  # an event read ahead while merging deltas
         try:
             job.tokens = await self._encode_off_worker(params)
+            job.grammar = await self._compile_off_worker(params)
             self._commands.put(("generate", job))
             while True:
                 event, held = held or await job.events.get(), None
@@ -311,6 +314,14 @@ class MLXEngine:
             return None
         encoder.check_size(params)
         return await self._on_tokenizing_thread(encoder.encode, params)
+
+    async def _compile_off_worker(self, params: GenerationParams) -> Any:
+        """The request's structured-output processor, compiled on a tokenizing thread once its model's
+        tokenizer is known (else None: the worker compiles it when admitting the request)."""
+        encoder = self._encoders.get(params.model or self.default_model)
+        if params.constraint is None or encoder is None:
+            return None
+        return await self._on_tokenizing_thread(compile_constraint, encoder.tokenizer, params.constraint)
 
     async def load(self, model: str | None, dtype: str | None) -> dict:
         return await self._call(lambda: self.registry.get(model or self.default_model, dtype).describe())
@@ -551,6 +562,8 @@ class MLXEngine:
             logit_bias=dict(params.logit_bias) or None,
             presence_penalty=params.presence_penalty or None,
             frequency_penalty=params.frequency_penalty or None)
+        if params.constraint is not None:  # the mask comes last: it sees the biased, penalized logits
+            job.processors.append(job.grammar or compile_constraint(variant.loaded.tokenizer, params.constraint))
         job.variant = variant
         job.prompt_tokens = len(tokens)
         job.detokenizer = streaming_detokenizer(variant.loaded.tokenizer)

@@ -10,15 +10,24 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, HTTPException, Request
 from sse_starlette import EventSourceResponse
 
-from models.api import Engine, Finished, GenerationParams, TokenLogprob
+from models.api import Engine, Finished, GenerationParams, OutputConstraint, TokenLogprob
 from models.errors import EngineError, UnknownDtypeError
 from models.weights.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
 from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
-from server.openai_schemas import ChatCompletionRequest, CompletionRequest
+from server.openai_schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE, usage_body
 from server.settings import Settings, check_max_tokens
 from server.streaming import collect_unless_disconnected, first_event
+from server.structured import (
+    NamedToolChoice,
+    ToolChoice,
+    output_constraint,
+    template_arguments,
+    tool_calls_from,
+    tool_constraint,
+)
+from server.tool_schemas import assistant_message, template_tool, tool_result_message
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
@@ -41,8 +50,16 @@ def split_model_id(model: str | None, dtype: str | None) -> tuple[str | None, st
 
 def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: Settings, *,
                     max_tokens: int | None, logprobs: int | None, prompt: str | None = None,
-                    messages: tuple[dict, ...] | None = None, tenant: str = "") -> GenerationParams:
+                    messages: tuple[dict, ...] | None = None, tenant: str = "",
+                    tools: tuple[dict, ...] | None = None,
+                    constraint: OutputConstraint | None = None) -> GenerationParams:
     model, dtype = split_model_id(body.model, body.dtype)
+    try:
+        constraint = constraint or output_constraint(body.response_format, body.structured_outputs)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+    if constraint is not None and body.ignore_eos:
+        raise HTTPException(400, "ignore_eos cannot be combined with structured output (it ends the text)")
     check_max_tokens(max_tokens, settings)
     stops = body.stop or ()
     seed = None if body.seed is None else body.seed % (2**63)
@@ -51,7 +68,43 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: S
         prompt=prompt, messages=messages, model=model, dtype=dtype, max_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stops, logprobs=logprobs,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias,
-        ignore_eos=body.ignore_eos, cache_scope=cache_scope(tenant, body.cache_salt))
+        ignore_eos=body.ignore_eos, cache_scope=cache_scope(tenant, body.cache_salt), tools=tools,
+        constraint=constraint)
+
+
+def template_message(message: ChatMessage) -> dict:
+    """A chat message as chat templates read it: tool results and past tool calls included."""
+    if message.role == "tool":
+        return tool_result_message(message.tool_call_id or "", message.text(), message.name)
+    if message.role == "assistant" and message.tool_calls:
+        return assistant_message(message.text(), [(c.id, c.function.name, template_arguments(c.function.arguments))
+                                                  for c in message.tool_calls])
+    return {"role": message.role, "content": message.text()}
+
+
+def enforced_tool_choice(body: ChatCompletionRequest) -> ToolChoice | None:
+    """`required` or a named function (enforced with structured output), else None."""
+    choice = body.tool_choice
+    return choice if choice == "required" or isinstance(choice, NamedToolChoice) else None
+
+
+def chat_tools(body: ChatCompletionRequest) -> tuple[tuple[dict, ...] | None, OutputConstraint | None]:
+    """The tools the template renders (none for tool_choice `none`) and the constraint enforcing the choice."""
+    if not body.tools:
+        if body.tool_choice not in (None, "none", "auto"):
+            raise HTTPException(400, "tool_choice: no tools given")
+        return None, None
+    if body.tool_choice == "none":
+        return None, None
+    if enforced_tool_choice(body) and (body.response_format or body.structured_outputs):
+        raise HTTPException(400, "tool_choice required or a named function cannot be combined with "
+                                 "response_format or structured_outputs")
+    tools = tuple(template_tool(t.function.name, t.function.description, t.function.parameters)
+                  for t in body.tools)
+    try:
+        return tools, tool_constraint(body.tools, body.tool_choice, body.parallel_tool_calls is not False)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
 
 
 def variant_id(done: Finished) -> str:
@@ -125,10 +178,13 @@ async def completions(body: CompletionRequest, request: Request, engine: ReadyEn
 @router.post("/chat/completions", responses=STREAM_RESPONSE, summary="OpenAI chat completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: ReadyEngine,
                            settings: SettingsDep, tenant: Tenant):
-    messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
+    messages = tuple(template_message(m) for m in body.messages)
     top = body.top_logprobs or 0
+    tools, constraint = chat_tools(body)
     params = sampling_params(body, settings, max_tokens=body.max_completion_tokens or body.max_tokens,
-                             logprobs=top if body.logprobs else None, messages=messages, tenant=tenant)
+                             logprobs=top if body.logprobs else None, messages=messages, tenant=tenant,
+                             tools=tools, constraint=constraint)
+    calls_choice = enforced_tool_choice(body) if constraint is not None else None
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     first_chunk = [True]
@@ -146,22 +202,30 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                           chunk, lambda model, usage: {"id": rid, "object": "chat.completion.chunk",
                                                        "created": created, "model": model, "choices": [],
                                                        "usage": usage},
-                          chat=True, wants_logprobs=bool(body.logprobs))
+                          chat=True, wants_logprobs=bool(body.logprobs), calls_choice=calls_choice)
 
 
 async def _respond(engine: Engine, request: Request, params: GenerationParams, stream: bool, include_usage: bool,
                    rid: str, created: int, chunk: Callable, usage_chunk: Callable, *, chat: bool = False,
-                   wants_logprobs: bool = False):
+                   wants_logprobs: bool = False, calls_choice: ToolChoice | None = None):
     events = engine.generate(params)
     started = await first_event(events)
     if stream:
         model_id = f"{started.model}:{started.dtype}"
+        if calls_choice is not None:
+            return EventSourceResponse(_stream_tool_calls(events, chunk, usage_chunk, include_usage, model_id,
+                                                          calls_choice), ping=15)
         return EventSourceResponse(_stream(events, chunk, usage_chunk, include_usage, model_id), ping=15)
     text, entries, done = await collect_unless_disconnected(request, events)
     if chat:
+        message: dict = {"role": "assistant", "content": text}
+        finish = done.finish_reason
+        calls = tool_calls_from(text, calls_choice) if calls_choice is not None else None
+        if calls:
+            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
         return {"id": rid, "object": "chat.completion", "created": created, "model": variant_id(done),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": done.finish_reason,
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": finish,
                              "logprobs": chat_logprobs(entries) if wants_logprobs else None}],
                 "usage": usage_body(done), **warnings_body(done)}
     body = chunk(variant_id(done), text, done.finish_reason, entries, 0)
@@ -183,6 +247,36 @@ async def _stream(events: AsyncIterator, chunk: Callable, usage_chunk: Callable,
                 break
             yield {"data": json.dumps(chunk(model_id, event.text, None, list(event.logprobs), offset))}
             offset += len(event.text)
+    except EngineError as e:
+        yield {"data": json.dumps(engine_error_payload(e)[1])}
+    finally:
+        await events.aclose()
+    yield {"data": "[DONE]"}
+
+
+async def _stream_tool_calls(events: AsyncIterator, chunk: Callable, usage_chunk: Callable, include_usage: bool,
+                             model_id: str, choice: ToolChoice) -> AsyncIterator[dict]:
+    """An enforced tool choice streamed: the calls as one delta once the arguments are complete (finish
+    reason `tool_calls`), or the text if it ended by length before they parsed."""
+    parts: list[str] = []
+    try:
+        async for event in events:
+            if not isinstance(event, Finished):
+                parts.append(event.text)
+                continue
+            calls = tool_calls_from("".join(parts), choice)
+            if calls:
+                body = chunk(model_id, "", None, [], 0)
+                body["choices"][0]["delta"] = {"role": "assistant", "content": None, "tool_calls": [
+                    {"index": i, **call} for i, call in enumerate(calls)]}
+                yield {"data": json.dumps(body)}
+                yield {"data": json.dumps(chunk(model_id, "", "tool_calls", [], 0))}
+            else:
+                yield {"data": json.dumps(chunk(model_id, "".join(parts), None, [], 0))}
+                yield {"data": json.dumps(chunk(model_id, "", event.finish_reason, [], 0))}
+            if include_usage:
+                yield {"data": json.dumps(usage_chunk(model_id, usage_body(event)))}
+            break
     except EngineError as e:
         yield {"data": json.dumps(engine_error_payload(e)[1])}
     finally:
