@@ -18,7 +18,8 @@ from typing import Any
 import llguidance
 import mlx.core as mx
 import numpy as np
-from llguidance._tokenizer import TokenizerWrapper
+from llguidance._tokenizer import TokenizerWrapper as TokenBytesWrapper
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from models.api import OutputConstraint
 from models.errors import InvalidRequestError
@@ -53,18 +54,19 @@ class _TokenBytes:
 def grammar_tokenizer(tokenizer: Any) -> llguidance.LLTokenizer:
     """llguidance's view of an mlx-lm TokenizerWrapper (built once per tokenizer: ~1 s for a large
     vocabulary): from its tokenizer.json where llguidance reads that family, else token by token."""
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    hf = tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
     with _tokenizers_lock:
         cached = _tokenizers.get(id(hf))
         if cached is not None and cached[0] is hf:
             return cached[1]
-    eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id])
+    eos = getattr(tokenizer, "eos_token_ids", None) or hf.eos_token_id
+    eos = sorted([eos] if isinstance(eos, int) else eos)
     try:
         from llguidance.hf import from_tokenizer
 
         built = from_tokenizer(hf, n_vocab=len(hf), eos_token=eos)
     except ValueError:  # e.g. a `Fuse` decoder: not a byte-level family llguidance knows
-        built = llguidance.LLTokenizer(TokenizerWrapper(_TokenBytes(hf, eos)), n_vocab=len(hf), eos_token=eos)
+        built = llguidance.LLTokenizer(TokenBytesWrapper(_TokenBytes(hf, eos)), n_vocab=len(hf), eos_token=eos)
     with _tokenizers_lock:
         _tokenizers[id(hf)] = (hf, built)
     return built
