@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from models.text.tool_calls import ToolCallSyntax
+
 
 @dataclass(frozen=True)
 class OutputConstraint:
@@ -139,3 +141,4 @@ class Engine(Protocol):
     def model_names(self) -> list[str]: ...
     async def tokenize(self, params: TokenizeParams) -> Tokenized: ...
     async def detokenize(self, model: str | None, tokens: tuple[int, ...]) -> str: ...
+    def tool_syntax(self, model: str) -> ToolCallSyntax | None: ...

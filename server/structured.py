@@ -128,8 +128,13 @@ def tool_calls_from(text: str, choice: ToolChoice | None) -> list[dict] | None:
         calls = [(choice.function.name, value)]
     else:
         calls = [(call["name"], call["parameters"]) for call in value]
+    return openai_tool_calls([(name, json.dumps(args)) for name, args in calls])
+
+
+def openai_tool_calls(calls: list[tuple[str, str]]) -> list[dict]:
+    """(name, arguments JSON text) pairs in OpenAI's `tool_calls` shape, each with a new id."""
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": name, "arguments": json.dumps(args)}} for name, args in calls]
+             "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
 
 
 def template_arguments(arguments: str) -> Any:

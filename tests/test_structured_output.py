@@ -14,6 +14,7 @@ import pytest
 from models.api import OutputConstraint
 from models.decode.constraints import compile_constraint
 from models.errors import InvalidRequestError
+from tests.conftest import BUNDLED as BUNDLED_PATH
 from tests.conftest import start_server, stop_server
 from tests.test_registry import app_client, close
 
@@ -242,3 +243,73 @@ async def test_bad_tool_choices(client, fields, status):
                                                         "tools": [WEATHER], **fields})
     assert r.status_code == status, r.text
     assert r.json()["error"]["status"] == status
+
+
+# ---- the model's own tool-call syntax (tool_choice auto) ----------------------------------------------------
+JSON_TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}{% for tool in tools %}<tool>{{ tool.function.name }}</tool>{% endfor %}{% endif %}"
+    "{% for message in messages %}{{ message['content'] or '' }}{% if message.tool_calls is defined %}"
+    "{% for tool_call in message.tool_calls %}{% set tool_call = tool_call.function %}"
+    "<tool_call>{\"name\": \"{{ tool_call.name }}\"}</tool_call>{% endfor %}{% endif %}{% endfor %}")
+FORCED_CALL = 'Hi<tool_call>{"name": "get_time", "arguments": {"zone": "(UTC|CET)"}}</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def json_tools_model(tmp_path_factory):
+    """A random llama whose chat template mlx-lm reads as the `json_tools` family (<tool_call>{json}</tool_call>)."""
+    from models.testing.synthetic import BUNDLED, llama_config, make_llama_checkpoint
+
+    source = tmp_path_factory.mktemp("tokenizer")
+    for name in ("config.json", "tokenizer.json", "special_tokens_map.json"):
+        (source / name).write_bytes((BUNDLED / name).read_bytes())
+    config = json.loads((BUNDLED / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": JSON_TOOLS_TEMPLATE}))
+    return make_llama_checkpoint(tmp_path_factory.mktemp("models") / "json-tools",
+                                 llama_config(hidden=64, layers=2, vocab=100, context=1024), tokenizer_from=source)
+
+
+def test_the_model_s_tool_call_syntax_is_split_from_the_text(json_tools_model):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from models.text.tool_calls import ToolCallStream, ToolCallSyntax
+
+    syntax = ToolCallSyntax.of(load_tokenizer(json_tools_model))
+    assert (syntax.start, syntax.end) == ("<tool_call>", "</tool_call>")
+    text = 'Sure. <tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call> done'
+    assert syntax.split(text, [TIME]) == ("Sure.  done", [("get_time", '{"zone": "UTC"}')])
+    cut = 'Sure. <tool_call>{"name": "get_ti'  # ended by max_tokens: no call, the text stays
+    assert syntax.split(cut, [TIME]) == (cut, [])
+    stream = ToolCallStream(syntax, [TIME])
+    sent = [stream.feed(piece) for piece in ("Sure. <to", "ol_call>{\"name\": \"get_time\", ",
+                                             "\"arguments\": {}}</tool_call>")]
+    assert sent == ["Sure. ", "", ""]  # "<to" may open a marker: held back
+    assert stream.finish() == ("", [("get_time", "{}")])
+    assert ToolCallSyntax.of(load_tokenizer(BUNDLED_PATH)) is None
+
+
+async def test_tool_choice_auto_returns_the_calls_the_model_writes(json_tools_model):
+    """The model is made to write the json_tools syntax (a regex constraint), as a trained one would."""
+    app, ctx, client = await app_client(model_dirs=(json_tools_model.parent,))
+    try:
+        body = {"model": "json-tools", "messages": [{"role": "user", "content": "time?"}], "tools": [TIME],
+                "max_tokens": 120,
+                "structured_outputs": {"regex": re.escape(FORCED_CALL).replace(r"\(UTC\|CET\)", "(UTC|CET)")}}
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Hi"
+        [call] = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_time"
+        assert json.loads(call["function"]["arguments"])["zone"] in ("UTC", "CET")
+        async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            chunks = [json.loads(line[6:]) async for line in s.aiter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        calls = [t for c in chunks for t in c["choices"][0]["delta"].get("tool_calls") or ()]
+        assert text == "Hi" and [t["function"]["name"] for t in calls] == ["get_time"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        plain = await client.post("/v1/chat/completions", json={**body, "tool_choice": "none",
+                                                               "structured_outputs": None})
+        assert plain.status_code == 200 and plain.json()["choices"][0]["message"].get("tool_calls") is None
+    finally:
+        await close(ctx, client)

@@ -58,6 +58,7 @@ from models.text.detokenizer import streaming_detokenizer
 from models.text.prompt_encoding import encode_text, prompt_text
 from models.text.prompts import PromptEncoder
 from models.text.stop_strings import StopStringMatcher
+from models.text.tool_calls import ToolCallSyntax
 from models.weights.catalog import ModelCatalog
 from models.weights.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
 from models.weights.estimate import estimate_all, estimate_variant
@@ -322,6 +323,11 @@ class MLXEngine:
         if params.constraint is None or encoder is None:
             return None
         return await self._on_tokenizing_thread(compile_constraint, encoder.tokenizer, params.constraint)
+
+    def tool_syntax(self, model: str) -> ToolCallSyntax | None:
+        """A loaded model's own tool-call syntax (mlx-lm's parser for its family), None if none or not loaded."""
+        encoder = self._encoders.get(model)
+        return ToolCallSyntax.of(encoder.tokenizer) if encoder is not None else None
 
     async def load(self, model: str | None, dtype: str | None) -> dict:
         return await self._call(lambda: self.registry.get(model or self.default_model, dtype).describe())

@@ -12,6 +12,7 @@ from sse_starlette import EventSourceResponse
 
 from models.api import Engine, Finished, GenerationParams, OutputConstraint, TokenLogprob
 from models.errors import EngineError, UnknownDtypeError
+from models.text.tool_calls import ToolCallStream
 from models.weights.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
 from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
@@ -22,6 +23,7 @@ from server.streaming import collect_unless_disconnected, first_event
 from server.structured import (
     NamedToolChoice,
     ToolChoice,
+    openai_tool_calls,
     output_constraint,
     template_arguments,
     tool_calls_from,
@@ -185,6 +187,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                              logprobs=top if body.logprobs else None, messages=messages, tenant=tenant,
                              tools=tools, constraint=constraint)
     calls_choice = enforced_tool_choice(body) if constraint is not None else None
+    auto_tools = list(tools) if tools and calls_choice is None else None  # parsed from the model's own syntax
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     first_chunk = [True]
@@ -202,27 +205,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                           chunk, lambda model, usage: {"id": rid, "object": "chat.completion.chunk",
                                                        "created": created, "model": model, "choices": [],
                                                        "usage": usage},
-                          chat=True, wants_logprobs=bool(body.logprobs), calls_choice=calls_choice)
+                          chat=True, wants_logprobs=bool(body.logprobs), calls_choice=calls_choice,
+                          auto_tools=auto_tools)
 
 
 async def _respond(engine: Engine, request: Request, params: GenerationParams, stream: bool, include_usage: bool,
                    rid: str, created: int, chunk: Callable, usage_chunk: Callable, *, chat: bool = False,
-                   wants_logprobs: bool = False, calls_choice: ToolChoice | None = None):
+                   wants_logprobs: bool = False, calls_choice: ToolChoice | None = None,
+                   auto_tools: list[dict] | None = None):
     events = engine.generate(params)
     started = await first_event(events)
+    syntax = engine.tool_syntax(started.model) if auto_tools else None
     if stream:
         model_id = f"{started.model}:{started.dtype}"
         if calls_choice is not None:
             return EventSourceResponse(_stream_tool_calls(events, chunk, usage_chunk, include_usage, model_id,
                                                           calls_choice), ping=15)
+        if syntax is not None:
+            return EventSourceResponse(_stream_auto_tool_calls(events, chunk, usage_chunk, include_usage, model_id,
+                                                               ToolCallStream(syntax, auto_tools)), ping=15)
         return EventSourceResponse(_stream(events, chunk, usage_chunk, include_usage, model_id), ping=15)
     text, entries, done = await collect_unless_disconnected(request, events)
     if chat:
         message: dict = {"role": "assistant", "content": text}
         finish = done.finish_reason
         calls = tool_calls_from(text, calls_choice) if calls_choice is not None else None
+        if syntax is not None:
+            text, found = syntax.split(text, auto_tools)
+            calls = openai_tool_calls(found)
         if calls:
-            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            message = {"role": "assistant", "content": text if syntax is not None and text else None,
+                       "tool_calls": calls}
+            finish = "tool_calls"
         return {"id": rid, "object": "chat.completion", "created": created, "model": variant_id(done),
                 "choices": [{"index": 0, "message": message,
                              "finish_reason": finish,
@@ -254,6 +268,42 @@ async def _stream(events: AsyncIterator, chunk: Callable, usage_chunk: Callable,
     yield {"data": "[DONE]"}
 
 
+def _tool_calls_chunk(chunk: Callable, model_id: str, calls: list[dict]) -> dict:
+    body = chunk(model_id, "", None, [], 0)
+    body["choices"][0]["delta"] = {"role": "assistant", "content": None, "tool_calls": [
+        {"index": i, **call} for i, call in enumerate(calls)]}
+    return body
+
+
+async def _stream_auto_tool_calls(events: AsyncIterator, chunk: Callable, usage_chunk: Callable,
+                                  include_usage: bool, model_id: str, calls_stream: ToolCallStream
+                                  ) -> AsyncIterator[dict]:
+    """Text as it comes up to the model's first tool-call marker; the calls found after it as one delta at
+    the end (finish reason `tool_calls`), any text around them before it."""
+    try:
+        async for event in events:
+            if not isinstance(event, Finished):
+                text = calls_stream.feed(event.text)
+                if text:
+                    yield {"data": json.dumps(chunk(model_id, text, None, [], 0))}
+                continue
+            text, found = calls_stream.finish()
+            if text:
+                yield {"data": json.dumps(chunk(model_id, text, None, [], 0))}
+            calls = openai_tool_calls(found)
+            if calls:
+                yield {"data": json.dumps(_tool_calls_chunk(chunk, model_id, calls))}
+            yield {"data": json.dumps(chunk(model_id, "", "tool_calls" if calls else event.finish_reason, [], 0))}
+            if include_usage:
+                yield {"data": json.dumps(usage_chunk(model_id, usage_body(event)))}
+            break
+    except EngineError as e:
+        yield {"data": json.dumps(engine_error_payload(e)[1])}
+    finally:
+        await events.aclose()
+    yield {"data": "[DONE]"}
+
+
 async def _stream_tool_calls(events: AsyncIterator, chunk: Callable, usage_chunk: Callable, include_usage: bool,
                              model_id: str, choice: ToolChoice) -> AsyncIterator[dict]:
     """An enforced tool choice streamed: the calls as one delta once the arguments are complete (finish
@@ -266,10 +316,7 @@ async def _stream_tool_calls(events: AsyncIterator, chunk: Callable, usage_chunk
                 continue
             calls = tool_calls_from("".join(parts), choice)
             if calls:
-                body = chunk(model_id, "", None, [], 0)
-                body["choices"][0]["delta"] = {"role": "assistant", "content": None, "tool_calls": [
-                    {"index": i, **call} for i, call in enumerate(calls)]}
-                yield {"data": json.dumps(body)}
+                yield {"data": json.dumps(_tool_calls_chunk(chunk, model_id, calls))}
                 yield {"data": json.dumps(chunk(model_id, "", "tool_calls", [], 0))}
             else:
                 yield {"data": json.dumps(chunk(model_id, "".join(parts), None, [], 0))}
