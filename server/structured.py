@@ -36,6 +36,27 @@ class ResponseFormat(BaseModel):
         return self
 
 
+class TextFormat(BaseModel):
+    """The Responses API's `text.format`: as `response_format`, the schema's fields inline."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, min_length=1, max_length=64)
+    description: str | None = Field(None, max_length=100_000)
+    schema_: JsonSchema | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> TextFormat:
+        if self.type == "json_schema" and self.schema_ is None:
+            raise ValueError("type json_schema needs a `schema`")
+        return self
+
+    def as_response_format(self) -> ResponseFormat:
+        schema = JsonSchemaFormat(schema=self.schema_) if self.schema_ is not None else None
+        return ResponseFormat(type=self.type, json_schema=schema if self.type == "json_schema" else None)
+
+
 class StructuredOutputs(BaseModel):
     """vLLM's `structured_outputs` (one of them): `json` (a schema), `regex`, `choice`, `grammar` (Lark, in
     llguidance's dialect), `json_object`."""

@@ -313,3 +313,14 @@ async def test_tool_choice_auto_returns_the_calls_the_model_writes(json_tools_mo
         assert plain.status_code == 200 and plain.json()["choices"][0]["message"].get("tool_calls") is None
     finally:
         await close(ctx, client)
+
+
+async def test_responses_text_format_json_schema(client):
+    fmt = {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}
+    r = await client.post("/v1/responses", json={"input": "3+4=", "max_output_tokens": 120, "text": {"format": fmt}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    jsonschema.validate(json.loads(body["output"][0]["content"][0]["text"]), PERSON)
+    assert body["text"]["format"]["name"] == "person"
+    bad = await client.post("/v1/responses", json={"input": "3+4=", "text": {"format": {"type": "json_schema"}}})
+    assert bad.status_code in (400, 422)
