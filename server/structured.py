@@ -7,7 +7,7 @@ import json
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from models.api import OutputConstraint
 from server.tool_schemas import ChatTool
@@ -27,13 +27,7 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type json_schema needs a `json_schema` object")
-        return self
+    json_schema: JsonSchemaFormat | None = Field(None, description="required with type json_schema")
 
 
 class TextFormat(BaseModel):
@@ -43,16 +37,12 @@ class TextFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = Field(None, min_length=1, max_length=64)
     description: str | None = Field(None, max_length=100_000)
-    schema_: JsonSchema | None = Field(None, alias="schema")
+    schema_: JsonSchema | None = Field(None, alias="schema", description="required with type json_schema")
     strict: bool | None = None
 
-    @model_validator(mode="after")
-    def _schema_given(self) -> TextFormat:
-        if self.type == "json_schema" and self.schema_ is None:
-            raise ValueError("type json_schema needs a `schema`")
-        return self
-
     def as_response_format(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.schema_ is None:
+            raise ValueError("text.format: type json_schema needs a `schema`")
         schema = JsonSchemaFormat(schema=self.schema_) if self.schema_ is not None else None
         return ResponseFormat(type=self.type, json_schema=schema if self.type == "json_schema" else None)
 
@@ -68,12 +58,9 @@ class StructuredOutputs(BaseModel):
     grammar: str | None = _SPEC
     json_object: bool | None = None
 
-    @model_validator(mode="after")
-    def _one(self) -> StructuredOutputs:
-        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
-        return self
+    def given(self) -> list[str]:
+        return [k.rstrip("_") for k in ("json_", "regex", "choice", "grammar", "json_object")
+                if getattr(self, k) not in (None, False)]
 
 
 class NamedFunction(BaseModel):
@@ -96,10 +83,14 @@ def _schema_text(schema: JsonSchema | str) -> str:
 
 def output_constraint(response_format: ResponseFormat | None,
                       structured: StructuredOutputs | None) -> OutputConstraint | None:
-    """The constraint a request's `response_format` or `structured_outputs` asks for (None: free text)."""
+    """The constraint a request's `response_format` or `structured_outputs` asks for (None: free text);
+    ValueError (a 400) for a combination that asks for none or several."""
     if response_format is not None and structured is not None and response_format.type != "text":
         raise ValueError("give either response_format or structured_outputs, not both")
     if structured is not None:
+        if len(structured.given()) != 1:
+            raise ValueError("structured_outputs: give exactly one of json, regex, choice, grammar, json_object "
+                             f"(given: {', '.join(structured.given()) or 'none'})")
         if structured.json_ is not None:
             return OutputConstraint("json_schema", _schema_text(structured.json_))
         if structured.regex is not None:
@@ -113,6 +104,8 @@ def output_constraint(response_format: ResponseFormat | None,
         return None
     if response_format.type == "json_object":
         return OutputConstraint("json_object")
+    if response_format.json_schema is None:
+        raise ValueError("response_format: type json_schema needs a `json_schema` object with the schema")
     return OutputConstraint("json_schema", json.dumps(response_format.json_schema.schema_))
 
 

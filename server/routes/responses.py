@@ -68,11 +68,15 @@ def generation_params(body: ResponsesRequest, settings: Settings) -> GenerationP
     tools = None
     if body.tools and body.tool_choice != "none":
         tools = tuple(template_tool(t.name, t.description, t.parameters) for t in body.tools)
-    text_format = body.text.format.as_response_format() if body.text and body.text.format else None
+    try:
+        text_format = body.text.format.as_response_format() if body.text and body.text.format else None
+        constraint = output_constraint(text_format, None)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
     return GenerationParams(messages=input_messages(body), tools=tools, model=model, dtype=dtype,
                             max_tokens=check_max_tokens(body.max_output_tokens, settings, "max_output_tokens"),
                             temperature=body.temperature, top_p=body.top_p,
-                            constraint=output_constraint(text_format, None))
+                            constraint=constraint)
 
 
 class ResponseBuilder:
