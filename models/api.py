@@ -6,6 +6,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from models.text.tool_calls import ToolCallSyntax
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """Structured output: what the generated text must match. `kind` is `json_object` (any JSON object),
+    `json_schema` (`spec`: the schema as JSON text), `regex`, `choice` (`spec`: a JSON list of strings) or
+    `grammar` (`spec`: a Lark grammar, llguidance's dialect). A spec that cannot compile is an
+    InvalidRequestError; the text then parses (or the generation ends with `length`)."""
+
+    kind: str
+    spec: str = ""
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -30,6 +43,7 @@ class GenerationParams:
     # Requests reuse cached prompt prefixes only within one scope (the server derives it from the
     # tenant and the request's cache_salt): an opaque string, never shown to anyone.
     cache_scope: str = ""
+    constraint: OutputConstraint | None = None  # structured output (models.decode.constraints)
 
 
 @dataclass(frozen=True)
@@ -218,3 +232,4 @@ class Engine(Protocol):
     def model_names(self) -> list[str]: ...
     async def tokenize(self, params: TokenizeParams) -> Tokenized: ...
     async def detokenize(self, model: str | None, tokens: tuple[int, ...]) -> str: ...
+    def tool_syntax(self, model: str) -> ToolCallSyntax | None: ...

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, WithJsonSchema
 
 from server.schemas import DTYPE_HELP, SEED_LIMIT, CacheSalt, Dtype, StopStrings, json_number, numbers_only
+from server.structured import ResponseFormat, StructuredOutputs, ToolChoice
+from server.tool_schemas import ChatTool
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -24,11 +26,6 @@ LogitBias = Annotated[
     WithJsonSchema({"type": "object", "maxProperties": 300, "additionalProperties": False,
                     "patternProperties": {_TOKEN_ID: {"type": "number", "minimum": -100, "maximum": 100}}}),
 ]
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"] = Field(description="only plain text is supported")
 
 
 class StreamOptions(BaseModel):
@@ -57,7 +54,9 @@ class _SamplingFields(BaseModel):
     user: str | None = Field(None, max_length=256)
     ignore_eos: StrictBool = Field(False, description="extension: generate max_tokens even past end-of-sequence")
     cache_salt: CacheSalt
-
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: enforced")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: json, regex, choice, "
+                                                         "grammar (Lark) or json_object, enforced")
 
     _numbers = numbers_only("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty")
 
@@ -104,11 +103,26 @@ class TextPart(BaseModel):
     text: MessageText
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=128)
+    arguments: str = Field(max_length=1_000_000)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: MessageText | Annotated[list[TextPart], Field(max_length=MAX_TEXT_PARTS)] | None = None
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128, description="an assistant turn's calls")
+    tool_call_id: str | None = Field(None, max_length=256, description="a tool result's call")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -124,10 +138,10 @@ class ChatCompletionRequest(_SamplingFields):
     echo: StrictBool = Field(False, description="vLLM's: the reply starts with the last message's content "
                              "when that message is the assistant's")
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    tools: Annotated[list, Field(max_length=0, description="tool calling is not supported")] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: StrictBool | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=128, description="rendered through the chat template")
+    tool_choice: ToolChoice | None = Field(None, description="auto (default with tools), none, required, or a "
+                                           "named function; the last two are enforced (the arguments validate)")
+    parallel_tool_calls: StrictBool | None = Field(None, description="with tool_choice required: more than one call")
 
     _chat_numbers = numbers_only("max_tokens", "max_completion_tokens", "top_logprobs")
 

@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, field_validator
 
-from server.openai_schemas import ResponseFormat
 from server.schemas import Dtype, numbers_only
+from server.structured import TextFormat
 from server.tool_schemas import JsonSchema, ToolName
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -75,7 +75,7 @@ class FunctionTool(BaseModel):
 
 class TextConfig(BaseModel):
     model_config = _STRICT
-    format: ResponseFormat | None = None
+    format: TextFormat | None = Field(None, description="json_object or json_schema: enforced")
 
 
 class ResponsesRequest(BaseModel):
@@ -122,6 +122,8 @@ class ResponsesRequest(BaseModel):
                 "tools": [t.model_dump(exclude_none=True) for t in self.tools or ()],
                 "tool_choice": self.tool_choice or "auto",
                 "parallel_tool_calls": True if self.parallel_tool_calls is None else self.parallel_tool_calls,
-                "text": {"format": {"type": "text"}}, "truncation": "disabled", "store": False,
+                "text": {"format": self.text.format.model_dump(by_alias=True, exclude_none=True)
+                         if self.text and self.text.format else {"type": "text"}},
+                "truncation": "disabled", "store": False,
                 "previous_response_id": None, "metadata": self.metadata or {}, "user": self.user,
                 "background": False, "reasoning": {"effort": None, "summary": None}}

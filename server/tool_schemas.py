@@ -16,7 +16,8 @@ class FunctionDefinition(BaseModel):
     name: str = ToolName
     description: str | None = Field(None, max_length=100_000)
     parameters: JsonSchema | None = Field(None, description="JSON Schema of the arguments")
-    strict: bool | None = Field(None, description="accepted; arguments are not enforced")
+    strict: bool | None = Field(None, description="accepted; tool_choice required or a named function "
+                                "enforces the arguments")
 
 
 class ChatTool(BaseModel):

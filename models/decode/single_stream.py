@@ -66,8 +66,9 @@ class SingleStream:
         1B token, so only every `check_every`-th token is checked (an overflow stays in the KV cache).
         The logprobs are raw logits where nothing needs them normalized (see models.decode.step_rules)."""
         logits = self.model(inputs[None], cache=self.cache)[:, -1, :]
-        if self.processors:
-            context = mx.array(self.tokens)
+        if self.processors:  # the context ends with this step's input, as in mlx-lm's generate_step
+            context = mx.array(self.tokens) if self.generated == 0 else \
+                mx.concatenate([mx.array(self.tokens), inputs.reshape(-1).astype(mx.int32)])
             for processor in self.processors:
                 logits = processor(context, logits)
         logprobs = logits

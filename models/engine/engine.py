@@ -26,6 +26,7 @@ from models.api import (
     TokenizeParams,
     WorkerStats,
 )
+from models.decode.constraints import compile_constraint
 from models.decode.cpu_fusion import fused_kernels_state
 from models.decode.prefill import shapes_cost
 from models.decode.warmup import warm_shapes, warm_variant
@@ -48,6 +49,7 @@ from models.mlx_lm_ext.contract import check_contract
 from models.platform.blas import blas_info
 from models.report.fidelity import default_report_dtypes
 from models.text.prompt_encoding import encode_text, prompt_text
+from models.text.tool_calls import ToolCallSyntax
 from models.weights.catalog import ModelCatalog
 from models.weights.dtypes import DEFAULT_FIT_ORDER, FIT, normalize_dtype
 from models.weights.estimate import estimate_all, estimate_variant
@@ -188,6 +190,7 @@ class MLXEngine:
         held = None  # an event read ahead while merging deltas
         try:
             seq.tokens = await self._encode_off_worker(params)
+            seq.grammar = await self._compile_off_worker(params)
             self.worker.put(Generate(seq))
             while True:
                 event, held = held or await seq.events.get(), None
@@ -217,6 +220,19 @@ class MLXEngine:
             return None
         encoder.check_size(params)
         return await self._on_tokenizing_thread(encoder.encode, params)
+
+    async def _compile_off_worker(self, params: GenerationParams) -> Any:
+        """The request's structured-output processor, compiled on a tokenizing thread once its model's
+        tokenizer is known (else None: the worker compiles it when admitting the request)."""
+        encoder = self.serving.encoders.get(params.model or self.default_model)
+        if params.constraint is None or encoder is None:
+            return None
+        return await self._on_tokenizing_thread(compile_constraint, encoder.tokenizer, params.constraint)
+
+    def tool_syntax(self, model: str) -> ToolCallSyntax | None:
+        """A loaded model's own tool-call syntax (mlx-lm's parser for its family), None if none or not loaded."""
+        encoder = self.serving.encoders.get(model)
+        return ToolCallSyntax.of(encoder.tokenizer) if encoder is not None else None
 
     async def score(self, params: GenerationParams) -> PromptScores:
         """Each prompt token's logprob given the tokens before it, with its top `params.prompt_logprobs`

@@ -38,6 +38,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     sampler: Any = None
     processors: list = field(default_factory=list)
+    grammar: Any = None  # its structured-output processor, when compiled before reaching the worker
     warnings: list[str] = field(default_factory=list)
     text_sent: bool = False  # its first text went out (later deltas may wait for the stream interval)
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
 
 from models.api import Started, TokenLogprob, WorkerStats
+from models.decode.constraints import compile_constraint
 from models.decode.sampling import make_request_sampler
 from models.engine.config import EngineConfig
 from models.engine.decoder import MLXDecoder
@@ -94,6 +95,8 @@ class Serving:
             logit_bias=dict(params.logit_bias) or None,
             presence_penalty=params.presence_penalty or None,
             frequency_penalty=params.frequency_penalty or None)
+        if params.constraint is not None:  # the mask comes last: it sees the biased, penalized logits
+            seq.processors.append(seq.grammar or compile_constraint(variant.loaded.tokenizer, params.constraint))
         seq.variant = variant
         seq.tokens = tokens
         seq.max_tokens = max_tokens

@@ -10,16 +10,27 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, HTTPException, Request
 from sse_starlette import EventSourceResponse
 
-from models.api import Engine, Finished, GenerationParams, PromptScores, TokenLogprob
+from models.api import Engine, Finished, GenerationParams, OutputConstraint, PromptScores, TokenLogprob
 from models.errors import EngineError, InvalidRequestError, UnknownDtypeError
+from models.text.tool_calls import ToolCallStream
 from models.weights.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
 from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
 from server.observe import observed
-from server.openai_schemas import ChatCompletionRequest, CompletionRequest
+from server.openai_schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE, usage_body
 from server.settings import Settings, check_max_tokens
 from server.streaming import collect_unless_disconnected, first_event
+from server.structured import (
+    NamedToolChoice,
+    ToolChoice,
+    openai_tool_calls,
+    output_constraint,
+    template_arguments,
+    tool_calls_from,
+    tool_constraint,
+)
+from server.tool_schemas import assistant_message, template_tool, tool_result_message
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
@@ -44,8 +55,15 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: S
                     max_tokens: int | None, logprobs: int | None, prompt: str | None = None,
                     messages: tuple[dict, ...] | None = None, tenant: str = "",
                     prompt_tokens: tuple[int, ...] | None = None, prompt_logprobs: int = 0,
-                    eos_logprob: bool = False) -> GenerationParams:
+                    eos_logprob: bool = False, tools: tuple[dict, ...] | None = None,
+                    constraint: OutputConstraint | None = None) -> GenerationParams:
     model, dtype = split_model_id(body.model, body.dtype)
+    try:
+        constraint = constraint or output_constraint(body.response_format, body.structured_outputs)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+    if constraint is not None and body.ignore_eos:
+        raise HTTPException(400, "ignore_eos cannot be combined with structured output (it ends the text)")
     check_max_tokens(max_tokens, settings)
     stops = body.stop or ()
     seed = None if body.seed is None else body.seed % (2**63)
@@ -55,7 +73,43 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, settings: S
         messages=messages, model=model, dtype=dtype, max_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stops, logprobs=logprobs,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias,
-        ignore_eos=body.ignore_eos, cache_scope=cache_scope(tenant, body.cache_salt))
+        ignore_eos=body.ignore_eos, cache_scope=cache_scope(tenant, body.cache_salt), tools=tools,
+        constraint=constraint)
+
+
+def template_message(message: ChatMessage) -> dict:
+    """A chat message as chat templates read it: tool results and past tool calls included."""
+    if message.role == "tool":
+        return tool_result_message(message.tool_call_id or "", message.text(), message.name)
+    if message.role == "assistant" and message.tool_calls:
+        return assistant_message(message.text(), [(c.id, c.function.name, template_arguments(c.function.arguments))
+                                                  for c in message.tool_calls])
+    return {"role": message.role, "content": message.text()}
+
+
+def enforced_tool_choice(body: ChatCompletionRequest) -> ToolChoice | None:
+    """`required` or a named function (enforced with structured output), else None."""
+    choice = body.tool_choice
+    return choice if choice == "required" or isinstance(choice, NamedToolChoice) else None
+
+
+def chat_tools(body: ChatCompletionRequest) -> tuple[tuple[dict, ...] | None, OutputConstraint | None]:
+    """The tools the template renders (none for tool_choice `none`) and the constraint enforcing the choice."""
+    if not body.tools:
+        if body.tool_choice not in (None, "none", "auto"):
+            raise HTTPException(400, "tool_choice: no tools given")
+        return None, None
+    if body.tool_choice == "none":
+        return None, None
+    if enforced_tool_choice(body) and (body.response_format or body.structured_outputs):
+        raise HTTPException(400, "tool_choice required or a named function cannot be combined with "
+                                 "response_format or structured_outputs")
+    tools = tuple(template_tool(t.function.name, t.function.description, t.function.parameters)
+                  for t in body.tools)
+    try:
+        return tools, tool_constraint(body.tools, body.tool_choice, body.parallel_tool_calls is not False)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
 
 
 def variant_id(done: Finished) -> str:
@@ -197,12 +251,16 @@ def _scored_only(scores: PromptScores, stream: bool, include_usage: bool, echo_t
 @router.post("/chat/completions", responses=STREAM_RESPONSE, summary="OpenAI chat completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: ReadyEngine,
                            settings: SettingsDep, tenant: Tenant):
-    messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
+    messages = tuple(template_message(m) for m in body.messages)
     # vLLM's echo: the reply repeats the last message when it is the assistant's (a continued reply)
     echo_text = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
     top = body.top_logprobs or 0
+    tools, constraint = chat_tools(body)
     params = sampling_params(body, settings, max_tokens=body.max_completion_tokens or body.max_tokens,
-                             logprobs=top if body.logprobs else None, messages=messages, tenant=tenant)
+                             logprobs=top if body.logprobs else None, messages=messages, tenant=tenant,
+                             tools=tools, constraint=constraint)
+    calls_choice = enforced_tool_choice(body) if constraint is not None else None
+    auto_tools = list(tools) if tools and calls_choice is None else None  # parsed from the model's own syntax
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     first_chunk = [True]
@@ -220,27 +278,47 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                           chunk, lambda model, usage: {"id": rid, "object": "chat.completion.chunk",
                                                        "created": created, "model": model, "choices": [],
                                                        "usage": usage},
-                          chat=True, wants_logprobs=bool(body.logprobs), echo_text=echo_text)
+                          chat=True, wants_logprobs=bool(body.logprobs), echo_text=echo_text,
+                          calls_choice=calls_choice, auto_tools=auto_tools)
 
 
 async def _respond(engine: Engine, request: Request, params: GenerationParams, stream: bool, include_usage: bool,
                    rid: str, created: int, chunk: Callable, usage_chunk: Callable, *, chat: bool = False,
-                   wants_logprobs: bool = False, echo_text: str = "", echo_entries: list[TokenLogprob] | None = None):
-    """Generate and answer; `echo_text` (and its `echo_entries`) come before the generated text."""
+                   wants_logprobs: bool = False, echo_text: str = "", echo_entries: list[TokenLogprob] | None = None,
+                   calls_choice: ToolChoice | None = None, auto_tools: list[dict] | None = None):
+    """Generate and answer; `echo_text` (and its `echo_entries`) come before the generated text; tool calls
+    are read from the text where a tool choice is enforced (`calls_choice`) or the model's syntax is known."""
     events = observed(request, params, engine.generate(params))
     started = await first_event(events)
     echo_entries = echo_entries or []
+    syntax = engine.tool_syntax(started.model) if auto_tools else None
     if stream:
         model_id = f"{started.model}:{started.dtype}"
+        if calls_choice is not None:
+            return EventSourceResponse(_stream_tool_calls(events, chunk, usage_chunk, include_usage, model_id,
+                                                          calls_choice), ping=15)
+        if syntax is not None:
+            return EventSourceResponse(_stream_auto_tool_calls(events, chunk, usage_chunk, include_usage, model_id,
+                                                               ToolCallStream(syntax, auto_tools)), ping=15)
         head = chunk(model_id, echo_text, None, echo_entries, 0) if echo_text or echo_entries else None
         return EventSourceResponse(_stream(events, chunk, usage_chunk, include_usage, model_id, head,
                                            len(echo_text)), ping=15)
     text, entries, done = await collect_unless_disconnected(request, events)
     text, entries = echo_text + text, echo_entries + entries
     if chat:
+        message: dict = {"role": "assistant", "content": text}
+        finish = done.finish_reason
+        calls = tool_calls_from(text, calls_choice) if calls_choice is not None else None
+        if syntax is not None:
+            text, found = syntax.split(text, auto_tools)
+            calls = openai_tool_calls(found)
+        if calls:
+            message = {"role": "assistant", "content": text if syntax is not None and text else None,
+                       "tool_calls": calls}
+            finish = "tool_calls"
         return {"id": rid, "object": "chat.completion", "created": created, "model": variant_id(done),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": done.finish_reason,
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": finish,
                              "logprobs": chat_logprobs(entries) if wants_logprobs else None}],
                 "usage": usage_body(done), **warnings_body(done)}
     body = chunk(variant_id(done), text, done.finish_reason, entries, 0)
@@ -265,6 +343,69 @@ async def _stream(events: AsyncIterator, chunk: Callable, usage_chunk: Callable,
                 break
             yield {"data": json.dumps(chunk(model_id, event.text, None, list(event.logprobs), offset))}
             offset += len(event.text)
+    except EngineError as e:
+        yield {"data": json.dumps(engine_error_payload(e)[1])}
+    finally:
+        await events.aclose()
+    yield {"data": "[DONE]"}
+
+
+def _tool_calls_chunk(chunk: Callable, model_id: str, calls: list[dict]) -> dict:
+    body = chunk(model_id, "", None, [], 0)
+    body["choices"][0]["delta"] = {"role": "assistant", "content": None, "tool_calls": [
+        {"index": i, **call} for i, call in enumerate(calls)]}
+    return body
+
+
+async def _stream_auto_tool_calls(events: AsyncIterator, chunk: Callable, usage_chunk: Callable,
+                                  include_usage: bool, model_id: str, calls_stream: ToolCallStream
+                                  ) -> AsyncIterator[dict]:
+    """Text as it comes up to the model's first tool-call marker; the calls found after it as one delta at
+    the end (finish reason `tool_calls`), any text around them before it."""
+    try:
+        async for event in events:
+            if not isinstance(event, Finished):
+                text = calls_stream.feed(event.text)
+                if text:
+                    yield {"data": json.dumps(chunk(model_id, text, None, [], 0))}
+                continue
+            text, found = calls_stream.finish()
+            if text:
+                yield {"data": json.dumps(chunk(model_id, text, None, [], 0))}
+            calls = openai_tool_calls(found)
+            if calls:
+                yield {"data": json.dumps(_tool_calls_chunk(chunk, model_id, calls))}
+            yield {"data": json.dumps(chunk(model_id, "", "tool_calls" if calls else event.finish_reason, [], 0))}
+            if include_usage:
+                yield {"data": json.dumps(usage_chunk(model_id, usage_body(event)))}
+            break
+    except EngineError as e:
+        yield {"data": json.dumps(engine_error_payload(e)[1])}
+    finally:
+        await events.aclose()
+    yield {"data": "[DONE]"}
+
+
+async def _stream_tool_calls(events: AsyncIterator, chunk: Callable, usage_chunk: Callable, include_usage: bool,
+                             model_id: str, choice: ToolChoice) -> AsyncIterator[dict]:
+    """An enforced tool choice streamed: the calls as one delta once the arguments are complete (finish
+    reason `tool_calls`), or the text if it ended by length before they parsed."""
+    parts: list[str] = []
+    try:
+        async for event in events:
+            if not isinstance(event, Finished):
+                parts.append(event.text)
+                continue
+            calls = tool_calls_from("".join(parts), choice)
+            if calls:
+                yield {"data": json.dumps(_tool_calls_chunk(chunk, model_id, calls))}
+                yield {"data": json.dumps(chunk(model_id, "", "tool_calls", [], 0))}
+            else:
+                yield {"data": json.dumps(chunk(model_id, "".join(parts), None, [], 0))}
+                yield {"data": json.dumps(chunk(model_id, "", event.finish_reason, [], 0))}
+            if include_usage:
+                yield {"data": json.dumps(usage_chunk(model_id, usage_body(event)))}
+            break
     except EngineError as e:
         yield {"data": json.dumps(engine_error_payload(e)[1])}
     finally:

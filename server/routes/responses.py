@@ -20,6 +20,7 @@ from server.routes.openai import split_model_id, variant_id, warnings_body
 from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE
 from server.settings import Settings, check_max_tokens
 from server.streaming import collect_unless_disconnected, first_event
+from server.structured import output_constraint
 from server.tool_schemas import assistant_message, template_tool, tool_result_message
 
 router = APIRouter(prefix="/v1", tags=["responses"], responses=ERROR_RESPONSES)
@@ -68,9 +69,15 @@ def generation_params(body: ResponsesRequest, settings: Settings) -> GenerationP
     tools = None
     if body.tools and body.tool_choice != "none":
         tools = tuple(template_tool(t.name, t.description, t.parameters) for t in body.tools)
+    try:
+        text_format = body.text.format.as_response_format() if body.text and body.text.format else None
+        constraint = output_constraint(text_format, None)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
     return GenerationParams(messages=input_messages(body), tools=tools, model=model, dtype=dtype,
                             max_tokens=check_max_tokens(body.max_output_tokens, settings, "max_output_tokens"),
-                            temperature=body.temperature, top_p=body.top_p)
+                            temperature=body.temperature, top_p=body.top_p,
+                            constraint=constraint)
 
 
 class ResponseBuilder:
