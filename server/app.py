@@ -51,7 +51,7 @@ def build_engine(settings: Settings) -> Engine:
                      stream_interval_s=settings.stream_interval_s,
                      stream_events_per_s=settings.stream_events_per_s, gather_s=settings.gather_ms / 1000,
                      show_paths=settings.show_paths, report_starts_per_hour=settings.report_starts_per_hour,
-                     fit_order=settings.fit_order)
+                     fit_order=settings.fit_order, kv_dtype=settings.kv_dtype)
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:

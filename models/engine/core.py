@@ -58,8 +58,10 @@ from models.text.prompt_encoding import encode_text, prompt_text
 from models.text.prompts import PromptEncoder
 from models.text.stop_strings import StopStringMatcher
 from models.weights.catalog import ModelCatalog
-from models.weights.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
-from models.weights.estimate import estimate_all, estimate_variant
+from models.weights.checkpoint import read_config
+from models.weights.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, KV_FLOAT, normalize_dtype, split_kv
+from models.weights.estimate import estimate_all, estimate_variant, with_kv_estimate
+from models.weights.loader import context_length
 from models.weights.memory import device_info, parse_budget, process_memory
 from models.weights.registry import Variant, VariantRegistry
 
@@ -116,7 +118,8 @@ class MLXEngine:
                  prompt_cache_bytes: str | None = "0", stream_interval_s: float = 0.0,
                  stream_events_per_s: float = 0.0, gather_s: float = 0.03,
                  pad_prefill: bool | None = None, show_paths: bool = False,
-                 report_starts_per_hour: int | None = None, fit_order: tuple[str, ...] | None = None) -> None:
+                 report_starts_per_hour: int | None = None, fit_order: tuple[str, ...] | None = None,
+                 kv_dtype: str = KV_FLOAT) -> None:
         self.catalog = catalog
         self.show_paths = show_paths  # /memory and reports name files by path (else by name only)
         self.default_model = default_model
@@ -143,7 +146,7 @@ class MLXEngine:
         self.registry = VariantRegistry(catalog, self.default_dtype, parse_budget(memory_budget),
                                         trust_remote_code=trust_remote_code, idle_unload_s=idle_unload_s,
                                         prompt_cache_bytes=parse_budget(prompt_cache_bytes, allow_zero=True),
-                                        kv_sequences=max_batch_size, warm=self._warm_loaded,
+                                        kv_sequences=max_batch_size, kv_dtype=kv_dtype, warm=self._warm_loaded,
                                         fit_order=fit_order or DEFAULT_FIT_ORDER)
         self._variants = self.registry.variants
         # Per model name, its tokenizer and context, once loaded: requests are tokenized and checked on
@@ -326,13 +329,21 @@ class MLXEngine:
         def run() -> list[dict]:
             folder = self.catalog.resolve(name)
             if not dtype:
-                return [{"model": name, **e} for e in estimate_all(folder, include_quantized)]
-            wanted = normalize_dtype(dtype)
+                return [{"model": name, **self._with_kv(folder, e, None)}
+                        for e in estimate_all(folder, include_quantized)]
+            wanted, kv = split_kv(normalize_dtype(dtype))
             if wanted == FIT:
                 wanted = self.registry.fit(name)["chosen"]
-            return [{"model": name, **estimate_variant(folder, wanted)}]
+            return [{"model": name, **self._with_kv(folder, estimate_variant(folder, wanted), kv)}]
 
         return await self._call(run)
+
+    def _with_kv(self, folder: Any, entry: dict, kv: str | None) -> dict:
+        """An estimate with its KV cache at `kv` (None: the server's KV precision) for max_batch_size
+        sequences at the model's context."""
+        config = read_config(folder)
+        return with_kv_estimate(entry, config, kv or self.registry.kv_dtype, self.max_batch_size,
+                                context_length(config))
 
     async def memory(self) -> dict:
         return await self._call(self._memory_report)
@@ -562,7 +573,7 @@ class MLXEngine:
             variant.single = SingleStream(variant.loaded.model, tokens, max_tokens, job.sampler, job.processors,
                                           stop_ids, job.uid, cache=cache, cached=job.cached_tokens,
                                           pad_prefill=self.pad_prefill, logprobs=_reads_logprobs(job),
-                                          check_every=self._check_every)
+                                          check_every=self._check_every, kv=variant.kv)
         else:
             if variant.single is not None and len(variant.jobs) >= self.max_batch_size:
                 self._handoff(variant)  # no room for both: the lone stream takes its batch slot first
@@ -586,7 +597,7 @@ class MLXEngine:
             tokenizer = variant.loaded.tokenizer
             variant.generator = LeanBatchGenerator(
                 variant.loaded.model, reads_logprobs=lambda uid: _reads_logprobs(variant.jobs.get(uid)),
-                check_every=self._check_every,
+                check_every=self._check_every, kv=variant.kv,
                 stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
                 completion_batch_size=self.max_batch_size,
                 prefill_batch_size=min(8, self.max_batch_size))
