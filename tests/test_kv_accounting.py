@@ -75,7 +75,8 @@ async def snapshot(engine, dtype: str) -> tuple[dict, dict]:
     """The variant's /memory entry and the independent tally, at one instant of the worker."""
     def both():
         variant = engine.registry.get(MODEL, dtype)
-        return variant.describe()["kv_cache"], tally(variant)
+        # the only variant decoding: the budget's total is its figure
+        return {**variant.describe()["kv_cache"], "all_variants": engine.registry.kv_cache_live()}, tally(variant)
     return await engine._call(both)
 
 
@@ -91,7 +92,7 @@ async def test_memory_counts_the_live_kv_caches_exactly(served, dtype, bits):
     texts = await asyncio.gather(*tasks, *more)
     assert all(texts)
     for figures, counted in ((lone, lone_tally), (batched, batch_tally)):
-        assert figures["live_bytes"] == counted["bytes"] > 0
+        assert figures["live_bytes"] == counted["bytes"] == figures["all_variants"] > 0
         assert sum(s["bytes"] for s in figures["sequences"]) == figures["live_bytes"]
         assert len(figures["sequences"]) == counted["rows"]
     assert [s["stage"] for s in lone["sequences"]] == ["lone"]
@@ -102,6 +103,7 @@ async def test_memory_counts_the_live_kv_caches_exactly(served, dtype, bits):
     idle = (await client.get("/memory")).json()
     variant = next(v for v in idle["variants"] if v["dtype"] == dtype)
     assert variant["kv_cache"]["live_bytes"] == 0 and variant["kv_cache"]["sequences"] == []
+    assert idle["budget"]["kv_cache_live_bytes"] == 0
 
 
 async def test_kv_bits_shrink_the_cost_per_token_and_metrics_export_it(served):

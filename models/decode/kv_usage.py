@@ -23,6 +23,11 @@ def variant_sequences(variant: Any) -> list[SequenceKV]:
     return out
 
 
+def live_kv_bytes(variant: Any) -> int:
+    """Bytes of the KV cache arrays of all of a variant's running sequences."""
+    return sum(s.bytes for s in variant_sequences(variant))
+
+
 def per_token_bytes(variant: Any) -> int:
     """What one more token of one sequence costs this variant's KV cache, at its KV precision."""
     loaded = variant.loaded

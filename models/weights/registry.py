@@ -17,7 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from models.decode.kv_usage import describe_kv
+from models.decode.kv_usage import describe_kv, live_kv_bytes
 from models.decode.prefix_cache import PrefixCache
 from models.errors import (
     DtypeRefusedError,
@@ -194,6 +194,10 @@ class VariantRegistry:
     def prompt_cache_used(self) -> int:
         return sum(v.prefix.nbytes for v in self.variants.values())
 
+    def kv_cache_live(self) -> int:
+        """Bytes of the running sequences' KV caches, all variants (not yet in used_bytes: issue 22 section 2)."""
+        return sum(live_kv_bytes(v) for v in self.variants.values())
+
     def make_room_in_prompt_caches(self, required: int) -> None:
         """Cached prompts go first, before any variant, when `required` bytes do not fit."""
         if self.budget_bytes - self.used_bytes() < required:
@@ -358,7 +362,7 @@ class VariantRegistry:
     def report(self) -> dict:
         used = self.used_bytes()
         return {"budget_bytes": self.budget_bytes, "used_bytes": used, "free_bytes": self.budget_bytes - used,
-                "prompt_cache_bytes": self.prompt_cache_used(),
+                "prompt_cache_bytes": self.prompt_cache_used(), "kv_cache_live_bytes": self.kv_cache_live(),
                 "pinned": [{"model": m, "dtype": d} for m, d in sorted(self.pinned)],
                 "loading": self.loading, "fit": self.fits,
                 "loads": [{"model": m, "dtype": d, "count": n} for (m, d), n in sorted(self.load_counts.items())],
