@@ -21,7 +21,7 @@ from pydantic_settings import (
 )
 
 from models.weights.catalog import default_model_ref
-from models.weights.dtypes import ALIASES, DEFAULT_FIT_ORDER, DTYPE_NAMES, FIT, normalize_dtype
+from models.weights.dtypes import ALIASES, DEFAULT_FIT_ORDER, DTYPE_NAMES, FIT, normalize_dtype, normalize_kv
 from models.weights.sizes import parse_size
 
 ENV_PREFIX = "DTYPE_SERVE_"
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
                        f"{', '.join(ALIASES)}), q8..q2 (q4g32: group size 32), mxfp8, mxfp4, nvfp4, mixed_3_6, "
                        "q4:float16 (the rest in float16), or fit (the best that fits the memory budget); "
                        "auto keeps the checkpoint's")
+    kv_dtype: str = Field("float", description="KV cache precision of a variant whose name gives none: float "
+                          "(the model's float dtype), kv8 or kv4 (mlx-lm's quantized KV cache, 8 or 4 bits); a "
+                          "variant's name may give its own (q4+kv8, bfloat16+float)")
     fit_order: Annotated[tuple[str, ...], NoDecode] = Field(
         DEFAULT_FIT_ORDER, description="precisions `fit` tries, best first (comma-separated)")
     host: str = Field("127.0.0.1", description="address to bind")
@@ -113,6 +116,11 @@ class Settings(BaseSettings):
     @classmethod
     def _canonical_dtype(cls, value: str) -> str:
         return normalize_dtype(value)
+
+    @field_validator("kv_dtype")
+    @classmethod
+    def _canonical_kv(cls, value: str) -> str:
+        return normalize_kv(value)
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ causal mask hides it from every prompt token, and the KV cache is trimmed back b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -34,8 +35,10 @@ def paddable(cache: list[Any]) -> bool:
     return bool(cache) and all(type(c) is KVCache for c in cache)
 
 
-def prefill(model: Any, tokens: mx.array, cache: list[Any], pad: bool) -> None:
-    """Run `tokens` (1-D) through the model into `cache`; `pad`: in bucket-shaped chunks."""
+def prefill(model: Any, tokens: mx.array, cache: list[Any], pad: bool,
+            after_chunk: Callable[[list[Any]], None] | None = None) -> None:
+    """Run `tokens` (1-D) through the model into `cache`; `pad`: in bucket-shaped chunks; `after_chunk(cache)`
+    after each chunk (a quantized KV cache is quantized there, as mlx_lm.generate does)."""
     pad = pad and paddable(cache)
     while tokens.size:
         n = min(CHUNK, tokens.size)
@@ -46,5 +49,7 @@ def prefill(model: Any, tokens: mx.array, cache: list[Any], pad: bool) -> None:
         if extra:
             for c in cache:
                 c.trim(extra)
+        if after_chunk is not None:
+            after_chunk(cache)
         mx.eval([c.state for c in cache])
         tokens = tokens[n:]

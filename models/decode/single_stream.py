@@ -20,6 +20,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from models.decode.prefill import prefill
 from models.decode.step_rules import needs_logprobs, picked_finite
+from models.mlx_lm_ext.quantized_batch_cache import quantize_layers
 
 
 @dataclass
@@ -37,11 +38,13 @@ class SingleStream:
     def __init__(self, model: Any, prompt: list[int], max_tokens: int, sampler: Callable | None,
                  processors: list, stop_tokens: set[int], uid: int, cache: list[Any] | None = None,
                  cached: int = 0, pad_prefill: bool = False, logprobs: bool = False,
-                 check_every: int = 1) -> None:
+                 check_every: int = 1, kv: tuple[int, int] | None = None) -> None:
         """`cache`, if given, holds the keys and values of the first `cached` prompt tokens;
         `pad_prefill`: prefill in bucket shapes (see models.decode.prefill); `logprobs`: the request reads
         them (a greedy one that does not decodes on raw float32 logits, as models.mlx_lm_ext.batch_generator does);
-        `check_every`: tokens between non-finite checks (the first and the last are always checked)."""
+        `check_every`: tokens between non-finite checks (the first and the last are always checked);
+        `kv`: (group size, bits) of a quantized KV cache, quantized after each prefill chunk as
+        mlx_lm.generate does with `kv_bits` and `quantized_kv_start=0` (None: the model's float dtype)."""
         self.model = model
         self.uid = uid
         self.max_tokens = max_tokens
@@ -55,8 +58,11 @@ class SingleStream:
         self.check_every = check_every
         with mx.stream(generation_stream):
             rest = mx.array(prompt[cached:] if cache is not None else prompt)
-            prefill(model, rest[:-1], self.cache, pad_prefill)  # the last token starts decoding
+            quantize = None if kv is None else lambda layers: quantize_layers(layers, *kv)
+            prefill(model, rest[:-1], self.cache, pad_prefill, quantize)  # the last token starts decoding
             self._next = self._forward(rest[-1:])
+            if quantize is not None:  # a one-token prompt's first step attended to float keys, as in mlx-lm
+                quantize(self.cache)
         mx.async_eval(*self._next)
 
     def _forward(self, inputs: mx.array) -> tuple[mx.array, mx.array, mx.array]:

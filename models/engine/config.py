@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.weights.dtypes import AUTO
+from models.weights.dtypes import AUTO, KV_FLOAT
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class EngineConfig:
     pad_prefill: bool | None = None  # None: where new shapes cost set-up time (models.decode.prefill.shapes_cost)
     show_paths: bool = False  # /memory and reports name files by path (else by name only)
     report_starts_per_hour: int | None = None  # new dtype reports allowed per hour (None: any)
+    kv_dtype: str = KV_FLOAT  # the KV cache's precision where a variant's name gives none
 
     # ---- tuning -----------------------------------------------------------------------------
     check_every: int = 4  # decode steps between non-finite checks under the `warn` policy

@@ -39,7 +39,8 @@ class MLXDecoder:
         cache, seq.prompt_cache = seq.prompt_cache, None
         self.single = SingleStream(loaded.model, seq.tokens, seq.max_tokens, seq.sampler, seq.processors, stop_ids,
                                    uid, cache=cache, cached=seq.cached_tokens, pad_prefill=self.pad_prefill,
-                                   logprobs=_reads_logprobs(seq), check_every=self.check_every)
+                                   logprobs=_reads_logprobs(seq), check_every=self.check_every,
+                                   kv=self.variant.kv)
         return uid
 
     def insert(self, seq: Sequence) -> int:
@@ -99,7 +100,7 @@ class MLXDecoder:
             tokenizer = variant.loaded.tokenizer
             variant.generator = LeanBatchGenerator(
                 variant.loaded.model, reads_logprobs=lambda uid: _reads_logprobs(variant.jobs.get(uid)),
-                check_every=self.check_every,
+                check_every=self.check_every, kv=variant.kv,
                 stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
                 completion_batch_size=self.max_batch_size,
                 prefill_batch_size=min(8, self.max_batch_size))

@@ -51,8 +51,10 @@ from models.report.fidelity import default_report_dtypes
 from models.text.prompt_encoding import encode_text, prompt_text
 from models.text.tool_calls import ToolCallSyntax
 from models.weights.catalog import ModelCatalog
-from models.weights.dtypes import DEFAULT_FIT_ORDER, FIT, normalize_dtype
-from models.weights.estimate import estimate_all, estimate_variant
+from models.weights.checkpoint import read_config
+from models.weights.dtypes import DEFAULT_FIT_ORDER, FIT, normalize_dtype, split_kv
+from models.weights.estimate import estimate_all, estimate_variant, with_kv_estimate
+from models.weights.loader import context_length
 from models.weights.memory import device_info, parse_budget, process_memory
 from models.weights.registry import Variant, VariantRegistry
 
@@ -73,7 +75,7 @@ class MLXEngine:
             catalog, self.default_dtype, parse_budget(config.memory_budget),
             trust_remote_code=config.trust_remote_code, idle_unload_s=config.idle_unload_s,
             prompt_cache_bytes=parse_budget(config.prompt_cache_bytes, allow_zero=True),
-            kv_sequences=config.max_batch_size, warm=self._warm_loaded,
+            kv_sequences=config.max_batch_size, kv_dtype=config.kv_dtype, warm=self._warm_loaded,
             fit_order=config.fit_order or DEFAULT_FIT_ORDER)
         self.policy = NonFinitePolicy(config.nonfinite_policy, config.check_every)
         self.stats = WorkerStats()
@@ -257,13 +259,21 @@ class MLXEngine:
         def run() -> list[dict]:
             folder = self.catalog.resolve(name)
             if not dtype:
-                return [{"model": name, **e} for e in estimate_all(folder, include_quantized)]
-            wanted = normalize_dtype(dtype)
+                return [{"model": name, **self._with_kv(folder, e, None)}
+                        for e in estimate_all(folder, include_quantized)]
+            wanted, kv = split_kv(normalize_dtype(dtype))
             if wanted == FIT:
                 wanted = self.registry.fit(name)["chosen"]
-            return [{"model": name, **estimate_variant(folder, wanted)}]
+            return [{"model": name, **self._with_kv(folder, estimate_variant(folder, wanted), kv)}]
 
         return await self._call(run)
+
+    def _with_kv(self, folder: Any, entry: dict, kv: str | None) -> dict:
+        """An estimate with its KV cache at `kv` (None: the server's KV precision) for max_batch_size
+        sequences at the model's context."""
+        config = read_config(folder)
+        return with_kv_estimate(entry, config, kv or self.registry.kv_dtype, self.config.max_batch_size,
+                                context_length(config))
 
     async def memory(self) -> MemoryReport:
         return await self._call(self._memory_report)

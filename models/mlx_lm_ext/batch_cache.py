@@ -18,6 +18,8 @@ import mlx.core as mx
 from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from models.mlx_lm_ext.quantized_batch_cache import quantize_layers
+
 
 def merge_with_room(caches: list[KVCache]) -> BatchKVCache:
     """BatchKVCache.merge (left-padded to the longest), in buffers with room for BatchKVCache.step
@@ -51,7 +53,28 @@ def merge_caches(caches: list[list[Any]]) -> list[Any] | None:
 
 
 class MovingPromptBatch(PromptProcessingBatch):
-    """A PromptProcessingBatch that hands all of its rows over to decoding without copying them."""
+    """A PromptProcessingBatch that hands all of its rows over to decoding without copying them.
+
+    `kv` (group size, bits), if set: its caches are quantized after each prefill chunk and when batches
+    join (models.mlx_lm_ext.quantized_batch_cache)."""
+
+    kv: tuple[int, int] | None = None
+
+    def prompt(self, tokens: list[list[int]]) -> None:
+        super().prompt(tokens)
+        if self.kv is not None:
+            quantize_layers(self.prompt_cache, *self.kv)
+
+    def extend(self, batch: PromptProcessingBatch) -> None:
+        if self.kv is not None:  # both sides in one storage: a quantized cache extends a float one
+            quantize_layers(self.prompt_cache, *self.kv)
+            quantize_layers(batch.prompt_cache, *self.kv)
+        super().extend(batch)
+
+    def _copy(self) -> PromptProcessingBatch:
+        copied = super()._copy()
+        copied.kv = self.kv
+        return copied
 
     def split(self, indices: list[int]) -> PromptProcessingBatch:
         if sorted(indices) != list(range(len(self.uids))):

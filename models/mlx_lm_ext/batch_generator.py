@@ -30,11 +30,13 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
+from mlx_lm.models.cache import KVCache
 
 from models.decode.step_rules import needs_logprobs, picked_finite
 from models.mlx_lm_ext.batch_cache import MovingPromptBatch, merge_caches
 from models.mlx_lm_ext.contract import GENERATION_BATCH_ATTRIBUTES
 from models.mlx_lm_ext.decode_mask import unmask_unpadded
+from models.mlx_lm_ext.quantized_batch_cache import merge_quantized, quantize_layers
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class LeanGenerationBatch(GenerationBatch):
 
     reads_logprobs: Callable[[int], bool]
     check_every: int = 1
+    kv: tuple[int, int] | None = None  # (group size, bits) of a quantized KV cache; None: float
     _steps = 0
     unmasked_steps = 0  # steps whose attention had no mask (models.mlx_lm_ext.decode_mask: no row padded)
     _next_finite: mx.array | None = None  # (rows, 1) bool for the queued step, None if unchecked
@@ -94,6 +97,8 @@ class LeanGenerationBatch(GenerationBatch):
         rows = len(self.uids)
         joining = picked_finite(mx.stack(batch._next_logprobs), batch._next_tokens) \
             if batch._next_tokens is not None and batch._next_logprobs else None
+        if self.kv is not None:  # rows that joined without a prefill chunk still hold float keys
+            quantize_layers(batch.prompt_cache, *self.kv)
         super().extend(batch)
         unmask_unpadded(self.prompt_cache)
         if not rows:
@@ -139,14 +144,17 @@ class LeanBatchGenerator(BatchGenerator):
     """BatchGenerator decoding in a LeanGenerationBatch, whose prefill steps take as many short prompts as fit
     (so a burst starts decoding together). `reads_logprobs(uid)`: whether that sequence's request reads
     logprobs (its rows, and so the whole batch's, are then normalized); `check_every`: decode steps between
-    non-finite checks."""
+    non-finite checks; `kv`: (group size, bits) to hold every sequence's KV cache quantized
+    (models.mlx_lm_ext.quantized_batch_cache), None: in the model's float dtype."""
 
     def __init__(self, model: Any, reads_logprobs: Callable[[int], bool] = lambda uid: False,
-                 check_every: int = 1, **kwargs: Any) -> None:
+                 check_every: int = 1, kv: tuple[int, int] | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        self.kv = kv
         batch = LeanGenerationBatch.empty(self.model, self.sampler)
         batch.reads_logprobs = reads_logprobs
         batch.check_every = check_every
+        batch.kv = kv
         missing = [name for name in GENERATION_BATCH_ATTRIBUTES if not hasattr(batch, name)]
         if missing:
             log.warning("mlx-lm's GenerationBatch lacks %s: decoding with its own step", ", ".join(missing))
@@ -158,6 +166,9 @@ class LeanBatchGenerator(BatchGenerator):
         if self._moves:
             self._prompt_batch = MovingPromptBatch.empty(
                 self.model, self.sampler, prefill_step_size=self._prompt_batch.prefill_step_size)
+            self._prompt_batch.kv = kv
+        elif kv is not None:
+            raise ValueError("a quantized KV cache in the batch needs mlx-lm's prompt batch (models.mlx_lm_ext)")
         self._prefill_rows_min = self.prefill_batch_size
 
     def _next(self) -> Any:
@@ -195,8 +206,13 @@ class LeanBatchGenerator(BatchGenerator):
     def _make_batch(self, n: int) -> PromptProcessingBatch:
         # mlx-lm's queued sequence: (uid, segments, max_tokens, caches, ...)
         joining = [self._unprocessed_sequences[i][3] for i in range(n)] if self._moves else []
+        merged = merge_quantized(joining, *self.kv) if self.kv is not None else None
+        if merged is not None:  # mlx-lm cannot merge quantized caches: it merges empty ones, replaced below
+            for i in range(n):
+                queued = self._unprocessed_sequences[i]
+                self._unprocessed_sequences[i] = (*queued[:3], [KVCache() for _ in queued[3]], *queued[4:])
         batch = super()._make_batch(n)
-        merged = merge_caches(joining)
+        merged = merged or merge_caches(joining)
         if merged is not None:
             batch.prompt_cache = merged  # replaces mlx-lm's merge before anything evaluates it
         return batch

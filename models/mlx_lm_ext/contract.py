@@ -25,6 +25,10 @@ NAMES = (
     "mlx_lm.models.cache:BatchKVCache.prepare", "mlx_lm.models.cache:BatchKVCache.finalize",
     "mlx_lm.models.cache:BatchKVCache.filter", "mlx_lm.models.cache:BatchKVCache.extend",
     "mlx_lm.models.cache:BatchKVCache.state", "mlx_lm.models.cache:KVCache",
+    # the quantized batch cache (quantized_batch_cache): its base, the roll it shares, its lone form
+    "mlx_lm.models.cache:dynamic_roll", "mlx_lm.models.cache:QuantizedKVCache",
+    "mlx_lm.models.cache:KVCache.to_quantized", "mlx_lm.generate:PromptProcessingBatch.prompt",
+    "mlx_lm.generate:PromptProcessingBatch.extend", "mlx_lm.generate:PromptProcessingBatch._copy",
     "mlx_lm.utils:_get_classes",
 )
 # Instance attributes of GenerationBatch that LeanGenerationBatch._step reads and writes
@@ -34,7 +38,8 @@ GENERATION_BATCH_ATTRIBUTES = (
 # Instance attributes read elsewhere: BatchGenerator's queue of prompts (a deque of tuples whose 4th item
 # is a sequence's cache), its prompt batch; BatchKVCache's write index
 OTHER_INSTANCE_ATTRIBUTES = ("BatchGenerator._unprocessed_sequences", "BatchGenerator._prompt_batch",
-                             "BatchKVCache._idx", "TokenizerWrapper._tokenizer")
+                             "BatchGenerator._generation_batch", "BatchKVCache._idx",
+                             "BatchKVCache._right_padding", "TokenizerWrapper._tokenizer")
 
 
 def _resolves(path: str) -> bool:

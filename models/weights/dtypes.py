@@ -4,6 +4,8 @@ server validates names with it.
 A precision names the quantized weights and the float dtype of everything else: `float16` (no
 quantized weights), `q4` (affine 4-bit, group size 64, the rest in the model's default float dtype),
 `q4g32` (group size 32), `q4:float16` (the rest in float16), `mxfp4`, `mixed_3_6` (mlx-lm's recipe).
+A variant's name may end in its KV cache's precision: `q4+kv8` (the weights of `q4`, an 8-bit KV cache),
+`bfloat16+kv4`, `q4+float` (the float KV cache where the server's default is quantized).
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ STANDARD_QUANTIZATIONS = ("q8", "q6", "q5", "q4", "q3", "q2", "mxfp8", "mxfp4", 
 DEFAULT_FIT_ORDER = (AUTO, "bfloat16", "q8", "q6", "q5", "q4")
 QUANT_ALIASES = {"int8": "q8", "int4": "q4", **{f"{b}bit": f"q{b}" for b in AFFINE_BITS}}
 _AFFINE = re.compile(r"^q(\d)(?:g(\d+))?$")
+# KV cache precisions: the model's float dtype (the activations'), or mlx-lm's affine-quantized KV cache
+KV_FLOAT = "float"
+KV_BITS = {"kv8": 8, "kv4": 4}
+KV_NAMES = (KV_FLOAT, *KV_BITS)
+KV_ALIASES = {"kvfloat": KV_FLOAT, "auto": KV_FLOAT, "8": "kv8", "q8": "kv8", "int8": "kv8", "4": "kv4",
+              "q4": "kv4", "int4": "kv4"}
+KV_SEPARATOR = "+"  # `<weights precision>+<KV precision>`: q4+kv8
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,8 @@ def accepted_names() -> tuple[str, ...]:
     """Every spelling a request may use (the schema's enum): names, aliases, group sizes, float suffixes."""
     bases = quantization_names() + [f"q{b}g{DEFAULT_GROUP_SIZE}" for b in AFFINE_BITS] + list(QUANT_ALIASES)
     suffixed = [f"{b}:{f}" for b in bases for f in FLOATING]
-    return (*DTYPE_NAMES, FIT, *ALIASES, *bases, *suffixed)
+    names = (*DTYPE_NAMES, FIT, *ALIASES, *bases, *suffixed)
+    return (*names, *(f"{n}{KV_SEPARATOR}{kv}" for n in names for kv in KV_NAMES))
 
 
 def default_float_dtype(stored: str) -> str:
@@ -151,10 +161,41 @@ def unknown_dtype(name: Any) -> UnknownDtypeError:
 
 def normalize_dtype(name: Any) -> str:
     """Canonical precision name for `name` (case-insensitive, aliases resolved): `auto`, `fit`, a
-    float dtype, or a quantization with an optional `:<float dtype>`."""
+    float dtype, or a quantization with an optional `:<float dtype>`; then an optional `+<KV precision>`
+    (`q4+kv8`), kept as written (also `+float`: the server's default KV precision does not apply)."""
+    if isinstance(name, str) and KV_SEPARATOR in name:
+        weights, _, kv = name.partition(KV_SEPARATOR)
+        return f"{normalize_dtype(weights)}{KV_SEPARATOR}{normalize_kv(kv, name)}"
     if isinstance(name, str) and name.strip().lower() == FIT:
         return FIT
     return parse_precision(name).name
+
+
+def normalize_kv(name: Any, whole: Any = None) -> str:
+    """Canonical KV precision name (`float`, `kv8`, `kv4`; aliases 8, q8, int8, 4, q4, int4, kvfloat);
+    anything else raises UnknownDtypeError (naming `whole`, the variant name it came in, if given)."""
+    key = name.strip().lower() if isinstance(name, str) else None
+    key = KV_ALIASES.get(key, key)
+    if key not in KV_NAMES:
+        raise UnknownDtypeError(f"unknown KV cache precision {name!r}" + (f" in {whole!r}" if whole else "")
+                                + f"; valid: {', '.join(KV_NAMES)} (e.g. q4+kv8: q4 weights, an 8-bit KV cache)")
+    return key
+
+
+def split_kv(name: str) -> tuple[str, str | None]:
+    """A canonical variant name's (weights precision, KV precision or None where it names none)."""
+    weights, separator, kv = name.partition(KV_SEPARATOR)
+    return weights, (kv if separator else None)
+
+
+def variant_name(weights: str, kv: str) -> str:
+    """A variant's canonical name: its weights' precision, and `+<kv>` unless the KV cache is float."""
+    return weights if kv == KV_FLOAT else f"{weights}{KV_SEPARATOR}{kv}"
+
+
+def kv_bits(kv: str) -> int | None:
+    """The bits of a KV precision's quantized cache; None for the float one."""
+    return KV_BITS.get(kv)
 
 
 def is_floating(dtype_name: str) -> bool:

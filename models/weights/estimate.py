@@ -17,6 +17,8 @@ from models.weights.dtypes import (
     SAFETENSORS_DTYPES,
     STANDARD_QUANTIZATIONS,
     is_floating,
+    kv_bits,
+    variant_name,
     will_cast,
 )
 
@@ -146,12 +148,49 @@ def estimate_all(folder: Path, include_quantized: bool = False) -> list[dict]:
     return out
 
 
-def kv_cache_bytes(config: dict, float_dtype: str, sequences: int, context: int) -> int:
-    """Keys and values of `sequences` sequences of `context` tokens, in the activations' dtype:
-    what `fit` keeps free beside the weights."""
+KV_GROUP_SIZE = 64  # mlx-lm's kv_group_size; 32 where 64 does not divide the head size
+
+
+def kv_shape(config: dict) -> tuple[int, int, int]:
+    """(layers, KV heads, head size) of a config's attention."""
     text = config.get("text_config", config)
     layers = int(text.get("num_hidden_layers", 0))
     heads = int(text.get("num_attention_heads", 1))
     kv_heads = int(text.get("num_key_value_heads") or heads)
     head_dim = int(text.get("head_dim") or text.get("hidden_size", 0) // max(heads, 1))
-    return 2 * layers * kv_heads * head_dim * context * sequences * BYTES_PER_ELEMENT[float_dtype]
+    return layers, kv_heads, head_dim
+
+
+def kv_group_size(config: dict) -> int:
+    """The group size a quantized KV cache of this model uses (mx.quantize needs it to divide the head size)."""
+    head_dim = kv_shape(config)[2]
+    return next((g for g in (KV_GROUP_SIZE, 32) if head_dim and head_dim % g == 0), KV_GROUP_SIZE)
+
+
+def kv_bytes_per_token(config: dict, float_dtype: str, bits: int | None = None) -> int:
+    """Bytes of one token's keys and values over all layers: in the float dtype, or quantized to `bits`
+    as QuantizedKVCache stores them (packed codes, and a float scale and bias per group)."""
+    layers, kv_heads, head_dim = kv_shape(config)
+    width = BYTES_PER_ELEMENT[float_dtype]
+    if bits is None:
+        per_head = head_dim * width
+    else:
+        per_head = head_dim * bits // 8 + 2 * (head_dim // kv_group_size(config)) * width
+    return 2 * layers * kv_heads * per_head
+
+
+def kv_cache_bytes(config: dict, float_dtype: str, sequences: int, context: int, bits: int | None = None) -> int:
+    """Keys and values of `sequences` sequences of `context` tokens, in the activations' dtype or quantized
+    to `bits`: what `fit` keeps free beside the weights."""
+    return kv_bytes_per_token(config, float_dtype, bits) * context * sequences
+
+
+def with_kv_estimate(entry: dict, config: dict, kv: str, sequences: int, context: int) -> dict:
+    """An estimate_variant entry named as the variant of KV precision `kv` (`q4+kv8`), with its KV cache:
+    bytes per token, and for `sequences` sequences of `context` tokens (the model's context)."""
+    bits = kv_bits(kv)
+    per_token = kv_bytes_per_token(config, entry["float_dtype"], bits)
+    return {**entry, "dtype": variant_name(entry["dtype"], kv),
+            "kv_cache": {"dtype": kv, "bits": bits, "group_size": kv_group_size(config) if bits else None,
+                         "bytes_per_token": per_token, "sequences": sequences, "context": context,
+                         "bytes": per_token * sequences * context}}

@@ -17,6 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from models.decode.kv_usage import describe_kv, live_kv_bytes
 from models.decode.prefix_cache import PrefixCache
 from models.errors import (
     DtypeRefusedError,
@@ -28,8 +29,18 @@ from models.errors import (
 )
 from models.weights.catalog import ModelCatalog
 from models.weights.checkpoint import VariantSpec, read_config, variant_spec
-from models.weights.dtypes import AUTO, DEFAULT_FIT_ORDER, FIT, normalize_dtype
-from models.weights.estimate import config_floor_bytes, estimate_variant, kv_cache_bytes
+from models.weights.dtypes import (
+    AUTO,
+    DEFAULT_FIT_ORDER,
+    FIT,
+    KV_FLOAT,
+    kv_bits,
+    normalize_dtype,
+    normalize_kv,
+    split_kv,
+    variant_name,
+)
+from models.weights.estimate import config_floor_bytes, estimate_variant, kv_cache_bytes, kv_group_size
 from models.weights.loader import LoadedModel, context_length, derive_variant, load_variant, log_progress
 from models.weights.memory import bits_per_weight, floating_dtypes, unique_bytes
 from models.weights.quantize import check_runs
@@ -51,10 +62,16 @@ class Variant:
     last_used: float = field(default_factory=time.time)
     requests_served: int = 0
     tokens_generated: int = 0
+    kv: tuple[int, int] | None = None  # (group size, bits) of its quantized KV cache; None: float
 
     @property
     def key(self) -> Key:
         return (self.loaded.name, self.loaded.dtype)
+
+    @property
+    def weights_dtype(self) -> str:
+        """The precision of its weights (variants that differ only in KV precision share them)."""
+        return split_kv(self.loaded.dtype)[0]
 
     @property
     def busy(self) -> bool:
@@ -78,13 +95,14 @@ class Variant:
             "context_length": loaded.context_length, "last_used": self.last_used,
             "in_flight": len(self.jobs), "requests_served": self.requests_served,
             "tokens_generated": self.tokens_generated, "prompt_cache": self.prefix.describe(),
+            "kv_cache": describe_kv(self),
         }
 
 
 class VariantRegistry:
     def __init__(self, catalog: ModelCatalog, default_dtype: str, budget_bytes: int, *,
                  trust_remote_code: bool = False, idle_unload_s: float | None = None,
-                 prompt_cache_bytes: int = 0, kv_sequences: int = 16,
+                 prompt_cache_bytes: int = 0, kv_sequences: int = 16, kv_dtype: str = KV_FLOAT,
                  fit_order: tuple[str, ...] = DEFAULT_FIT_ORDER,
                  warm: Callable[[LoadedModel], None] | None = None) -> None:
         self.catalog = catalog
@@ -99,6 +117,7 @@ class VariantRegistry:
         self.refused: dict[Key, str] = {}  # variants the non-finite policy refuses, with the reason
         self.failed_loads: dict[str, tuple[float, str]] = {}  # model -> (monotonic time, the load error)
         self.kv_sequences = kv_sequences  # sequences whose KV cache `fit` keeps room for
+        self.kv_dtype = normalize_kv(kv_dtype)  # the KV precision of a variant whose name gives none
         self.fit_order = tuple(normalize_dtype(d) for d in fit_order)
         self.warm = warm  # compiles a variant loaded at run time for request shapes, before it serves
         self.fits: dict[str, dict] = {}  # model -> what `fit` chose and why
@@ -109,12 +128,14 @@ class VariantRegistry:
 
     # ---- names -------------------------------------------------------------------------------
     def key(self, model: str, dtype: str | None) -> Key:
-        """(model, the variant's canonical precision name); `fit` is resolved once per model."""
+        """(model, the variant's canonical name: its weights' precision and, unless float, its KV
+        precision, `q4+kv8`); `fit` is resolved once per model, a name without a KV precision takes the
+        server's."""
         model = self.catalog.canonical(model)
-        dtype = normalize_dtype(dtype) if dtype else self.default_dtype
-        if dtype == FIT:
-            dtype = self.fit(model)["chosen"]
-        return model, self.spec(model, dtype).key
+        weights, kv = split_kv(normalize_dtype(dtype) if dtype else self.default_dtype)
+        if weights == FIT:
+            weights = self.fit(model)["chosen"]
+        return model, variant_name(self.spec(model, weights).key, kv or self.kv_dtype)
 
     def spec(self, model: str, dtype: str) -> VariantSpec:
         """What a canonical precision name means for this model's checkpoint (headers read once)."""
@@ -142,7 +163,7 @@ class VariantRegistry:
             if any(t["dtype"] == spec.key for t in tried):
                 continue
             weights = estimate_variant(folder, spec.key)["total_bytes"]
-            reserve = kv_cache_bytes(config, spec.float_dtype, self.kv_sequences, context)
+            reserve = kv_cache_bytes(config, spec.float_dtype, self.kv_sequences, context, kv_bits(self.kv_dtype))
             tried.append({"dtype": spec.key, "weights_bytes": weights, "kv_reserve_bytes": reserve,
                           "fits": weights + reserve <= available})
             if tried[-1]["fits"]:
@@ -172,6 +193,10 @@ class VariantRegistry:
     def prompt_cache_used(self) -> int:
         return sum(v.prefix.nbytes for v in self.variants.values())
 
+    def kv_cache_live(self) -> int:
+        """Bytes of the running sequences' KV caches, all variants (not yet in used_bytes: issue 22 section 2)."""
+        return sum(live_kv_bytes(v) for v in self.variants.values())
+
     def make_room_in_prompt_caches(self, required: int) -> None:
         """Cached prompts go first, before any variant, when `required` bytes do not fit."""
         if self.budget_bytes - self.used_bytes() < required:
@@ -191,10 +216,14 @@ class VariantRegistry:
         """A resident variant that holds the checkpoint's values exactly."""
         own = self.spec(model, AUTO).key
         for candidate in (own, "float32"):
-            variant = self.variants.get((model, candidate))
+            variant = self._with_weights(model, candidate)
             if variant is not None and candidate != dtype and (candidate == own or own in ("bfloat16", "float16")):
                 return variant
         return None
+
+    def _with_weights(self, model: str, weights: str) -> Variant | None:
+        """A resident variant of `model` whose weights are `weights` (at any KV precision)."""
+        return next((v for (m, _), v in self.variants.items() if m == model and v.weights_dtype == weights), None)
 
     def _load(self, key: Key) -> Variant:
         """Load a variant; a checkpoint that failed is refused again for FAILED_LOAD_TTL_S, unread."""
@@ -211,7 +240,11 @@ class VariantRegistry:
             raise
 
     def _load_checkpoint(self, key: Key) -> Variant:
-        name, dtype = key
+        """Load a variant; one that differs from a resident one only in KV precision shares its weights."""
+        name, dtype = key[0], split_kv(key[1])[0]
+        sibling = self._with_weights(name, dtype)
+        if sibling is not None:
+            return self._register(key, dataclasses.replace(sibling.loaded, dtype=key[1]))
         spec = self.spec(name, dtype)
         if spec.quantize:
             check_runs(spec.quantization, spec.float_dtype)  # before anything is evicted or allocated
@@ -236,13 +269,19 @@ class VariantRegistry:
                 loaded.stats = dataclasses.replace(loaded.stats, warmup_seconds=time.perf_counter() - started)
         finally:
             self.loading = None
-        variant = Variant(loaded, PrefixCache(self.prompt_cache_bytes))
-        self.variants[key] = variant
-        self.load_counts[key] = self.load_counts.get(key, 0) + 1
         stats = loaded.stats
         log.info("loaded %s/%s from %s: %d bytes (estimated %d), peak %.3fx final, %.2fs + %.2fs warm-up",
                  name, dtype, stats.source, stats.final_bytes, required, stats.peak_over_final,
                  stats.load_seconds, stats.warmup_seconds)
+        return self._register(key, dataclasses.replace(loaded, dtype=key[1]))
+
+    def _register(self, key: Key, loaded: LoadedModel) -> Variant:
+        """The resident variant `key` of `loaded`'s weights, with its KV precision."""
+        bits = kv_bits(split_kv(key[1])[1] or KV_FLOAT)
+        kv = None if bits is None else (kv_group_size(loaded.config), bits)
+        variant = Variant(loaded, PrefixCache(self.prompt_cache_bytes), kv=kv)
+        self.variants[key] = variant
+        self.load_counts[key] = self.load_counts.get(key, 0) + 1
         return variant
 
     def _progress(self, key: Key) -> Callable[[int, int, int, int], None]:
@@ -326,7 +365,7 @@ class VariantRegistry:
     def report(self) -> dict:
         used = self.used_bytes()
         return {"budget_bytes": self.budget_bytes, "used_bytes": used, "free_bytes": self.budget_bytes - used,
-                "prompt_cache_bytes": self.prompt_cache_used(),
+                "prompt_cache_bytes": self.prompt_cache_used(), "kv_cache_live_bytes": self.kv_cache_live(),
                 "pinned": [{"model": m, "dtype": d} for m, d in sorted(self.pinned)],
                 "loading": self.loading, "fit": self.fits,
                 "loads": [{"model": m, "dtype": d, "count": n} for (m, d), n in sorted(self.load_counts.items())],

@@ -33,8 +33,21 @@ class _Snapshot:
                                          "shared prompt prefixes", labels=labels)
         cached_tokens = CounterMetricFamily("dtype_serve_prompt_cache_hit_tokens", "Prompt tokens served from "
                                             "the prefix cache instead of prefilled", labels=labels)
+        kv_bytes = GaugeMetricFamily("dtype_serve_kv_cache_bytes", "Bytes of the live KV caches of a variant's "
+                                     "running sequences (lone and batched), from the cache arrays", labels=labels)
+        kv_tokens = GaugeMetricFamily("dtype_serve_kv_cache_tokens", "Tokens the live KV caches of a variant's "
+                                      "running sequences hold", labels=labels)
+        kv_sequences = GaugeMetricFamily("dtype_serve_kv_cache_sequences", "Sequences of a variant holding a "
+                                         "KV cache", labels=labels)
+        kv_per_token = GaugeMetricFamily("dtype_serve_kv_cache_bytes_per_token", "KV cache bytes one token of "
+                                         "one sequence costs at the variant's KV precision", labels=labels)
         for v in self.report["variants"]:
             key = [v["model"], v["dtype"]]
+            kv = v["kv_cache"]
+            kv_bytes.add_metric(key, kv["live_bytes"])
+            kv_tokens.add_metric(key, kv["tokens"])
+            kv_sequences.add_metric(key, len(kv["sequences"]))
+            kv_per_token.add_metric(key, kv["bytes_per_token"])
             for param_dtype, n in v["bytes_by_dtype"].items():
                 param_bytes.add_metric([*key, param_dtype], n)
             in_flight.add_metric(key, v["in_flight"])
@@ -53,8 +66,8 @@ class _Snapshot:
             load_seconds.add_metric(key, v["load_seconds"])
             total_bytes.add_metric(key, v["total_bytes"])
             load_peak.add_metric(key, v["load_peak_bytes"])
-        yield from (param_bytes, in_flight, served, tokens, prompt_cache, cached_tokens, load_seconds,
-                    total_bytes, load_peak)
+        yield from (param_bytes, in_flight, served, tokens, prompt_cache, cached_tokens, kv_bytes, kv_tokens,
+                    kv_sequences, kv_per_token, load_seconds, total_bytes, load_peak)
         yield from _loading(self.report["budget"].get("loading"))
         worker = self.report.get("worker")
         if worker:
