@@ -23,6 +23,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from models.api import OutputConstraint
 from models.errors import InvalidRequestError
+from models.mlx_lm_ext.internals import wrapped_tokenizer
 
 log = logging.getLogger(__name__)
 # Compact JSON unless the schema's `x-guidance` says otherwise: flexible whitespace lets a weak model
@@ -54,7 +55,7 @@ class _TokenBytes:
 def grammar_tokenizer(tokenizer: Any) -> llguidance.LLTokenizer:
     """llguidance's view of an mlx-lm TokenizerWrapper (built once per tokenizer: ~1 s for a large
     vocabulary): from its tokenizer.json where llguidance reads that family, else token by token."""
-    hf = tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
+    hf = wrapped_tokenizer(tokenizer) if isinstance(tokenizer, TokenizerWrapper) else tokenizer
     with _tokenizers_lock:
         cached = _tokenizers.get(id(hf))
         if cached is not None and cached[0] is hf:

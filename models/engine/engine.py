@@ -88,6 +88,7 @@ class MLXEngine:
         self.traffic = Traffic()
         self.worker = Worker(config, self.serving, self.outbox, self.stats, clock, self.traffic, self._worker_died)
         self.registry.between_tensors = self._between_tensors
+        self._report_dtypes: dict[str, list[str]] = {}  # per model: what its report measures unless told
         self._report_during_load: MemoryReport | None = None  # the memory report at the current load's first tensor
         self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._state = "created"
@@ -108,6 +109,7 @@ class MLXEngine:
             default = await self.load(self.default_model, self.default_dtype)
             if self.config.pin_default:
                 await self._call(lambda: self.registry.pinned.add((default["model"], default["dtype"])))
+            await self.report_dtypes()  # known before any load can hold the worker (/models reads it)
             if self.config.warmup:
                 await self._warm_up()
         except Exception as e:
@@ -288,7 +290,10 @@ class MLXEngine:
     async def report_dtypes(self, model: str | None = None) -> list[str]:
         """The precisions a model's report measures when asked for none (quantizations this device runs)."""
         name = self.catalog.canonical(model or self.config.default_model)
-        return await self._call(lambda: list(default_report_dtypes(self.catalog.resolve(name))))
+        if name not in self._report_dtypes:  # a device fact per checkpoint: asked once (start-up for the default)
+            folder = self.catalog.resolve(name)
+            self._report_dtypes[name] = await self._call(lambda: list(default_report_dtypes(folder)))
+        return self._report_dtypes[name]
 
     async def tokenize(self, params: TokenizeParams) -> Tokenized:
         """A prompt's token ids exactly as generation would encode it (on a tokenizing thread: a long text
