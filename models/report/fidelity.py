@@ -393,23 +393,20 @@ class FidelityJob:
             tally.task_n += 1
 
     def _speed(self, loaded: LoadedModel) -> Iterator[object]:
-        """Batch-1 prefill and decode, and batched decode, on the serving paths, each after one warm-up
-        run; medians of the repeats (the return value)."""
+        """Batch-1 prefill and decode (each after one warm-up run) and batched decode (windows of one
+        batch after warm-up steps), on the serving paths; medians of the repeats (the return value)."""
         model = loaded.model
 
         def single() -> Iterator[object]:
             return runs.single_speed(model, self._speed_ids, self.decode_tokens, self.pad_prefill)
 
-        def batched(steps: int = self.decode_tokens) -> Iterator[object]:
-            return runs.batch_speed(model, self._speed_ids, self.speed_batch, steps)
-
-        ones, many = [], []
+        ones = []
         yield from single()
         for _ in range(self.speed_repeats):
             ones.append((yield from single()))
-        yield from batched(2)  # a warm-up needs the shapes, not the length
-        for _ in range(self.speed_repeats):
-            many.append((yield from batched()))
+        # one batch prefilled once, its repeats windows of steps after two warm-up steps (the shapes)
+        many = yield from runs.batch_speed(model, self._speed_ids, self.speed_batch, self.decode_tokens,
+                                           windows=self.speed_repeats)
         prefill = statistics.median(r.prefill_s for r in ones)
         decode = statistics.median(r.decode_s for r in ones)
         batch_rate = statistics.median(r.decode_tokens / r.decode_s for r in many if r.decode_s > 0) \

@@ -101,27 +101,37 @@ def single_speed(model: Any, ids: list[int], decode_tokens: int, pad_prefill: bo
     return SpeedRun(prefill, decode, decode_tokens)
 
 
-def batch_speed(model: Any, ids: list[int], batch: int, decode_tokens: int) -> Iterator[object]:
-    """`batch` requests of the same prompt decoding together: `decode_tokens` batched steps, each timed on
-    its own once every row decodes (their prefill is not timed: it depends on how requests arrive)."""
+def batch_speed(model: Any, ids: list[int], batch: int, decode_tokens: int, windows: int = 1,
+                warmup_steps: int = 2) -> Iterator[object]:
+    """`batch` requests of the same prompt decoding together: after `warmup_steps` untimed steps, `windows`
+    windows of `decode_tokens` batched steps, each step timed on its own; one SpeedRun per window (the
+    return value). The rows are prefilled once, untimed (prefill depends on how requests arrive), so later
+    windows attend over `decode_tokens` more positions than the one before."""
     generator = LeanBatchGenerator(model, check_every=CHECK_EVERY, completion_batch_size=batch,
                                    prefill_batch_size=min(8, batch))
     try:
-        generator.insert([list(ids) for _ in range(batch)], max_tokens=[decode_tokens + 4] * batch)
+        steps = warmup_steps + windows * decode_tokens
+        generator.insert([list(ids) for _ in range(batch)], max_tokens=[steps + 4] * batch)
         decoding = 0
         while decoding < batch:  # prefill steps, until every row has its first decoded token
             _, responses = generator.next()
             decoding = len(responses)
             yield PART
-        decode, tokens = 0.0, 0
-        for _ in range(decode_tokens):
-            generator.sync()
-            t0 = time.perf_counter()
-            _, responses = generator.next()
-            generator.sync()
-            decode += time.perf_counter() - t0
-            tokens += len(responses)
+        for _ in range(warmup_steps):
+            generator.next()
             yield PART
-        return SpeedRun(None, decode, tokens)
+        results = []
+        for _ in range(windows):
+            decode, tokens = 0.0, 0
+            for _ in range(decode_tokens):
+                generator.sync()
+                t0 = time.perf_counter()
+                _, responses = generator.next()
+                generator.sync()
+                decode += time.perf_counter() - t0
+                tokens += len(responses)
+                yield PART
+            results.append(SpeedRun(None, decode, tokens))
+        return results
     finally:
         generator.close()
