@@ -21,7 +21,7 @@ class TextBlock(BaseModel):
 
 
 class ToolUseBlock(BaseModel):
-    """A tool call the assistant made earlier (from another server: this one does not parse tool calls yet)."""
+    """A tool call the assistant made earlier, passed back as history."""
 
     model_config = _BLOCK
     type: Literal["tool_use"]
@@ -62,7 +62,9 @@ class Tool(BaseModel):
 
 class ToolChoice(BaseModel):
     model_config = _STRICT
-    type: Literal["auto", "none"] = Field(description="`any` or a named tool cannot be enforced yet")
+    type: Literal["auto", "none", "any", "tool"] = Field(description="`any` or `tool` (with `name`) is enforced "
+                                                         "(the input validates)")
+    name: str | None = Field(None, min_length=1, max_length=128, description="the tool, with type `tool`")
     disable_parallel_tool_use: StrictBool | None = None
 
 
@@ -77,8 +79,7 @@ class CountTokensRequest(BaseModel):
     model: str = Field(min_length=1, max_length=300, description="model id; `name:dtype` picks a dtype")
     messages: list[Message] = Field(min_length=1, max_length=1000)
     system: Text | Annotated[list[TextBlock], Field(max_length=1000)] | None = None
-    tools: list[Tool] | None = Field(None, max_length=128, description="rendered through the chat template; "
-                                     "tool calls are not parsed yet")
+    tools: list[Tool] | None = Field(None, max_length=128, description="rendered through the chat template")
     tool_choice: ToolChoice | None = None
 
     def system_text(self) -> str | None:

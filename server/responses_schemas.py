@@ -35,7 +35,7 @@ class InputMessage(BaseModel):
 
 
 class FunctionCallItem(BaseModel):
-    """A tool call the model made earlier (from another server: this one does not parse tool calls yet)."""
+    """A tool call the model made earlier, passed back as history."""
 
     model_config = _LENIENT
     type: Literal["function_call"]
@@ -70,7 +70,14 @@ class FunctionTool(BaseModel):
     name: str = ToolName
     description: str | None = Field(None, max_length=100_000)
     parameters: JsonSchema | None = None
-    strict: StrictBool | None = Field(None, description="accepted; arguments are not enforced")
+    strict: StrictBool | None = Field(None, description="accepted; tool_choice required or a named function "
+                                      "enforces the arguments")
+
+
+class NamedFunctionChoice(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    name: str = ToolName
 
 
 class TextConfig(BaseModel):
@@ -92,9 +99,10 @@ class ResponsesRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: StrictBool = False
     tools: list[FunctionTool] | None = Field(None, max_length=128, description="function tools, rendered "
-                                             "through the chat template; calls are not parsed yet")
-    tool_choice: Literal["auto", "none"] | None = Field(None, description="`none` leaves the tools out; "
-                                                        "`required` or a named tool cannot be enforced yet")
+                                             "through the chat template")
+    tool_choice: Literal["auto", "none", "required"] | NamedFunctionChoice | None = Field(
+        None, description="`none` leaves the tools out; `required` or a named function is enforced (the "
+        "arguments validate); `auto` returns the calls written in the model's own syntax")
     parallel_tool_calls: StrictBool | None = None
     text: TextConfig | None = None
     truncation: Literal["disabled"] | None = Field(None, description="`auto` is not supported")
@@ -120,7 +128,8 @@ class ResponsesRequest(BaseModel):
         return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
                 "temperature": self.temperature, "top_p": self.top_p,
                 "tools": [t.model_dump(exclude_none=True) for t in self.tools or ()],
-                "tool_choice": self.tool_choice or "auto",
+                "tool_choice": self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel)
+                else self.tool_choice or "auto",
                 "parallel_tool_calls": True if self.parallel_tool_calls is None else self.parallel_tool_calls,
                 "text": {"format": self.text.format.model_dump(by_alias=True, exclude_none=True)
                          if self.text and self.text.format else {"type": "text"}},

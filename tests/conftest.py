@@ -123,6 +123,20 @@ def tools_server(tools_model):
     stop_server(proc)
 
 
+@pytest.fixture(scope="session")
+def random_tools_server(tools_model, tmp_path_factory):
+    """A real server on a llama with random weights whose chat template renders tools and tool calls (as
+    `tools_model`): its output is noise unless a tool choice is enforced."""
+    from models.testing.synthetic import llama_config, make_llama_checkpoint
+
+    folder = make_llama_checkpoint(tmp_path_factory.mktemp("models") / "random-tools",
+                                   llama_config(hidden=64, layers=2, vocab=100, context=2048), seed=3,
+                                   tokenizer_from=tools_model)
+    proc, base = start_server("--model", str(folder))
+    yield base
+    stop_server(proc)
+
+
 def sse_events(text: str) -> list[tuple[str, dict]]:
     """(event name, data) of each server-sent event in a body."""
     events = []

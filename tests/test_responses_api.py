@@ -66,10 +66,10 @@ def test_streamed_events_in_order(oai):
     assert final.output_text == "42" and final.status == "completed"
 
 
-def test_tools_are_rendered_not_called(oai):
+def test_tools_are_rendered(oai):
     r = oai.responses.create(model=MODEL, input="17+25=", temperature=0, tools=[ADD])
     assert r.usage.input_tokens == 1 + len("add;\n17+25=")
-    assert [item.type for item in r.output] == ["message"]  # tool calls are not parsed (yet)
+    assert [item.type for item in r.output] == ["message"]  # auto: this model has no tool-call syntax
     assert r.tools[0].name == "add"
     left_out = oai.responses.create(model=MODEL, input="17+25=", temperature=0, tools=[ADD], tool_choice="none")
     assert left_out.usage.input_tokens == 7
@@ -89,8 +89,11 @@ def test_errors_in_openai_shape(oai, tools_server):
     with pytest.raises(openai.UnprocessableEntityError) as e:
         oai.responses.create(model=MODEL, input="hi", previous_response_id="resp_1")
     assert "the server keeps no responses" in str(e.value)
-    with pytest.raises(openai.UnprocessableEntityError):
-        oai.responses.create(model=MODEL, input="hi", tools=[ADD], tool_choice="required")
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        oai.responses.create(model=MODEL, input="hi", tools=[ADD], tool_choice={"type": "function", "name": "x"})
+    with pytest.raises(openai.BadRequestError, match="cannot be combined"):
+        oai.responses.create(model=MODEL, input="hi", tools=[ADD], tool_choice="required",
+                             text={"format": {"type": "json_object"}})
     with pytest.raises(openai.BadRequestError) as e:
         oai.responses.create(model=MODEL, input=[{"type": "function_call", "call_id": "c", "name": "add",
                                                   "arguments": "[1]"}])
@@ -104,8 +107,8 @@ async def test_a_failure_mid_stream_is_response_failed(client, monkeypatch):
     fail_first_step(monkeypatch)
     r = await client.post("/v1/responses", json={"input": "17+25=", "stream": True})
     events = sse_events(r.text)
-    assert [name for name, _ in events] == ["response.created", "response.in_progress", "response.output_item.added",
-                                            "response.content_part.added", "response.failed"]
+    # the message item opens with its first text: a failure before any leaves no item half open
+    assert [name for name, _ in events] == ["response.created", "response.in_progress", "response.failed"]
     failed = events[-1][1]["response"]
     assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
     monkeypatch.undo()

@@ -15,7 +15,6 @@ from models.api import OutputConstraint
 from models.decode.constraints import compile_constraint
 from models.errors import InvalidRequestError
 from tests.conftest import BUNDLED as BUNDLED_PATH
-from tests.conftest import start_server, stop_server
 from tests.test_registry import app_client, close
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pet", "scores"],
@@ -172,19 +171,6 @@ def test_compile_refuses_what_llguidance_cannot_compile(tmp_path):
 
 
 # ---- tool calls ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def random_tools_server(tools_model, tmp_path_factory):
-    """A llama with random weights whose chat template renders tools and tool calls (tests/conftest.py)."""
-    from models.testing.synthetic import llama_config, make_llama_checkpoint
-
-    folder = make_llama_checkpoint(tmp_path_factory.mktemp("models") / "random-tools",
-                                   llama_config(hidden=64, layers=2, vocab=100, context=2048), seed=3,
-                                   tokenizer_from=tools_model)
-    proc, base = start_server("--model", str(folder))
-    yield base
-    stop_server(proc)
-
-
 def test_a_tool_round_trip_through_the_openai_sdk_on_a_random_model(random_tools_server):
     import openai
 
