@@ -28,7 +28,8 @@ fi
 # lm-eval (a test tool) needs torch: on Linux the CPU wheel (~200 MB) instead of the CUDA one PyPI gives (GBs)
 case ",$EXTRAS," in *,test,*)
   if [ "$(uname -s)" = Linux ] && ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-    "$VENV/bin/python" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
+    # one retry: where that index is unreachable, each of torch's dependencies would wait out pip's five
+    "$VENV/bin/python" -m pip install -q --retries 1 torch --index-url https://download.pytorch.org/whl/cpu \
       || echo "note: the CPU torch index is unreachable; pip installs the torch that PyPI gives"
   fi ;;
 esac

@@ -12,7 +12,6 @@ from sse_starlette import EventSourceResponse
 
 from models.api import Engine, Finished, GenerationParams, OutputConstraint, PromptScores, TokenLogprob
 from models.errors import EngineError, InvalidRequestError, UnknownDtypeError
-from models.text.tool_calls import ToolCallStream
 from models.weights.dtypes import FLOATING, STANDARD_QUANTIZATIONS, normalize_dtype
 from server.deps import ReadyEngine, SettingsDep, Tenant, cache_scope
 from server.errors import engine_error_payload
@@ -21,16 +20,9 @@ from server.openai_schemas import ChatCompletionRequest, ChatMessage, Completion
 from server.schemas import ERROR_RESPONSES, STREAM_RESPONSE, usage_body
 from server.settings import Settings, check_max_tokens
 from server.streaming import collect_unless_disconnected, first_event
-from server.structured import (
-    NamedToolChoice,
-    ToolChoice,
-    openai_tool_calls,
-    output_constraint,
-    template_arguments,
-    tool_calls_from,
-    tool_constraint,
-)
-from server.tool_schemas import assistant_message, template_tool, tool_result_message
+from server.structured import NamedToolChoice, output_constraint, template_arguments
+from server.tool_schemas import assistant_message, tool_result_message
+from server.tool_use import CallReader, ToolUse
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
@@ -87,29 +79,18 @@ def template_message(message: ChatMessage) -> dict:
     return {"role": message.role, "content": message.text()}
 
 
-def enforced_tool_choice(body: ChatCompletionRequest) -> ToolChoice | None:
-    """`required` or a named function (enforced with structured output), else None."""
-    choice = body.tool_choice
-    return choice if choice == "required" or isinstance(choice, NamedToolChoice) else None
-
-
-def chat_tools(body: ChatCompletionRequest) -> tuple[tuple[dict, ...] | None, OutputConstraint | None]:
-    """The tools the template renders (none for tool_choice `none`) and the constraint enforcing the choice."""
-    if not body.tools:
-        if body.tool_choice not in (None, "none", "auto"):
-            raise HTTPException(400, "tool_choice: no tools given")
-        return None, None
-    if body.tool_choice == "none":
-        return None, None
-    if enforced_tool_choice(body) and (body.response_format or body.structured_outputs):
-        raise HTTPException(400, "tool_choice required or a named function cannot be combined with "
-                                 "response_format or structured_outputs")
-    tools = tuple(template_tool(t.function.name, t.function.description, t.function.parameters)
-                  for t in body.tools)
+def chat_tools(body: ChatCompletionRequest) -> ToolUse | None:
+    """The request's tools and tool choice; an enforced choice cannot be combined with another constraint."""
+    choice = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
     try:
-        return tools, tool_constraint(body.tools, body.tool_choice, body.parallel_tool_calls is not False)
+        tools = ToolUse.of([(t.function.name, t.function.description, t.function.parameters)
+                            for t in body.tools or ()], choice, body.parallel_tool_calls is not False)
     except ValueError as e:
         raise HTTPException(400, str(e)) from None
+    if tools is not None and tools.enforced and (body.response_format or body.structured_outputs):
+        raise HTTPException(400, "tool_choice required or a named function cannot be combined with "
+                                 "response_format or structured_outputs")
+    return tools
 
 
 def variant_id(done: Finished) -> str:
@@ -255,12 +236,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     # vLLM's echo: the reply repeats the last message when it is the assistant's (a continued reply)
     echo_text = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
     top = body.top_logprobs or 0
-    tools, constraint = chat_tools(body)
+    tools = chat_tools(body)
     params = sampling_params(body, settings, max_tokens=body.max_completion_tokens or body.max_tokens,
                              logprobs=top if body.logprobs else None, messages=messages, tenant=tenant,
-                             tools=tools, constraint=constraint)
-    calls_choice = enforced_tool_choice(body) if constraint is not None else None
-    auto_tools = list(tools) if tools and calls_choice is None else None  # parsed from the model's own syntax
+                             tools=tools.template_tools() if tools else None,
+                             constraint=tools.constraint() if tools else None)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     first_chunk = [True]
@@ -279,27 +259,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                                                        "created": created, "model": model, "choices": [],
                                                        "usage": usage},
                           chat=True, wants_logprobs=bool(body.logprobs), echo_text=echo_text,
-                          calls_choice=calls_choice, auto_tools=auto_tools)
+                          tools=tools)
 
 
 async def _respond(engine: Engine, request: Request, params: GenerationParams, stream: bool, include_usage: bool,
                    rid: str, created: int, chunk: Callable, usage_chunk: Callable, *, chat: bool = False,
                    wants_logprobs: bool = False, echo_text: str = "", echo_entries: list[TokenLogprob] | None = None,
-                   calls_choice: ToolChoice | None = None, auto_tools: list[dict] | None = None):
+                   tools: ToolUse | None = None):
     """Generate and answer; `echo_text` (and its `echo_entries`) come before the generated text; tool calls
-    are read from the text where a tool choice is enforced (`calls_choice`) or the model's syntax is known."""
+    are read from the text where a tool choice is enforced or the model's own syntax is known."""
     events = observed(request, params, engine.generate(params))
     started = await first_event(events)
     echo_entries = echo_entries or []
-    syntax = engine.tool_syntax(started.model) if auto_tools else None
+    reader = tools.reader(engine.tool_syntax(started.model)) if tools else None
     if stream:
         model_id = f"{started.model}:{started.dtype}"
-        if calls_choice is not None:
+        if reader is not None:
             return EventSourceResponse(_stream_tool_calls(events, chunk, usage_chunk, include_usage, model_id,
-                                                          calls_choice), ping=15)
-        if syntax is not None:
-            return EventSourceResponse(_stream_auto_tool_calls(events, chunk, usage_chunk, include_usage, model_id,
-                                                               ToolCallStream(syntax, auto_tools)), ping=15)
+                                                          reader), ping=15)
         head = chunk(model_id, echo_text, None, echo_entries, 0) if echo_text or echo_entries else None
         return EventSourceResponse(_stream(events, chunk, usage_chunk, include_usage, model_id, head,
                                            len(echo_text)), ping=15)
@@ -308,14 +285,13 @@ async def _respond(engine: Engine, request: Request, params: GenerationParams, s
     if chat:
         message: dict = {"role": "assistant", "content": text}
         finish = done.finish_reason
-        calls = tool_calls_from(text, calls_choice) if calls_choice is not None else None
-        if syntax is not None:
-            text, found = syntax.split(text, auto_tools)
-            calls = openai_tool_calls(found)
-        if calls:
-            message = {"role": "assistant", "content": text if syntax is not None and text else None,
-                       "tool_calls": calls}
-            finish = "tool_calls"
+        if reader is not None:
+            text = reader.feed(text)
+            rest, calls = reader.finish()
+            text += rest
+            if calls:
+                message = {"role": "assistant", "content": text or None, "tool_calls": calls}
+                finish = "tool_calls"
         return {"id": rid, "object": "chat.completion", "created": created, "model": variant_id(done),
                 "choices": [{"index": 0, "message": message,
                              "finish_reason": finish,
@@ -357,52 +333,23 @@ def _tool_calls_chunk(chunk: Callable, model_id: str, calls: list[dict]) -> dict
     return body
 
 
-async def _stream_auto_tool_calls(events: AsyncIterator, chunk: Callable, usage_chunk: Callable,
-                                  include_usage: bool, model_id: str, calls_stream: ToolCallStream
-                                  ) -> AsyncIterator[dict]:
-    """Text as it comes up to the model's first tool-call marker; the calls found after it as one delta at
-    the end (finish reason `tool_calls`), any text around them before it."""
+async def _stream_tool_calls(events: AsyncIterator, chunk: Callable, usage_chunk: Callable, include_usage: bool,
+                             model_id: str, reader: CallReader) -> AsyncIterator[dict]:
+    """Text as it comes, up to where a call may begin (all of it held back under an enforced choice); at the
+    end the rest of the text, then the calls as one delta (finish reason `tool_calls`)."""
     try:
         async for event in events:
             if not isinstance(event, Finished):
-                text = calls_stream.feed(event.text)
+                text = reader.feed(event.text)
                 if text:
                     yield {"data": json.dumps(chunk(model_id, text, None, [], 0))}
                 continue
-            text, found = calls_stream.finish()
+            text, calls = reader.finish()
             if text:
                 yield {"data": json.dumps(chunk(model_id, text, None, [], 0))}
-            calls = openai_tool_calls(found)
             if calls:
                 yield {"data": json.dumps(_tool_calls_chunk(chunk, model_id, calls))}
             yield {"data": json.dumps(chunk(model_id, "", "tool_calls" if calls else event.finish_reason, [], 0))}
-            if include_usage:
-                yield {"data": json.dumps(usage_chunk(model_id, usage_body(event)))}
-            break
-    except EngineError as e:
-        yield {"data": json.dumps(engine_error_payload(e)[1])}
-    finally:
-        await events.aclose()
-    yield {"data": "[DONE]"}
-
-
-async def _stream_tool_calls(events: AsyncIterator, chunk: Callable, usage_chunk: Callable, include_usage: bool,
-                             model_id: str, choice: ToolChoice) -> AsyncIterator[dict]:
-    """An enforced tool choice streamed: the calls as one delta once the arguments are complete (finish
-    reason `tool_calls`), or the text if it ended by length before they parsed."""
-    parts: list[str] = []
-    try:
-        async for event in events:
-            if not isinstance(event, Finished):
-                parts.append(event.text)
-                continue
-            calls = tool_calls_from("".join(parts), choice)
-            if calls:
-                yield {"data": json.dumps(_tool_calls_chunk(chunk, model_id, calls))}
-                yield {"data": json.dumps(chunk(model_id, "", "tool_calls", [], 0))}
-            else:
-                yield {"data": json.dumps(chunk(model_id, "".join(parts), None, [], 0))}
-                yield {"data": json.dumps(chunk(model_id, "", event.finish_reason, [], 0))}
             if include_usage:
                 yield {"data": json.dumps(usage_chunk(model_id, usage_body(event)))}
             break
