@@ -181,10 +181,14 @@ class MemoryReport:
     device: dict
     budget: dict
     worker: WorkerStats
+    distributed: dict | None = None  # tensor parallel: each rank's memory and weight bytes, and their sums
 
     def as_dict(self) -> dict:
-        return {"variants": self.variants, "process": self.process, "device": self.device, "budget": self.budget,
-                "worker": self.worker.as_dict()}
+        report = {"variants": self.variants, "process": self.process, "device": self.device, "budget": self.budget,
+                  "worker": self.worker.as_dict()}
+        if self.distributed is not None:
+            report["distributed"] = self.distributed
+        return report
 
 
 @dataclass(frozen=True)

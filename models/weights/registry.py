@@ -125,6 +125,10 @@ class VariantRegistry:
         self._specs: dict[tuple[str, str], VariantSpec] = {}
         # called after each tensor of a load: the engine decodes for the variants already serving
         self.between_tensors: Callable[[], None] | None = None
+        # Distributed (models.distributed): the group each rank loads its shard of every variant for, and
+        # what rank 0 tells the other ranks before it builds or drops a variant (they do the same).
+        self.shard_group: Any = None
+        self.mirror: Any = None  # has loading(key) and dropped(key)
 
     # ---- names -------------------------------------------------------------------------------
     def key(self, model: str, dtype: str | None) -> Key:
@@ -214,6 +218,8 @@ class VariantRegistry:
 
     def _exact_source(self, model: str, dtype: str) -> Variant | None:
         """A resident variant that holds the checkpoint's values exactly."""
+        if self.shard_group is not None:  # a shard's arrays are not the whole model's: always read the checkpoint
+            return None
         own = self.spec(model, AUTO).key
         for candidate in (own, "float32"):
             variant = self._with_weights(model, candidate)
@@ -244,6 +250,7 @@ class VariantRegistry:
         name, dtype = key[0], split_kv(key[1])[0]
         sibling = self._with_weights(name, dtype)
         if sibling is not None:
+            self._tell_mirror("loading", key)
             return self._register(key, dataclasses.replace(sibling.loaded, dtype=key[1]))
         spec = self.spec(name, dtype)
         if spec.quantize:
@@ -257,12 +264,14 @@ class VariantRegistry:
                                     available_bytes=self.budget_bytes, dtype=dtype, retry=False)
         self._make_room(required, dtype)
         source = self._exact_source(name, dtype)
+        self._tell_mirror("loading", key)
         progress = self._progress(key)
         try:
             if source is not None:
                 loaded = derive_variant(source.loaded, dtype, self.trust_remote_code, progress)
             else:
-                loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code, progress)
+                loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code, progress,
+                                      shard_group=self.shard_group)
             if self.warm is not None:
                 started = time.perf_counter()
                 self.warm(loaded)
@@ -347,7 +356,16 @@ class VariantRegistry:
                 log.info("unloading %s/%s after %.0fs idle", *key, now - variant.last_used)
                 self._drop(key)
 
+    def _tell_mirror(self, event: str, key: Key) -> None:
+        if self.mirror is not None:
+            getattr(self.mirror, event)(key)
+
+    def drop(self, key: Key) -> None:
+        """Unload `key` now, whatever holds it (a follower rank, as rank 0 says)."""
+        self._drop(key)
+
     def _drop(self, key: Key) -> None:
+        self._tell_mirror("dropped", key)
         variant = self.variants.pop(key)
         variant.generator = None
         variant.loaded = None  # type: ignore[assignment]
