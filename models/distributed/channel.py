@@ -13,6 +13,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
@@ -29,18 +31,17 @@ class GroupLostError(RuntimeError):
 
 
 class Channel:
-    """One rank's end of the command channel of `group`. Rank 0 `send`s; the others `receive`.
-    `busy_since` is when the current collective (or the replayed step around it) began, None between them."""
+    """One rank's end of the command channel of `group`. Rank 0 `send`s; the others `receive`."""
 
     def __init__(self, group: mx.distributed.Group) -> None:
         self.group = group
         self.rank = group.rank()
         self.size = group.size()
         self.lost: str | None = None  # why the group is gone, once it is
-        self.busy_since: float | None = None
-        self.last_done = time.monotonic()
-        self.patient = True  # the next wait is not timed (the first: ranks start at their own pace; after a load)
-        self._depth = 0
+        self.wait_since: float | None = None  # when the current collective of the channel began
+        self.step_since: float | None = None  # when the current decoder step began
+        # the next wait is not timed: the first (ranks start at their own pace), the first after a load
+        self.patient = True
         self._lock = threading.Lock()
 
     def send(self, command: dict[str, Any]) -> None:
@@ -73,16 +74,32 @@ class Channel:
         """Every rank's `values` (the same length on all), in rank order."""
         self._check()
         local = mx.array(np.asarray(values, dtype=np.int64).reshape(1, -1))
-        with self.busy():
+        with self.waiting():
             try:
                 out = mx.distributed.all_gather(local, group=self.group, stream=generation_stream)
                 return np.array(out).tolist()
             except RuntimeError as e:
                 raise self._lose(f"gathering from the ranks failed: {e}") from None
 
-    def busy(self) -> _Busy:
-        """Marks the work inside as waiting on the other ranks (what the watchdog times)."""
-        return _Busy(self)
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Marks a collective of the channel: the watchdog times it (unless `patient`: after a load)."""
+        if not self.patient:
+            self.wait_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.wait_since = None
+            self.patient = False
+
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Marks a decoder step (its compute and the collectives inside the model): timed more loosely."""
+        self.step_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.step_since = None
 
     def lose(self, reason: str) -> None:
         """The group is gone (the watchdog's verdict); every later call raises GroupLostError."""
@@ -91,7 +108,7 @@ class Channel:
                 self.lost = reason
 
     def _all_sum(self, words: np.ndarray) -> np.ndarray:
-        with self.busy():
+        with self.waiting():
             try:
                 return np.array(mx.distributed.all_sum(mx.array(words), group=self.group,
                                                          stream=generation_stream))
@@ -105,25 +122,6 @@ class Channel:
     def _check(self) -> None:
         if self.lost is not None:
             raise GroupLostError(self.lost)
-
-
-class _Busy:
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-
-    def __enter__(self) -> None:
-        channel = self.channel
-        channel._depth += 1
-        if channel._depth == 1 and not channel.patient:
-            channel.busy_since = time.monotonic()
-
-    def __exit__(self, *exc: object) -> None:
-        channel = self.channel
-        channel._depth -= 1
-        if channel._depth == 0:
-            channel.busy_since = None
-            channel.patient = False
-            channel.last_done = time.monotonic()
 
 
 def _padded_len(n: int) -> int:

@@ -100,7 +100,7 @@ class Follower:
             keys = [tuple(k) for k in command["keys"]]
             ranks_memory(self.channel, [self.registry.variants[k].loaded.stats.final_bytes for k in keys])
         elif op == "decoder":
-            with self.channel.busy():
+            with self.channel.stepping():
                 self.decode(tuple(command["key"]), command["call"], command)
         else:
             raise RuntimeError(f"unknown command from rank 0: {op!r}")

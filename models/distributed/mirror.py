@@ -71,32 +71,32 @@ class MirroredDecoder(MLXDecoder):
         self.channel.send({"op": "decoder", "key": list(self.variant.key), "call": call, **fields})
 
     def start_lone(self, seq: Any) -> int:
-        with self.channel.busy():
+        with self.channel.stepping():
             self._tell("start_lone", seq=_replayable(seq))
             return super().start_lone(seq)
 
     def insert(self, seq: Any) -> int:
-        with self.channel.busy():
+        with self.channel.stepping():
             self._tell("insert", seq=_replayable(seq))
             return super().insert(seq)
 
     def step_lone(self) -> Any:
-        with self.channel.busy():
+        with self.channel.stepping():
             self._tell("step_lone")
             return super().step_lone()
 
     def step_batch(self, beside_lone: bool) -> list:
-        with self.channel.busy():
+        with self.channel.stepping():
             self._tell("step_batch", beside_lone=beside_lone)
             return super().step_batch(beside_lone)
 
     def hand_off(self) -> Any:
-        with self.channel.busy():
+        with self.channel.stepping():
             self._tell("hand_off")
             return super().hand_off()
 
     def rejoin(self, seq: Any) -> int:
-        with self.channel.busy():
+        with self.channel.stepping():
             self._tell("rejoin")
             return super().rejoin(seq)
 

@@ -95,6 +95,7 @@ class MLXEngine:
         self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._state = "created"
         self._failure: str | None = None
+        self._open: set[Sequence] = set()  # generations in progress (a lost group answers them: _group_lost)
         self.mlx_lm = check_contract()  # the private mlx-lm names the batch relies on, present or not
         self.mirror = self._distribute() if config.distributed != "off" else None
 
@@ -191,9 +192,8 @@ class MLXEngine:
         every request it holds or has queued is answered from here (503), and /health turns 503."""
         self._state, self._failure = "failed", f"distributed group lost: {reason}"
         error = EngineUnavailableError(f"the engine is not running: {self._failure}")
-        for variant in list(self.registry.variants.values()):
-            for seq in list(variant.jobs.values()):
-                _fail_now(seq, error)
+        for seq in list(self._open):  # queued, decoding, or with events the worker never delivered
+            _fail_now(seq, error)
         pending = list(self.worker._pulled)
         while True:
             try:
@@ -201,9 +201,7 @@ class MLXEngine:
             except queue.Empty:
                 break
         for command in pending:
-            if isinstance(command, Generate):
-                _fail_now(command.seq, error)
-            elif isinstance(command, Call):
+            if isinstance(command, Call):
                 command.loop.call_soon_threadsafe(_settle_error, command.future, error)
 
     async def stop(self) -> None:
@@ -248,6 +246,7 @@ class MLXEngine:
                                  f"{config.max_queue} queued); retry shortly")
         seq = Sequence(params, asyncio.get_running_loop(), asyncio.Queue(), self.outbox.items)
         self.traffic.opened()  # counted from here: requests still being tokenized take their place too
+        self._open.add(seq)
         held = None  # an event read ahead while merging deltas
         try:
             seq.tokens = await self._encode_off_worker(params)
@@ -269,6 +268,7 @@ class MLXEngine:
                     return
         finally:
             self.traffic.closed()
+            self._open.discard(seq)
             if not seq.done:
                 seq.cancelled = True
                 self.worker.put(Wake())
@@ -324,29 +324,35 @@ class MLXEngine:
     async def unload(self, model: str, dtype: str) -> dict:
         return await self._call(lambda: self.registry.unload(model, dtype))
 
-    async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False) -> list[dict]:
+    async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False,
+                       ranks: int | None = None) -> list[dict]:
         """Bytes a variant would hold, from the safetensors headers (no weights read): one precision,
-        or the float dtypes (and with `include_quantized` the standard quantizations)."""
+        or the float dtypes (and with `include_quantized` the standard quantizations). With `ranks` (default:
+        this group's size when distributed), also what one tensor-parallel rank holds (`per_rank_bytes`)."""
         name = self.catalog.canonical(model or self.default_model)
+        ranks = ranks or (self.channel.size if self.mirror is not None else 1)
 
         def run() -> list[dict]:
             folder = self.catalog.resolve(name)
             if not dtype:
-                return [{"model": name, **self._with_kv(folder, e, None)}
-                        for e in estimate_all(folder, include_quantized)]
+                return [{"model": name, **self._with_kv(folder, e, None, ranks)}
+                        for e in estimate_all(folder, include_quantized, ranks)]
             wanted, kv = split_kv(normalize_dtype(dtype))
             if wanted == FIT:
                 wanted = self.registry.fit(name)["chosen"]
-            return [{"model": name, **self._with_kv(folder, estimate_variant(folder, wanted), kv)}]
+            return [{"model": name, **self._with_kv(folder, estimate_variant(folder, wanted, ranks), kv, ranks)}]
 
         return await self._call(run)
 
-    def _with_kv(self, folder: Any, entry: dict, kv: str | None) -> dict:
+    def _with_kv(self, folder: Any, entry: dict, kv: str | None, ranks: int = 1) -> dict:
         """An estimate with its KV cache at `kv` (None: the server's KV precision) for max_batch_size
-        sequences at the model's context."""
+        sequences at the model's context (split by heads across `ranks`)."""
         config = read_config(folder)
-        return with_kv_estimate(entry, config, kv or self.registry.kv_dtype, self.config.max_batch_size,
-                                context_length(config))
+        entry = with_kv_estimate(entry, config, kv or self.registry.kv_dtype, self.config.max_batch_size,
+                                 context_length(config))
+        if ranks > 1:
+            entry["kv_cache"]["per_rank_bytes"] = entry["kv_cache"]["bytes"] // ranks
+        return entry
 
     async def memory(self) -> MemoryReport:
         return await self._call(self._memory_report)
