@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,7 +68,19 @@ def _mlx_launch() -> str:
 
 
 def main(argv: list[str]) -> int:
+    """Run mlx.launch in a process group of its own; SIGTERM or SIGINT here goes to the whole group: rank 0
+    drains and stops the others (which ignore SIGTERM and leave when rank 0 tells them, or is gone)."""
     command = launch_command(argv)
     print("dtype-serve launch:", " ".join(command), file=sys.stderr)
-    os.execv(command[0], command)  # mlx.launch owns the ranks from here (and their output)
-    return 0  # not reached
+    # stdin a pipe we never write: mlx.launch forwards its stdin to the ranks, and polls it (an EOF: busily)
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return proc.wait()

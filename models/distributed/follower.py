@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +163,9 @@ def follow(catalog: ModelCatalog, config: EngineConfig) -> int:
     """Run this process as a follower rank until rank 0 stops; its exit code."""
     channel = Channel(join_group(config.distributed_backend))
     log.info("rank %d of %d: following rank 0", channel.rank, channel.size)
+    # A SIGTERM to the whole group (dtype-serve launch, a service manager) drains rank 0 first, which then
+    # tells this rank to stop; this rank also leaves when rank 0 is gone (the watchdog).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def leave(reason: str) -> None:  # a wait that never ends: nothing else will end this process
         log.error("rank %d: leaving: %s", channel.rank, reason)

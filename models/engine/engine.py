@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import queue
 import secrets
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -194,15 +193,7 @@ class MLXEngine:
         error = EngineUnavailableError(f"the engine is not running: {self._failure}")
         for seq in list(self._open):  # queued, decoding, or with events the worker never delivered
             _fail_now(seq, error)
-        pending = list(self.worker._pulled)
-        while True:
-            try:
-                pending.append(self.worker.commands.get_nowait())
-            except queue.Empty:
-                break
-        for command in pending:
-            if isinstance(command, Call):
-                command.loop.call_soon_threadsafe(_settle_error, command.future, error)
+        self.worker.fail_calls(error)
 
     async def stop(self) -> None:
         lost = self.mirror is not None and self.channel.lost is not None
@@ -484,7 +475,3 @@ def _fail_now(seq: Sequence, error: BaseException) -> None:
     seq.done = True
     seq.loop.call_soon_threadsafe(seq.events.put_nowait, error)
 
-
-def _settle_error(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
