@@ -120,11 +120,15 @@ def test_two_ranks_decode_the_tokens_one_process_does(group, single, model, dtyp
 def test_each_rank_holds_its_shard_and_memory_reports_every_rank(group, single, model_dirs):
     for base in (single, group):
         assert _generate(base, LLAMA, "bfloat16", "1+1=").status_code == 200
+    # a quantized variant: each rank quantizes its own shard while loading, and answers as one process does
+    answers = [_generate(base, "tiny-arith", "q4", "17+25=", max_tokens=3, ignore_eos=False) for base in (single,
+                                                                                                     group)]
+    assert answers[0].json()["text"] == answers[1].json()["text"] == "42"
     whole = {(v["model"], v["dtype"]): v["total_bytes"] for v in httpx.get(f"{single}/memory").json()["variants"]}
     report = httpx.get(f"{group}/memory").json()["distributed"]
     assert report["size"] == 2 and [r["rank"] for r in report["ranks"]] == [0, 1]
     shares = [{(v["model"], v["dtype"]): v["weights_bytes"] for v in r["variants"]} for r in report["ranks"]]
-    assert (LLAMA, "bfloat16") in shares[0]
+    assert {(LLAMA, "bfloat16"), ("tiny-arith", "q4")} <= set(shares[0])
     folders = {"tiny-arith": BUNDLED, LLAMA: model_dirs / LLAMA}
     for key in set(shares[0]) & set(whole):
         per_rank = [shares[0][key], shares[1][key]]

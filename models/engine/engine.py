@@ -125,6 +125,7 @@ class MLXEngine:
         if self.worker.thread is not None:
             raise RuntimeError("the engine was already started")
         self._state = "starting"
+        self._loop = asyncio.get_running_loop()
         if self.mirror is not None:
             from models.distributed.watchdog import Watchdog
 
@@ -191,9 +192,15 @@ class MLXEngine:
         every request it holds or has queued is answered from here (503), and /health turns 503."""
         self._state, self._failure = "failed", f"distributed group lost: {reason}"
         error = EngineUnavailableError(f"the engine is not running: {self._failure}")
-        for seq in list(self._open):  # queued, decoding, or with events the worker never delivered
-            _fail_now(seq, error)
+        self._loop.call_soon_threadsafe(self._fail_open, error)
         self.worker.fail_calls(error)
+
+    def _fail_open(self, error: EngineError) -> None:
+        """On the event loop: end every generation in progress (queued, decoding, or holding events the
+        worker never delivered) with `error`."""
+        for seq in list(self._open):
+            seq.done = True
+            seq.events.put_nowait(error)
 
     async def stop(self) -> None:
         lost = self.mirror is not None and self.channel.lost is not None
@@ -468,10 +475,3 @@ class MLXEngine:
 
 
 DISTRIBUTED_REFUSAL = "{what} is not available when the model is served distributed (--distributed)"
-
-
-def _fail_now(seq: Sequence, error: BaseException) -> None:
-    """Answer `seq` with `error` from any thread, without the worker (models.engine.sequence.Sequence.fail)."""
-    seq.done = True
-    seq.loop.call_soon_threadsafe(seq.events.put_nowait, error)
-
