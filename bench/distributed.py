@@ -6,6 +6,7 @@ On one machine this measures the cost of the split (an all_sum per sharded layer
 with two processes sharing the same cores), not what a cluster gains: the point is memory per rank.
 
     python -m bench.distributed --shape llama-25m --dtype float32 --clients 1 8 --trials 2 --name distributed-cpu
+    python -m bench.distributed --backend nccl --shape llama-1b --dtype bfloat16 --name distributed-gpu  # 2 GPUs
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--name", default="distributed-cpu")
+    parser.add_argument("--backend", default="ring", choices=("ring", "nccl"),
+                        help="nccl: two GPUs of one CUDA machine (through mlx.launch)")
     parser.add_argument("--launcher", action="store_true",
                         help="start the ranks with `dtype-serve launch` (mlx.launch; its I/O loop polls, taking "
                         "~20%% of a core here) instead of directly with mlx.launch's environment variables")
@@ -54,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--model", str(folder), "--dtype", args.dtype, "--log-level", "warning"]
     single_port, group_port, ring_port = free_port(), free_port(), free_port()
     single_cmd = [sys.executable, "-m", "server", "--port", str(single_port), *common]
-    if args.launcher:
-        group_cmd = [sys.executable, "-m", "server", "launch", "-n", "2", "--backend", "ring",
+    if args.launcher or args.backend != "ring":
+        args.launcher = True
+        group_cmd = [sys.executable, "-m", "server", "launch", "-n", "2", "--backend", args.backend,
                      f"--launcher-arg=--starting-port={ring_port}", "--", "--port", str(group_port), *common]
     else:  # rank 1 in the background, rank 0 as the server process: what mlx.launch sets up, minus its I/O loop
         hostfile = RESULTS / f"hosts-{os.getpid()}.json"

@@ -148,6 +148,8 @@ def test_what_cannot_be_replayed_is_refused_with_a_clear_error(group):
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
         "response_format": {"type": "json_object"}})
     assert r.status_code == 400 and "distributed" in r.json()["error"]["message"], r.text
+    r = httpx.get(f"{group}/report", timeout=60)
+    assert r.status_code == 400 and "distributed" in r.json()["error"]["message"], r.text
     # a sampled request gets one seed for every rank: it completes, as a greedy one does after it
     r = _generate(group, "tiny-arith", "float32", "17+25=", temperature=0.8)
     assert r.status_code == 200, r.text
@@ -192,3 +194,27 @@ def test_a_rank_that_dies_turns_rank_0_unhealthy_and_fails_its_requests(servers)
     response = outcome.get("response")
     assert response is None or response.status_code == 503 or response.json()["usage"]["completion_tokens"] < 200
     assert httpx.post(f"{base}/generate", json={"prompt": "1+1=", "max_tokens": 2}, timeout=10).status_code == 503
+
+
+class _TwoRanks:
+    """A stand-in for an mx.distributed.Group of 2 (the budget arithmetic reads only its size)."""
+
+    def size(self) -> int:
+        return 2
+
+
+def test_the_budget_is_per_rank():
+    """A variant whose shard fits a rank's budget is admitted though the whole model would not fit it."""
+    from models.errors import MemoryBudgetError
+    from models.weights.catalog import ModelCatalog
+    from models.weights.registry import VariantRegistry
+
+    whole = estimate_variant(BUNDLED, "bfloat16")["total_bytes"]
+    share = estimate_variant(BUNDLED, "bfloat16", ranks=2)["per_rank_bytes"]
+    catalog = ModelCatalog({"tiny-arith": BUNDLED}, ())
+    registry = VariantRegistry(catalog, "bfloat16", (share + whole) // 2, kv_sequences=0, fit_order=("bfloat16",))
+    with pytest.raises(MemoryBudgetError):
+        registry.fit("tiny-arith")
+    registry = VariantRegistry(catalog, "bfloat16", (share + whole) // 2, kv_sequences=0, fit_order=("bfloat16",))
+    registry.shard_group = _TwoRanks()
+    assert registry.fit("tiny-arith")["chosen"] == "bfloat16"

@@ -166,8 +166,9 @@ class VariantRegistry:
                 continue
             if any(t["dtype"] == spec.key for t in tried):
                 continue
-            weights = estimate_variant(folder, spec.key)["total_bytes"]
-            reserve = kv_cache_bytes(config, spec.float_dtype, self.kv_sequences, context, kv_bits(self.kv_dtype))
+            weights = self._required_bytes(folder, spec.key)
+            reserve = kv_cache_bytes(config, spec.float_dtype, self.kv_sequences, context,
+                                     kv_bits(self.kv_dtype)) // self.ranks  # split by heads
             tried.append({"dtype": spec.key, "weights_bytes": weights, "kv_reserve_bytes": reserve,
                           "fits": weights + reserve <= available})
             if tried[-1]["fits"]:
@@ -256,8 +257,8 @@ class VariantRegistry:
         if spec.quantize:
             check_runs(spec.quantization, spec.float_dtype)  # before anything is evicted or allocated
         folder = self.catalog.resolve(name)
-        required = estimate_variant(folder, dtype)["total_bytes"]
-        floor = config_floor_bytes(read_config(folder))
+        required = self._required_bytes(folder, dtype)
+        floor = config_floor_bytes(read_config(folder)) // self.ranks
         if floor > self.budget_bytes:  # whatever the checkpoint holds, this model could never be built
             raise MemoryBudgetError(f"{name}'s config declares shapes of at least {floor} bytes, beyond the "
                                     f"{self.budget_bytes}-byte memory budget", required_bytes=floor,
@@ -355,6 +356,16 @@ class VariantRegistry:
             if not variant.busy and key not in self.pinned and now - variant.last_used > self.idle_unload_s:
                 log.info("unloading %s/%s after %.0fs idle", *key, now - variant.last_used)
                 self._drop(key)
+
+    @property
+    def ranks(self) -> int:
+        """Ranks the model is split over (the budget is per rank)."""
+        return self.shard_group.size() if self.shard_group is not None else 1
+
+    def _required_bytes(self, folder: Any, dtype: str) -> int:
+        """The estimated weight bytes of a variant on this rank (its shard, when distributed)."""
+        estimate = estimate_variant(folder, dtype, self.ranks)
+        return estimate.get("per_rank_bytes", estimate["total_bytes"])
 
     def _tell_mirror(self, event: str, key: Key) -> None:
         if self.mirror is not None:
