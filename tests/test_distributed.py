@@ -156,6 +156,21 @@ def test_what_cannot_be_replayed_is_refused_with_a_clear_error(group):
     assert _generate(group, "tiny-arith", "float32", "17+25=", max_tokens=2, ignore_eos=False).json()["text"] == "42"
 
 
+def test_a_client_that_leaves_is_removed_on_every_rank(group):
+    """A stream cut short mid-batch is removed on rank 0 and replayed as a removal on rank 1: the ranks stay
+    in step, and the requests decoding beside it and after it get their answers."""
+    body = {"prompt": "1+1=", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with ThreadPoolExecutor(2) as pool:
+        beside = pool.submit(_generate, group, "tiny-arith", "float32", "17+25=", max_tokens=30)
+        with httpx.stream("POST", f"{group}/generate", json=body, timeout=60) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 4:
+                    break
+        assert beside.result().status_code == 200
+    after = _generate(group, "tiny-arith", "float32", "17+25=", max_tokens=3, ignore_eos=False)
+    assert after.json()["text"] == "42"
+
+
 def test_launch_builds_the_mlx_launch_command():
     from server.launch import launch_command
 
