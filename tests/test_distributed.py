@@ -148,7 +148,7 @@ def test_what_cannot_be_replayed_is_refused_with_a_clear_error(group):
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
         "response_format": {"type": "json_object"}})
     assert r.status_code == 400 and "distributed" in r.json()["error"]["message"], r.text
-    r = httpx.get(f"{group}/report", timeout=60)
+    r = httpx.get(f"{group}/v1/dtypes/report", timeout=60)
     assert r.status_code == 400 and "distributed" in r.json()["error"]["message"], r.text
     # a sampled request gets one seed for every rank: it completes, as a greedy one does after it
     r = _generate(group, "tiny-arith", "float32", "17+25=", temperature=0.8)
