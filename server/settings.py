@@ -95,7 +95,7 @@ class Settings(BaseSettings):
         "(or `dtype-serve launch`); rank 0 serves HTTP, the others follow it (docs/distributed.md)")
     distributed_backend: Literal["any", "ring", "nccl", "jaccl", "mpi"] = Field(
         "any", description="MLX distributed backend the ranks join (any: the one mlx.launch set up)")
-    distributed_timeout_s: float = Field(30.0, gt=0, description="a rank that waits this long for the others "
+    distributed_timeout_s: float = Field(10.0, gt=0, description="a rank that waits this long for the others "
                                          "declares the group lost: rank 0's /health turns 503, a follower exits")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="debug, info, warning, error or critical")

@@ -36,7 +36,7 @@ class EngineConfig:
     # Tensor-parallel over the ranks mlx.launch started (models.distributed): "off" or "tensor"
     distributed: str = "off"
     distributed_backend: str = "any"  # mx.distributed.init's backend: any, ring, nccl, jaccl, mpi
-    distributed_timeout_s: float = 30.0  # a wait on the other ranks this long means one is gone
+    distributed_timeout_s: float = 10.0  # a wait on the other ranks this long means one is gone
 
     # ---- tuning -----------------------------------------------------------------------------
     check_every: int = 4  # decode steps between non-finite checks under the `warn` policy
