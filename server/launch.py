@@ -68,18 +68,24 @@ def _mlx_launch() -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Run mlx.launch in a process group of its own; SIGTERM or SIGINT here goes to the whole group: rank 0
-    drains and stops the others (which ignore SIGTERM and leave when rank 0 tells them, or is gone)."""
+    """Run mlx.launch in a process group of its own. SIGTERM or SIGINT here goes to its children (the local
+    ranks, or the ssh sessions of remote ones): rank 0 drains and stops the others (which ignore SIGTERM and
+    leave when rank 0 tells them, or is gone), and mlx.launch, left running, passes on their last output."""
     command = launch_command(argv)
     print("dtype-serve launch:", " ".join(command), file=sys.stderr)
     # stdin a pipe we never write: mlx.launch forwards its stdin to the ranks, and polls it (an EOF: busily)
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True)
 
     def forward(signum: int, _frame: object) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in children or [None]:
+            try:
+                if pid is None:
+                    os.killpg(proc.pid, signal.SIGTERM)  # no pgrep answer: the whole group, launcher included
+                else:
+                    os.kill(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -210,7 +211,12 @@ class MLXEngine:
             # a worker blocked in a collective of a lost group never returns
             await asyncio.to_thread(self.worker.thread.join, 1 if lost else 30)
         if self.mirror is not None and not lost and not self.worker.alive:
-            await asyncio.to_thread(self.mirror.stop)  # the other ranks leave too
+            # the other ranks leave too; on a daemon thread, waited for at most the timeout: a rank that died
+            # meanwhile would block the collective for good (and an executor thread would block the exit)
+            sent = threading.Event()
+            threading.Thread(target=lambda: (self.mirror.stop(), sent.set()), name="distributed-stop",
+                             daemon=True).start()
+            await asyncio.to_thread(sent.wait, self.config.distributed_timeout_s)
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
         if self._state != "failed":
             self._state = "stopped"
