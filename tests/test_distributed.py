@@ -49,8 +49,12 @@ def _wait_ready(base: str, procs: list[subprocess.Popen], timeout: float = 150) 
 def _stop(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # each rank (or the launcher and its ranks) leads its own group
-            proc.wait()
+            proc.send_signal(signal.SIGTERM)  # `dtype-serve launch` passes it to its ranks
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # each rank leads its own process group
+                proc.wait()
 
 
 def _start_ranks(hostfile, port: int, *args: str) -> list[subprocess.Popen]:
@@ -179,6 +183,27 @@ def test_launch_builds_the_mlx_launch_command():
     assert command[1:] == ["--backend", "nccl", "-n", "2", "--python", sys.executable, "--", "-m", "server",
                            "--model", "M", "--dtype", "bf16", "--distributed", "tensor", "--distributed-backend",
                            "nccl"]
+
+
+def test_dtype_serve_launch_serves_and_stops_cleanly_on_sigterm():
+    """Through mlx.launch itself: the group answers, and SIGTERM drains rank 0, which stops the other rank;
+    every process exits 0."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "launch", "-n", "2", "--backend", "ring",
+         f"--launcher-arg=--starting-port={free_port()}", "--", "--port", str(port), *COMMON],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, [proc])
+        answer = httpx.post(f"{base}/generate", json={"prompt": "17+25=", "max_tokens": 3}, timeout=60).json()
+        assert answer["text"] == "42"
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, output[-2000:]
+        assert "exited with code" not in output  # mlx.launch warns of a rank that did not exit 0
+    finally:
+        _stop([proc])
 
 
 def test_a_rank_that_dies_turns_rank_0_unhealthy_and_fails_its_requests(servers):
