@@ -181,10 +181,14 @@ class MemoryReport:
     device: dict
     budget: dict
     worker: WorkerStats
+    distributed: dict | None = None  # tensor parallel: each rank's memory and weight bytes, and their sums
 
     def as_dict(self) -> dict:
-        return {"variants": self.variants, "process": self.process, "device": self.device, "budget": self.budget,
-                "worker": self.worker.as_dict()}
+        report = {"variants": self.variants, "process": self.process, "device": self.device, "budget": self.budget,
+                  "worker": self.worker.as_dict()}
+        if self.distributed is not None:
+            report["distributed"] = self.distributed
+        return report
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,8 @@ class Engine(Protocol):
     async def score(self, params: GenerationParams) -> PromptScores: ...
     async def load(self, model: str | None, dtype: str | None) -> dict: ...
     async def unload(self, model: str, dtype: str) -> dict: ...
-    async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False) -> list[dict]: ...
+    async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False,
+                       ranks: int | None = None) -> list[dict]: ...
     async def report(self, model: str | None, dtypes: tuple[str, ...] | None,
                      prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "") -> dict: ...
     async def report_dtypes(self, model: str | None = None) -> list[str]: ...

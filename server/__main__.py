@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         from models.report.cli import main as compare
 
         return compare(argv[1:])
+    if argv[:1] == ["launch"]:  # `dtype-serve launch -n 2 -- ARGS`: mlx.launch running `dtype-serve --distributed`
+        from server.launch import main as launch
+
+        return launch(argv[1:])
     if argv[:1] in (["ps"], ["models"]):  # `dtype-serve ps|models`: a running server's variants, as a table
         from server.terminal import main as terminal
 
@@ -41,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from models.errors import EngineError
-    from server.app import create_app
+    from server.app import create_app, follow_if_not_rank_0
+
+    if settings.distributed != "off":
+        try:
+            code = follow_if_not_rank_0(settings)
+        except EngineError as e:
+            print(f"dtype-serve: {e}", file=sys.stderr)
+            return 2
+        if code is not None:
+            return code
     from server.http_protocol import ConnectionLimits, LimitedH11Protocol
 
     try:

@@ -51,13 +51,32 @@ def build_engine(settings: Settings) -> Engine:
     return MLXEngine(catalog, engine_config(settings, name))
 
 
+def follow_if_not_rank_0(settings: Settings) -> int | None:
+    """With --distributed: join the group; on a rank other than 0, replay rank 0's work until it stops and
+    return the exit code (no HTTP here); on rank 0, None (it goes on to serve)."""
+    from models.platform.compat import prepare_mlx
+
+    prepare_mlx(settings.blas, settings.blas_threads)
+    from models.distributed.follower import follow
+    from models.distributed.group import join_group
+    from models.weights.catalog import ModelCatalog, resolve_startup_model
+
+    if join_group(settings.distributed_backend).rank() == 0:
+        return None
+    name, folder = resolve_startup_model(settings.model)
+    catalog = ModelCatalog({name: folder}, settings.model_dirs, aliases={settings.model: name})
+    return follow(catalog, engine_config(settings, name))
+
+
 def engine_config(settings: Settings, default_model: str) -> EngineConfig:
     """The engine's configuration: each EngineConfig field that Settings has by the same name, and the
     few it spells otherwise; the tuning constants keep their defaults."""
     named = {f.name: getattr(settings, f.name) for f in fields(EngineConfig) if f.name in Settings.model_fields}
     return EngineConfig(**{**named, "default_model": default_model, "default_dtype": settings.dtype,
                            "gather_s": settings.gather_ms / 1000,
-                           "default_max_tokens": min(settings.default_max_tokens, settings.max_tokens_limit)})
+                           "default_max_tokens": min(settings.default_max_tokens, settings.max_tokens_limit),
+                           # distributed: the other ranks cannot replay prompt-cache hits (docs/distributed.md)
+                           **({"prompt_cache_bytes": "0"} if settings.distributed != "off" else {})})
 
 
 async def _start_engine(engine: Engine, settings: Settings) -> None:

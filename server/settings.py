@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     show_paths: bool = Field(False, description="/memory and the dtype report show file paths on the host "
                              "(e.g. the BLAS library); default: file names only")
     warmup: bool = Field(True, description="run one short generation after loading the default variant")
+    distributed: Literal["off", "tensor"] = Field(
+        "off", description="tensor: this process is one rank of a tensor-parallel group started by mlx.launch "
+        "(or `dtype-serve launch`); rank 0 serves HTTP, the others follow it (docs/distributed.md)")
+    distributed_backend: Literal["any", "ring", "nccl", "jaccl", "mpi"] = Field(
+        "any", description="MLX distributed backend the ranks join (any: the one mlx.launch set up)")
+    distributed_timeout_s: float = Field(10.0, gt=0, description="a rank that waits this long for the others "
+                                         "declares the group lost: rank 0's /health turns 503, a follower exits")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="debug, info, warning, error or critical")
     log_format: Literal["text", "json"] = Field(

@@ -33,6 +33,10 @@ class EngineConfig:
     show_paths: bool = False  # /memory and reports name files by path (else by name only)
     report_starts_per_hour: int | None = None  # new dtype reports allowed per hour (None: any)
     kv_dtype: str = KV_FLOAT  # the KV cache's precision where a variant's name gives none
+    # Tensor-parallel over the ranks mlx.launch started (models.distributed): "off" or "tensor"
+    distributed: str = "off"
+    distributed_backend: str = "any"  # mx.distributed.init's backend: any, ring, nccl, jaccl, mpi
+    distributed_timeout_s: float = 10.0  # a wait on the other ranks this long means one is gone
 
     # ---- tuning -----------------------------------------------------------------------------
     check_every: int = 4  # decode steps between non-finite checks under the `warn` policy

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -93,7 +95,30 @@ class MLXEngine:
         self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._state = "created"
         self._failure: str | None = None
+        self._open: set[Sequence] = set()  # generations in progress (a lost group answers them: _group_lost)
         self.mlx_lm = check_contract()  # the private mlx-lm names the batch relies on, present or not
+        self.mirror = self._distribute() if config.distributed != "off" else None
+
+    def _distribute(self) -> Any:
+        """Rank 0 of a tensor-parallel group: each variant loads as this rank's shard, and every MLX step on a
+        model is first sent to the other ranks (models.distributed). What they cannot replay is refused:
+        variants derived from resident ones (always read from the checkpoint), loads that serve between
+        tensors, the run-time warm-up of new variants and the prefix cache (off)."""
+        from models.distributed.channel import Channel
+        from models.distributed.group import join_group
+        from models.distributed.mirror import Mirror, mirrored_decoder_class
+
+        self.channel = Channel(join_group(self.config.distributed_backend))
+        mirror = Mirror(self.channel)
+        self.registry.shard_group = self.channel.group
+        self.registry.mirror = mirror
+        self.registry.warm = None
+        self.registry.between_tensors = None
+        self.registry.prompt_cache_bytes = 0
+        self.serving.decoder_class = mirrored_decoder_class(self.channel)
+        self.serving.on_idle = mirror.heartbeat
+        log.info("distributed: rank 0 of %d (tensor parallel)", self.channel.size)
+        return mirror
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -101,6 +126,11 @@ class MLXEngine:
         if self.worker.thread is not None:
             raise RuntimeError("the engine was already started")
         self._state = "starting"
+        self._loop = asyncio.get_running_loop()
+        if self.mirror is not None:
+            from models.distributed.watchdog import Watchdog
+
+            Watchdog(self.channel, self.config.distributed_timeout_s, self._group_lost).start()
         if self.mlx_lm.missing:
             log.warning("mlx-lm %s (dtype-serve expects %s) lacks %s: those paths fall back to mlx-lm's own",
                         self.mlx_lm.version, self.mlx_lm.pinned, ", ".join(self.mlx_lm.missing))
@@ -138,7 +168,7 @@ class MLXEngine:
         await run(text, 4, chat=True)  # the chat template compiles on first use
         await asyncio.gather(run(text, 16), run("1+1=", 8), run(text[:40], 8))
         self.traffic.forget()  # the warm-up's overlap says nothing about the traffic to come
-        if self.pad_prefill:
+        if self.pad_prefill and self.mirror is None:  # distributed: the shapes compile on first use
             shapes = await self._call(self._warm_shapes)
             log.info("warm-up: %d prefill and decode shapes set up", shapes)
 
@@ -155,14 +185,41 @@ class MLXEngine:
 
     def _worker_died(self) -> None:
         self._state = "failed"
+        if self.mirror is not None and self.channel.lost:
+            self._failure = f"distributed group lost: {self.channel.lost}"
+
+    def _group_lost(self, reason: str) -> None:
+        """On the watchdog's thread: a rank is gone. The worker may be blocked in a collective for good, so
+        every request it holds or has queued is answered from here (503), and /health turns 503."""
+        self._state, self._failure = "failed", f"distributed group lost: {reason}"
+        error = EngineUnavailableError(f"the engine is not running: {self._failure}")
+        self._loop.call_soon_threadsafe(self._fail_open, error)
+        self.worker.fail_calls(error)
+
+    def _fail_open(self, error: EngineError) -> None:
+        """On the event loop: end every generation in progress (queued, decoding, or holding events the
+        worker never delivered) with `error`."""
+        for seq in list(self._open):
+            seq.done = True
+            seq.events.put_nowait(error)
 
     async def stop(self) -> None:
+        lost = self.mirror is not None and self.channel.lost is not None
         if self.worker.alive:
             self._state = "stopping"
             self.worker.stop_soon()
-            await asyncio.to_thread(self.worker.thread.join, 30)
+            # a worker blocked in a collective of a lost group never returns
+            await asyncio.to_thread(self.worker.thread.join, 1 if lost else 30)
+        if self.mirror is not None and not lost and not self.worker.alive:
+            # the other ranks leave too; on a daemon thread, waited for at most the timeout: a rank that died
+            # meanwhile would block the collective for good (and an executor thread would block the exit)
+            sent = threading.Event()
+            threading.Thread(target=lambda: (self.mirror.stop(), sent.set()), name="distributed-stop",
+                             daemon=True).start()
+            await asyncio.to_thread(sent.wait, self.config.distributed_timeout_s)
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
-        self._state = "stopped"
+        if self._state != "failed":
+            self._state = "stopped"
 
     def health(self) -> Health:
         alive = self.worker.alive
@@ -186,11 +243,14 @@ class MLXEngine:
         """Stream the events of one generation; leaving early cancels it within one step."""
         self._ensure_alive()
         config = self.config
+        if self.mirror is not None:
+            params = self._distributable(params)
         if self.traffic.open >= config.max_batch_size + config.max_queue:
             raise QueueFullError(f"the server is at capacity ({config.max_batch_size} running, "
                                  f"{config.max_queue} queued); retry shortly")
         seq = Sequence(params, asyncio.get_running_loop(), asyncio.Queue(), self.outbox.items)
         self.traffic.opened()  # counted from here: requests still being tokenized take their place too
+        self._open.add(seq)
         held = None  # an event read ahead while merging deltas
         try:
             seq.tokens = await self._encode_off_worker(params)
@@ -212,9 +272,21 @@ class MLXEngine:
                     return
         finally:
             self.traffic.closed()
+            self._open.discard(seq)
             if not seq.done:
                 seq.cancelled = True
                 self.worker.put(Wake())
+
+    @staticmethod
+    def _distributable(params: GenerationParams) -> GenerationParams:
+        """A request as every rank can replay it: structured output is refused (its grammar state lives on
+        rank 0 only); a sampled request without a seed gets one, so that all ranks draw the same tokens."""
+        if params.constraint is not None:
+            raise InvalidRequestError(DISTRIBUTED_REFUSAL.format(what="structured output (response_format, "
+                                                                       "tool_choice required or named)"))
+        if params.temperature > 0 and params.seed is None:
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
+        return params
 
     async def _encode_off_worker(self, params: GenerationParams) -> list[int] | None:
         """The prompt's tokens, encoded on a tokenizing thread, once its model's tokenizer is known (else
@@ -243,6 +315,9 @@ class MLXEngine:
         alternatives (the first token's logprob is None). Requests that reach the worker together are
         scored in one padded forward pass per variant; the prompt fits the context with `max_tokens` more."""
         self._ensure_alive()
+        if self.mirror is not None:
+            raise InvalidRequestError(DISTRIBUTED_REFUSAL.format(what="prompt scoring (echo, prompt_logprobs, "
+                                                                       "max_tokens 0)"))
         tokens = await self._encode_off_worker(params)
         variant, tokens, positions, cached = await self._call(self.scorer.call(params, tokens))
         return await self._on_tokenizing_thread(prompt_scores, variant, tokens, positions, cached)
@@ -253,29 +328,35 @@ class MLXEngine:
     async def unload(self, model: str, dtype: str) -> dict:
         return await self._call(lambda: self.registry.unload(model, dtype))
 
-    async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False) -> list[dict]:
+    async def estimate(self, model: str | None, dtype: str | None, include_quantized: bool = False,
+                       ranks: int | None = None) -> list[dict]:
         """Bytes a variant would hold, from the safetensors headers (no weights read): one precision,
-        or the float dtypes (and with `include_quantized` the standard quantizations)."""
+        or the float dtypes (and with `include_quantized` the standard quantizations). With `ranks` (default:
+        this group's size when distributed), also what one tensor-parallel rank holds (`per_rank_bytes`)."""
         name = self.catalog.canonical(model or self.default_model)
+        ranks = ranks or (self.channel.size if self.mirror is not None else 1)
 
         def run() -> list[dict]:
             folder = self.catalog.resolve(name)
             if not dtype:
-                return [{"model": name, **self._with_kv(folder, e, None)}
-                        for e in estimate_all(folder, include_quantized)]
+                return [{"model": name, **self._with_kv(folder, e, None, ranks)}
+                        for e in estimate_all(folder, include_quantized, ranks)]
             wanted, kv = split_kv(normalize_dtype(dtype))
             if wanted == FIT:
                 wanted = self.registry.fit(name)["chosen"]
-            return [{"model": name, **self._with_kv(folder, estimate_variant(folder, wanted), kv)}]
+            return [{"model": name, **self._with_kv(folder, estimate_variant(folder, wanted, ranks), kv, ranks)}]
 
         return await self._call(run)
 
-    def _with_kv(self, folder: Any, entry: dict, kv: str | None) -> dict:
+    def _with_kv(self, folder: Any, entry: dict, kv: str | None, ranks: int = 1) -> dict:
         """An estimate with its KV cache at `kv` (None: the server's KV precision) for max_batch_size
-        sequences at the model's context."""
+        sequences at the model's context (split by heads across `ranks`)."""
         config = read_config(folder)
-        return with_kv_estimate(entry, config, kv or self.registry.kv_dtype, self.config.max_batch_size,
-                                context_length(config))
+        entry = with_kv_estimate(entry, config, kv or self.registry.kv_dtype, self.config.max_batch_size,
+                                 context_length(config))
+        if ranks > 1:
+            entry["kv_cache"]["per_rank_bytes"] = entry["kv_cache"]["bytes"] // ranks
+        return entry
 
     async def memory(self) -> MemoryReport:
         return await self._call(self._memory_report)
@@ -285,6 +366,8 @@ class MLXEngine:
         """Start (or look up) the fidelity report of a model; its status, with the result when done.
         A failed report stays failed, with its reason, until `retry` asks for it again. Reports over
         given prompts are kept per `scope` (a tenant), so no one learns which prompts others sent."""
+        if self.mirror is not None:
+            raise InvalidRequestError(DISTRIBUTED_REFUSAL.format(what="the dtype report"))
         return await self._call(lambda: self.reports.status(self.reports.get(model, dtypes, prompts, retry, scope)))
 
     async def report_dtypes(self, model: str | None = None) -> list[str]:
@@ -372,12 +455,29 @@ class MLXEngine:
         return dataclasses.replace(report, budget={**report.budget, "loading": loading})
 
     def _memory_report(self) -> MemoryReport:
-        """On the worker: one consistent picture."""
+        """On the worker: one consistent picture (distributed: with every rank's figures)."""
         show_paths = self.config.show_paths
         return MemoryReport(
+            distributed=self._ranks_memory() if self.mirror is not None else None,
             variants=[v.describe() for v in self.registry.variants.values()],
             process=process_memory(),
             device={**device_info(), "blas": blas_info().as_dict(paths=show_paths),
                     "cpu_kernels": fused_kernels_state(), "mlx_lm": self.mlx_lm.as_dict()},
             budget=self.registry.report(),
             worker=self.stats.snapshot())
+
+    def _ranks_memory(self) -> dict:
+        """Each rank's MLX memory and the weight bytes of each resident variant's shard on it, and their sums."""
+        variants = list(self.registry.variants.values())
+        ranks = self.mirror.memory([v.key for v in variants], [v.loaded.stats.final_bytes for v in variants])
+        for rank in ranks:
+            per_variant = rank.pop("weights_bytes")
+            rank["variants"] = [{"model": v.key[0], "dtype": v.key[1], "weights_bytes": b}
+                                for v, b in zip(variants, per_variant, strict=True)]
+            rank["weights_bytes"] = sum(per_variant)
+        return {"mode": self.config.distributed, "size": self.channel.size, "ranks": ranks,
+                "weights_bytes_sum": sum(r["weights_bytes"] for r in ranks),
+                "active_bytes_sum": sum(r["active_bytes"] for r in ranks)}
+
+
+DISTRIBUTED_REFUSAL = "{what} is not available when the model is served distributed (--distributed)"

@@ -12,7 +12,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
 
-from models.api import Started, TokenLogprob, WorkerStats
+from models.api import GenerationParams, Started, TokenLogprob, WorkerStats
 from models.decode.constraints import compile_constraint
 from models.decode.sampling import make_request_sampler
 from models.engine.config import EngineConfig
@@ -47,6 +47,8 @@ class Serving:
         # Per model name, its tokenizer and context, once loaded: requests are tokenized and checked on
         # the tokenizing threads, off the MLX worker (written here, read by the event loop).
         self.encoders: dict[str, PromptEncoder] = {}
+        self.decoder_class: Any = MLXDecoder  # distributed: one that first tells the other ranks each call
+        self.on_idle: Any = None  # called when the worker is idle (distributed: the heartbeat to the other ranks)
 
     # ---- the worker's questions ---------------------------------------------------------------
     def serving(self) -> bool:
@@ -60,6 +62,8 @@ class Serving:
 
     def idle(self, now: float) -> None:
         self.registry.unload_idle(now)
+        if self.on_idle is not None:
+            self.on_idle()
 
     def step_report(self) -> None:
         self.reports.step(serving=self.serving())
@@ -90,11 +94,7 @@ class Serving:
         vocab = variant.loaded.config.get("vocab_size") or len(variant.loaded.tokenizer.get_vocab())
         if any(not 0 <= token < vocab for token, _ in params.logit_bias):
             raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")
-        seq.sampler = make_request_sampler(params.temperature, params.top_p, params.seed)
-        seq.processors = make_logits_processors(
-            logit_bias=dict(params.logit_bias) or None,
-            presence_penalty=params.presence_penalty or None,
-            frequency_penalty=params.frequency_penalty or None)
+        seq.sampler, seq.processors = request_sampling(params)
         if params.constraint is not None:  # the mask comes last: it sees the biased, penalized logits
             seq.processors.append(seq.grammar or compile_constraint(variant.loaded.tokenizer, params.constraint))
         seq.variant = variant
@@ -110,8 +110,9 @@ class Serving:
 
     def scheduler(self, variant: Variant) -> VariantScheduler:
         if variant.scheduler is None:
-            decoder = MLXDecoder(variant, self._lone_uids, max_batch_size=self.config.max_batch_size,
-                                 pad_prefill=self.pad_prefill, check_every=self.policy.check_every, stats=self.stats)
+            decoder = self.decoder_class(variant, self._lone_uids, max_batch_size=self.config.max_batch_size,
+                                         pad_prefill=self.pad_prefill, check_every=self.policy.check_every,
+                                         stats=self.stats)
             variant.scheduler = VariantScheduler(decoder, variant.jobs, self.config.max_batch_size,
                                                  self.config.single_stream)
         return variant.scheduler
@@ -195,6 +196,14 @@ class Serving:
             for seq in variant.jobs.values():
                 seq.fail(error)
             variant.jobs.clear()
+
+
+def request_sampling(params: GenerationParams) -> tuple[Any, list]:
+    """A request's sampler and logits processors (bias, penalties), as every rank builds them."""
+    processors = make_logits_processors(logit_bias=dict(params.logit_bias) or None,
+                                        presence_penalty=params.presence_penalty or None,
+                                        frequency_penalty=params.frequency_penalty or None)
+    return make_request_sampler(params.temperature, params.top_p, params.seed), processors
 
 
 def _token_logprob(variant: Variant, response: Any, top: int) -> TokenLogprob:

@@ -255,6 +255,19 @@ class Worker:
                 raise
             command.loop.call_soon_threadsafe(_settle, command.future, result, error)
 
+    def fail_calls(self, error: EngineError) -> None:
+        """From another thread, while this one is blocked for good (a lost distributed group): answer the
+        calls it holds or has queued with `error` (its requests are answered by the engine)."""
+        pending = list(self._pulled)
+        while True:
+            try:
+                pending.append(self.commands.get_nowait())
+            except queue.Empty:
+                break
+        for command in pending:
+            if isinstance(command, Call):
+                command.loop.call_soon_threadsafe(_settle, command.future, None, error)
+
     def _fail_all(self, error: EngineError) -> None:
         """The worker is going down: answer every request without touching MLX again."""
         self.host.fail_all(error)

@@ -98,9 +98,21 @@ def _quantized_bytes(t: TensorInfo, params: dict, float_dtype: str) -> dict[str,
     return out
 
 
-def estimate_variant(folder: Path, dtype: str) -> dict:
+# The projections mlx-lm's tensor-parallel `shard` splits across ranks (llama and its kin); everything else
+# (embeddings, norms, the head, a sharded-to-all layer's bias) is whole on every rank.
+_SHARDED = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.(weight|scales|biases|bias)$")
+_WHOLE_BIAS = re.compile(r"\.(o_proj|down_proj)\.bias$")
+
+
+def rank_share(name: str, ranks: int) -> float:
+    """The share of tensor `name` one of `ranks` tensor-parallel ranks holds."""
+    return 1 / ranks if _SHARDED.search(name) and not _WHOLE_BIAS.search(name) else 1.0
+
+
+def estimate_variant(folder: Path, dtype: str, ranks: int = 1) -> dict:
     """Bytes by parameter dtype, total bytes, parameter count and bits per weight of (folder, dtype); a
-    config that cannot be sane is refused (ModelLoadError)."""
+    config that cannot be sane is refused (ModelLoadError). With `ranks` > 1, also the bytes one rank of
+    a tensor-parallel group holds (`per_rank_bytes`: its share of the split projections, the rest whole)."""
     tensors = checkpoint_tensors(folder)
     config = read_config(folder)
     check_config(folder, config, tensors)
@@ -109,11 +121,13 @@ def estimate_variant(folder: Path, dtype: str) -> dict:
     plan = _planned_layers(config, spec) if spec.quantize else {}
     by_dtype: dict[str, int] = defaultdict(int)
     params = 0
+    per_rank = 0.0
     for t in tensors.values():
         if "rotary_emb.inv_freq" in t.name:  # dropped by mlx-lm's sanitize
             continue
         count = t.nbytes // max(int(_ELEMENT_BYTES[t.dtype]), 1)
         module, _, leaf = t.name.rpartition(".")
+        before = sum(by_dtype.values())
         if leaf == "weight" and module in plan and is_floating(t.dtype):
             for d, n in _quantized_bytes(t, plan[module], spec.float_dtype).items():
                 by_dtype[d] += n
@@ -121,6 +135,7 @@ def estimate_variant(folder: Path, dtype: str) -> dict:
             by_dtype[spec.float_dtype] += count * BYTES_PER_ELEMENT[spec.float_dtype]
         else:
             by_dtype[t.dtype] += t.nbytes
+        per_rank += (sum(by_dtype.values()) - before) * rank_share(t.name, ranks)  # a quantized weight's scales too
         if leaf == "weight" and t.dtype == "uint32" and f"{module}.scales" in tensors and spec.quantization:
             count = count * 32 // spec.quantization.bits  # a stored quantized weight: its logical size
         params += count
@@ -128,10 +143,11 @@ def estimate_variant(folder: Path, dtype: str) -> dict:
     return {"dtype": spec.key, "float_dtype": spec.float_dtype,
             "quantization": spec.quantization.name if spec.quantization else None,
             "bytes_by_dtype": dict(sorted(by_dtype.items())), "total_bytes": total, "parameter_count": params,
-            "bits_per_weight": round(total * 8 / params, 4) if params else None}
+            "bits_per_weight": round(total * 8 / params, 4) if params else None,
+            **({"ranks": ranks, "per_rank_bytes": round(per_rank)} if ranks > 1 else {})}
 
 
-def estimate_all(folder: Path, include_quantized: bool = False) -> list[dict]:
+def estimate_all(folder: Path, include_quantized: bool = False, ranks: int = 1) -> list[dict]:
     """The float dtypes, and with `include_quantized` the standard quantizations (a quantized
     checkpoint has only its own)."""
     names = list(FLOATING)
@@ -140,7 +156,7 @@ def estimate_all(folder: Path, include_quantized: bool = False) -> list[dict]:
     out: list[dict] = []
     for name in names:
         try:
-            estimate = estimate_variant(folder, name)
+            estimate = estimate_variant(folder, name, ranks)
         except PrecisionUnavailableError:  # another quantization of a quantized checkpoint
             continue
         if all(e["dtype"] != estimate["dtype"] for e in out):  # its own quantization: a float name's variant

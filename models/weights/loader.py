@@ -109,6 +109,14 @@ def cast_parameters(model: nn.Module, dtype: str, progress: Progress | None = No
     return largest
 
 
+def shard_model(model: nn.Module, group: Any) -> None:
+    """Split `model` tensor-parallel over `group` with its own mlx-lm `shard` (lazy: nothing is read)."""
+    if not hasattr(model, "shard"):
+        raise ModelLoadError(f"{type(model).__module__.rsplit('.', 1)[-1]} models have no tensor-parallel split "
+                             "in mlx-lm (no model.shard): they cannot be served with --distributed tensor")
+    model.shard(group)
+
+
 def context_length(config: dict) -> int:
     """The model's context in tokens, from its config (4096 if it names none)."""
     for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
@@ -119,9 +127,11 @@ def context_length(config: dict) -> int:
 
 
 def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = False,
-                 progress: Progress | None = None) -> LoadedModel:
+                 progress: Progress | None = None, shard_group: Any = None) -> LoadedModel:
     """Load `folder` at precision `dtype` (a canonical name): floating parameters cast and the
-    planned layers quantized while loading."""
+    planned layers quantized while loading. With `shard_group` (an mx.distributed.Group), only this
+    rank's tensor-parallel shard is kept: the model is split (mlx-lm's `model.shard`) before any
+    tensor is evaluated, so each tensor is read, sliced and cast one at a time."""
     read_config(folder)  # clear errors naming the broken file, before mlx-lm's own
     checkpoint_tensors(folder)
     spec = variant_spec(folder, dtype)
@@ -132,7 +142,7 @@ def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = 
     with _loading(name, f"{folder.name}/config.json and model*.safetensors"):
         model, config = mlx_lm_load_model(folder, lazy=True, trust_remote_code=trust_remote_code)
     with _loading(name, f"{folder.name}/model*.safetensors"):
-        largest, config = _convert(model, config, spec, progress or log_progress(name, spec.key))
+        largest, config = _convert(model, config, spec, progress or log_progress(name, spec.key), shard_group)
         fuse_for_cpu(model)
     with _loading(name, f"{folder.name}'s tokenizer files (tokenizer.json, tokenizer_config.json)"):
         tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
@@ -141,15 +151,19 @@ def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = 
                        spec.float_dtype, spec.quantization)
 
 
-def _convert(model: nn.Module, config: dict, spec: VariantSpec, progress: Progress | None) -> tuple[int, dict]:
+def _convert(model: nn.Module, config: dict, spec: VariantSpec, progress: Progress | None,
+             shard_group: Any = None) -> tuple[int, dict]:
     """Quantize (lazily, per the plan) and cast `model` in place, evaluating one parameter at a time;
-    (the largest source tensor in bytes, the config with the "quantization" entry mlx-lm would write)."""
+    (the largest source tensor in bytes, the config with the "quantization" entry mlx-lm would write).
+    With `shard_group`, the (lazily quantized) model is split first: only this rank's shard is evaluated."""
     largest = max((a.nbytes for _, a in tree_flatten(model.parameters())), default=0)  # unevaluated: free
     if spec.quantize:
         plan = quantization_plan(model, spec.quantization)
         quantize_layers(model, plan, spec.float_dtype)
         entry = quantization_config(plan, spec.quantization)
         config = {**config, "quantization": entry, "quantization_config": entry}
+    if shard_group is not None:
+        shard_model(model, shard_group)
     return max(largest, cast_parameters(model, spec.float_dtype, progress)), config
 
 

@@ -125,6 +125,10 @@ class VariantRegistry:
         self._specs: dict[tuple[str, str], VariantSpec] = {}
         # called after each tensor of a load: the engine decodes for the variants already serving
         self.between_tensors: Callable[[], None] | None = None
+        # Distributed (models.distributed): the group each rank loads its shard of every variant for, and
+        # what rank 0 tells the other ranks before it builds or drops a variant (they do the same).
+        self.shard_group: Any = None
+        self.mirror: Any = None  # has loading(key) and dropped(key)
 
     # ---- names -------------------------------------------------------------------------------
     def key(self, model: str, dtype: str | None) -> Key:
@@ -162,8 +166,9 @@ class VariantRegistry:
                 continue
             if any(t["dtype"] == spec.key for t in tried):
                 continue
-            weights = estimate_variant(folder, spec.key)["total_bytes"]
-            reserve = kv_cache_bytes(config, spec.float_dtype, self.kv_sequences, context, kv_bits(self.kv_dtype))
+            weights = self._required_bytes(folder, spec.key)
+            reserve = kv_cache_bytes(config, spec.float_dtype, self.kv_sequences, context,
+                                     kv_bits(self.kv_dtype)) // self.ranks  # split by heads
             tried.append({"dtype": spec.key, "weights_bytes": weights, "kv_reserve_bytes": reserve,
                           "fits": weights + reserve <= available})
             if tried[-1]["fits"]:
@@ -214,6 +219,8 @@ class VariantRegistry:
 
     def _exact_source(self, model: str, dtype: str) -> Variant | None:
         """A resident variant that holds the checkpoint's values exactly."""
+        if self.shard_group is not None:  # a shard's arrays are not the whole model's: always read the checkpoint
+            return None
         own = self.spec(model, AUTO).key
         for candidate in (own, "float32"):
             variant = self._with_weights(model, candidate)
@@ -244,25 +251,28 @@ class VariantRegistry:
         name, dtype = key[0], split_kv(key[1])[0]
         sibling = self._with_weights(name, dtype)
         if sibling is not None:
+            self._tell_mirror("loading", key)
             return self._register(key, dataclasses.replace(sibling.loaded, dtype=key[1]))
         spec = self.spec(name, dtype)
         if spec.quantize:
             check_runs(spec.quantization, spec.float_dtype)  # before anything is evicted or allocated
         folder = self.catalog.resolve(name)
-        required = estimate_variant(folder, dtype)["total_bytes"]
-        floor = config_floor_bytes(read_config(folder))
+        required = self._required_bytes(folder, dtype)
+        floor = config_floor_bytes(read_config(folder)) // self.ranks
         if floor > self.budget_bytes:  # whatever the checkpoint holds, this model could never be built
             raise MemoryBudgetError(f"{name}'s config declares shapes of at least {floor} bytes, beyond the "
                                     f"{self.budget_bytes}-byte memory budget", required_bytes=floor,
                                     available_bytes=self.budget_bytes, dtype=dtype, retry=False)
         self._make_room(required, dtype)
         source = self._exact_source(name, dtype)
+        self._tell_mirror("loading", key)
         progress = self._progress(key)
         try:
             if source is not None:
                 loaded = derive_variant(source.loaded, dtype, self.trust_remote_code, progress)
             else:
-                loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code, progress)
+                loaded = load_variant(name, self.catalog.resolve(name), dtype, self.trust_remote_code, progress,
+                                      shard_group=self.shard_group)
             if self.warm is not None:
                 started = time.perf_counter()
                 self.warm(loaded)
@@ -347,7 +357,26 @@ class VariantRegistry:
                 log.info("unloading %s/%s after %.0fs idle", *key, now - variant.last_used)
                 self._drop(key)
 
+    @property
+    def ranks(self) -> int:
+        """Ranks the model is split over (the budget is per rank)."""
+        return self.shard_group.size() if self.shard_group is not None else 1
+
+    def _required_bytes(self, folder: Any, dtype: str) -> int:
+        """The estimated weight bytes of a variant on this rank (its shard, when distributed)."""
+        estimate = estimate_variant(folder, dtype, self.ranks)
+        return estimate.get("per_rank_bytes", estimate["total_bytes"])
+
+    def _tell_mirror(self, event: str, key: Key) -> None:
+        if self.mirror is not None:
+            getattr(self.mirror, event)(key)
+
+    def drop(self, key: Key) -> None:
+        """Unload `key` now, whatever holds it (a follower rank, as rank 0 says)."""
+        self._drop(key)
+
     def _drop(self, key: Key) -> None:
+        self._tell_mirror("dropped", key)
         variant = self.variants.pop(key)
         variant.generator = None
         variant.loaded = None  # type: ignore[assignment]

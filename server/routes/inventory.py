@@ -31,9 +31,11 @@ async def list_models(engine: ReadyEngine) -> dict:
 
 @router.get("/memory/estimate", summary="Bytes a variant would hold, from the safetensors headers alone")
 async def estimate(engine: ReadyEngine, model: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
-                   dtype: Dtype | None = None, include_quantized: bool = False) -> dict:
-    """One precision (`dtype`), or the float dtypes, and with `include_quantized` the standard quantizations."""
-    return {"estimates": await engine.estimate(model, dtype, include_quantized)}
+                   dtype: Dtype | None = None, include_quantized: bool = False,
+                   ranks: Annotated[int | None, Query(ge=1, le=1024)] = None) -> dict:
+    """One precision (`dtype`), or the float dtypes, and with `include_quantized` the standard quantizations.
+    `ranks` (default: the group's size when served distributed) adds what one tensor-parallel rank holds."""
+    return {"estimates": await engine.estimate(model, dtype, include_quantized, ranks)}
 
 
 @router.get("/memory", summary="Exact bytes of each resident variant by parameter dtype; process and device")
