@@ -47,7 +47,7 @@ class ReportHost:
         sizes = [estimate_variant(folder, d)["total_bytes"] for d in {"float32", *wanted}]
         need = estimate_variant(folder, "float32")["total_bytes"] + max(sizes)
         self.registry.make_room_in_prompt_caches(need)
-        free = self.registry.budget_bytes - self.registry.used_bytes()
+        free = self.registry.free_bytes()
         if need > free:
             raise MemoryBudgetError(f"the report needs {need} bytes beside the resident variants; {free} are free",
                                     required_bytes=need, available_bytes=free, dtype="float32", retry=False)
