@@ -11,6 +11,7 @@ import gc
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
+from prometheus_client.parser import text_string_to_metric_families
 
 from models.weights.estimate import estimate_variant
 from tests.conftest import BUNDLED
@@ -56,11 +57,15 @@ async def test_long_requests_wait_for_kv_room_complete_and_stay_within_the_budge
     prompts = [arithmetic(40 * i, prompt_len) for i in range(10)]
     await app.state.engine._call(mx.reset_peak_memory)
     samples: list[dict] = []
+    exported: list[dict] = []  # /metrics' KV budget figures, summed over variants
     done = asyncio.Event()
 
     async def watch() -> None:
         while not done.is_set():
             samples.append((await client.get("/memory")).json())
+            families = text_string_to_metric_families((await client.get("/metrics")).text)
+            exported.append({s.name: s.value for f in families for s in f.samples
+                             if s.name in ("dtype_serve_kv_cache_reserved_bytes", "dtype_serve_kv_waiting_requests")})
             await asyncio.sleep(0.01)
 
     async def complete(prompt: str):
@@ -90,6 +95,8 @@ async def test_long_requests_wait_for_kv_room_complete_and_stay_within_the_budge
     running = [sum(v["in_flight"] for v in s["variants"]) for s in samples]
     waiting = [s["budget"]["waiting_for_kv"] for s in samples]
     assert max(running) == 3 and max(waiting) > 0
+    assert max(e["dtype_serve_kv_waiting_requests"] for e in exported) > 0
+    assert max(e["dtype_serve_kv_cache_reserved_bytes"] for e in exported) > 0
     for s in samples:
         b = s["budget"]
         assert b["used_bytes"] + b["kv_cache_reserved_bytes"] <= budget + 3 * CACHE_STEP * PER_TOKEN
