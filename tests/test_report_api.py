@@ -136,3 +136,24 @@ def test_report_cli_refuses_bad_precisions(tmp_path):
             run = subprocess.run([sys.executable, "-m", module, "--dtypes", dtype], cwd=ROOT,
                                  capture_output=True, text=True)
             assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+async def test_report_covers_a_kv_cache_precision(client):
+    r = await poll(client, "POST", "/v1/dtypes/report", json={"dtypes": ["float32+kv4"],
+                                                               "prompts": ["9+9=", "The cat"]})
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert list(result["dtypes"]) == ["float32", "float32+kv4"]
+    entry = result["dtypes"]["float32+kv4"]
+    kv = entry["kv_cache"]
+    # the bundled model's context is 256: the default 256/1K/4K contexts are scored at its longest, 224
+    assert kv["dtype"] == "kv4" and kv["bits"] == 4 and [c["context"] for c in kv["contexts"]] == [224]
+    assert kv["beyond_model_context"] == [256, 1024, 4096] and 0 <= kv["contexts"][0]["top1_agreement"] <= 1
+    served = await client.post("/generate", json={"prompt": "9+9=", "dtype": "float32+kv4", "max_tokens": 2})
+    assert served.status_code == 200
+    memory = {v["dtype"]: v for v in (await client.get("/memory")).json()["variants"]}
+    assert kv["bytes_per_token"] == memory["float32+kv4"]["kv_cache"]["bytes_per_token"]  # what serving counts
+    assert kv["bytes_per_token"] < result["dtypes"]["float32"]["kv_cache"]["bytes_per_token"] / 4
+    assert entry["total_bytes"] == result["dtypes"]["float32"]["total_bytes"] and entry["decode_tok_s"] > 0
+    r = await client.get("/v1/dtypes/report", params={"dtypes": "fit+kv8"})
+    assert r.status_code == 422
