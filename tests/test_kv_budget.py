@@ -43,6 +43,7 @@ def greedy(model, tokenizer, prompts: list[str], max_tokens: int) -> list[str]:
     tokens, out = mx.array([tokenizer.encode(p) for p in prompts]), []
     for _ in range(max_tokens):
         tokens = mx.argmax(model(tokens, cache=cache)[:, -1:], axis=-1)
+        mx.eval(tokens)
         out.append(tokens)
     return [tokenizer.decode(row) for row in mx.concatenate(out, axis=1).tolist()]
 
@@ -63,6 +64,9 @@ async def test_long_requests_wait_for_kv_room_complete_and_stay_within_the_budge
     async def watch() -> None:
         while not done.is_set():
             samples.append((await client.get("/memory")).json())
+            if len(samples) % 4:
+                await asyncio.sleep(0.01)
+                continue
             families = text_string_to_metric_families((await client.get("/metrics")).text)
             exported.append({s.name: s.value for f in families for s in f.samples
                              if s.name in ("dtype_serve_kv_cache_reserved_bytes", "dtype_serve_kv_waiting_requests")})
@@ -132,5 +136,21 @@ async def test_a_request_that_could_never_fit_is_a_clear_400_naming_what_would()
         r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": fitting, "temperature": 0,
                                                        "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == fitting
+        # one at a time fits: a second waits; its client leaving takes it out of the queue, unstarted
+        body = {"prompt": prompt, "max_tokens": fitting, "temperature": 0, "ignore_eos": True}
+        first = asyncio.create_task(client.post("/v1/completions", json=body))
+        second = asyncio.create_task(client.post("/v1/completions", json=body))
+        for _ in range(500):
+            budget = (await client.get("/memory")).json()["budget"]
+            if budget["waiting_for_kv"]:
+                break
+            await asyncio.sleep(0.01)
+        assert budget["waiting_for_kv"] == 1 and budget["kv_cache_reserved_bytes"] + budget["kv_cache_live_bytes"] > 0
+        second.cancel()
+        third = await client.post("/v1/completions", json=body)
+        assert (await first).status_code == 200 and third.status_code == 200
+        memory = (await client.get("/memory")).json()
+        assert memory["budget"]["waiting_for_kv"] == 0
+        assert sum(v["requests_served"] for v in memory["variants"]) == 3  # the left one never ran
     finally:
         await close(ctx, client)

@@ -99,6 +99,8 @@ class Serving:
     def admit_waiting(self) -> None:
         """Start the requests waiting for KV room that fit now, first come first served (looked at again once
         a sequence ended or a variant left); drop those whose clients left."""
+        if not self.kv.waiting:
+            return
         for seq in self.kv.drop(lambda s: s.cancelled):
             seq.variant.waiting -= 1
             seq.done = True
