@@ -37,8 +37,7 @@ class ReportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, min_length=1, max_length=256)
     dtypes: list[ReportDtype] | None = Field(None, max_length=8, description="float32 is always measured; "
-                                                  "float dtypes and quantizations (not fit), with a KV cache "
-                                                  "precision or not (float32+kv8)")
+                                                  "float dtypes and quantizations (not fit)")
     prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
         None, max_length=256, description="probe prompts used instead of the bundled ones")
     retry: StrictBool = Field(False, description="run a failed report again (else its failure is shown)")
