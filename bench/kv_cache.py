@@ -1,6 +1,8 @@
 """The quantized KV cache: its bytes per token, the sequences a fixed budget holds, and the speed it costs.
 
     python -m bench.kv_cache --shape llama-25m --context 2048 --clients 8 --budget-mib 512
+    python -m bench.kv_cache --shape llama-1b --dtype bfloat16 --context 2048 --clients 32 --budget-mib 8192 \
+        --name kv-cache-h200      # on a GPU (the H200): nothing here is CPU-only
 
 1. Bytes per token at 8 and 4 bits vs the bfloat16 cache: from real caches of `--context` tokens (mlx-lm's
    KVCache, QuantizedKVCache, and our QuantizedBatchKVCache), with the server's /memory/estimate beside them.
@@ -162,7 +164,7 @@ def serve(folder, a: argparse.Namespace) -> dict:
                               "estimate_kv_cache": estimates[v]["kv_cache"]}
     out["kv8_vs_float_aggregate"] = round(out["variants"][variants[1]]["aggregate_tok_s_median"]
                                           / out["variants"][variants[0]]["aggregate_tok_s_median"], 3)
-    out["weights_bytes_resident"] = used["used_bytes"] - used["prompt_cache_bytes"]
+    out["weights_bytes_resident"] = used["weights_bytes"]  # used_bytes also counts prompt and live KV caches
     out["weights_bytes_one_variant"] = memory[a.dtype]["total_bytes"]
     print(json.dumps(out, indent=2), flush=True)
     return out

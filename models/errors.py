@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = [
     "EngineError", "ModelNotFoundError", "ModelLoadError", "InvalidRequestError",
     "EngineUnavailableError", "GenerationFailedError", "UnknownDtypeError", "MemoryBudgetError",
-    "QueueFullError",
+    "QueueFullError", "KVBudgetError",
     "DtypeRefusedError", "VariantPinnedError", "PrecisionUnavailableError",
 ]
 
@@ -69,3 +69,19 @@ class MemoryBudgetError(EngineError):
     def details(self) -> dict:
         return {"required_bytes": self.required_bytes, "available_bytes": self.available_bytes,
                 "dtype": self.dtype}
+
+
+class KVBudgetError(InvalidRequestError):
+    """A request whose KV cache, grown to prompt + max_tokens tokens, could not fit the memory budget even
+    with nothing else running: refused at once (fewer tokens would fit)."""
+
+    def __init__(self, message: str, *, required_bytes: int, available_bytes: int, max_tokens_fitting: int
+                 ) -> None:
+        super().__init__(message)
+        self.required_bytes = required_bytes
+        self.available_bytes = available_bytes
+        self.max_tokens_fitting = max_tokens_fitting  # the largest max_tokens that would fit (0: none)
+
+    def details(self) -> dict:
+        return {"required_bytes": self.required_bytes, "available_bytes": self.available_bytes,
+                "max_tokens_fitting": self.max_tokens_fitting}

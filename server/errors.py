@@ -18,6 +18,7 @@ from models.errors import (
     EngineUnavailableError,
     GenerationFailedError,
     InvalidRequestError,
+    KVBudgetError,
     MemoryBudgetError,
     ModelLoadError,
     ModelNotFoundError,
@@ -38,6 +39,7 @@ _ENGINE_ERRORS: list[tuple[type[EngineError], int, str]] = [
     (DtypeRefusedError, 422, "dtype_refused"),
     (PrecisionUnavailableError, 422, "precision_unavailable"),
     (ModelNotFoundError, 404, "model_not_found"),
+    (KVBudgetError, 400, "kv_budget_exceeded"),
     (InvalidRequestError, 400, "invalid_request_error"),
     (VariantPinnedError, 409, "conflict"),
     (ModelLoadError, 500, "model_load_error"),
@@ -68,7 +70,7 @@ def engine_error_status(error: EngineError) -> tuple[int, str]:
 def engine_error_payload(error: EngineError) -> tuple[int, dict[str, Any]]:
     status, type_ = engine_error_status(error)
     payload = error_payload(status, type_, str(error))
-    if isinstance(error, MemoryBudgetError):
+    if isinstance(error, MemoryBudgetError | KVBudgetError):
         payload["error"].update(error.details())
     return status, payload
 

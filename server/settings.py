@@ -59,7 +59,8 @@ class Settings(BaseSettings):
                              "finds the worker idle waits up to this long for others arriving with it, so "
                              "that they are prefilled together; 0: start at once")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond max_batch_size before 429s")
-    memory_budget: str | None = Field(None, description="bytes resident variants may hold: 12GiB, 500MB, "
+    memory_budget: str | None = Field(None, description="bytes resident variants, their prompt caches and "
+                                      "the running requests' KV caches may hold: 12GiB, 500MB, "
                                       "a byte count, or a fraction of device memory (0.5); default 0.75")
     prompt_cache_bytes: str = Field("0.05", description="per variant, KV cache kept to reuse shared prompt "
                                     "prefixes: 1GiB, 500MB, a fraction of device memory (0.05), or 0 for none")

@@ -14,6 +14,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from mlx_lm import load as mlx_lm_load  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 from models.errors import PrecisionUnavailableError  # noqa: E402
 from models.report.chart import render_chart, render_svg  # noqa: E402
@@ -247,3 +248,71 @@ def test_prompt_file_limits(tmp_path):
         load_prompt_file(binary)
     with pytest.raises(ValueError, match="empty"):
         FidelityJob("m", tmp_path, ["float16"], ["  "], task=None)
+
+
+# ---- KV cache precision -----------------------------------------------------------------------
+KV_CONTEXTS = (64, 160, 1024)  # the bundled model's context is 256: 1024 is scored at its longest, 224
+KV_POSITIONS = 32
+
+
+@pytest.fixture(scope="module")
+def kv_report() -> dict:
+    return run_report(BUNDLED, ["float32+kv8", "float32+kv4"], PROBES, task=None, greedy_tokens=GREEDY,
+                      speed_repeats=1, decode_tokens=4, speed_batch=2, kv_contexts=KV_CONTEXTS,
+                      kv_positions=KV_POSITIONS)
+
+
+def _kv_context_independent(bits: int, context: int) -> dict:
+    """mlx-lm alone: the probe text repeated, `context` tokens into a plain KVCache, which is then quantized
+    (QuantizedKVCache, groups of 32: the head size) or not; the next KV_POSITIONS tokens teacher-forced."""
+    model, tokenizer = mlx_lm_load(str(BUNDLED))
+    model.set_dtype(mx.float32)
+    ids: list[int] = []
+    while len(ids) < context + KV_POSITIONS:
+        for prompt in PROBES:
+            ids += tokenizer.encode(prompt + " ")
+    ids = ids[:context + KV_POSITIONS]
+
+    def scored(quantize: bool) -> np.ndarray:
+        cache = make_prompt_cache(model)
+        model(mx.array(ids[:context])[None], cache=cache)
+        if quantize:
+            cache = [c.to_quantized(group_size=32, bits=bits) for c in cache]
+        return np.array(model(mx.array(ids[context:])[None], cache=cache)[0].astype(mx.float32))
+
+    a, b = scored(False), scored(True)
+    la, lb = _log_softmax64(a), _log_softmax64(b)
+    kl = np.maximum((np.exp(la) * (la - lb)).sum(axis=-1), 0)
+    return {"top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
+            "kl_max": float(kl.max())}
+
+
+def test_kv_precisions_are_reported_with_bytes_and_fidelity_at_growing_context(kv_report):
+    entries = kv_report["dtypes"]
+    assert list(entries) == ["float32", "float32+kv8", "float32+kv4"]
+    float_kv = entries["float32"]["kv_cache"]
+    assert float_kv["dtype"] == "float" and float_kv["contexts"] == [] and float_kv["bytes_per_token"] == 4096
+    for name, bits in (("float32+kv8", 8), ("float32+kv4", 4)):
+        kv = entries[name]["kv_cache"]
+        # 4 layers x 4 KV heads x (K, V) x (32 dims at `bits`, a float32 scale and bias per group of 32)
+        assert kv["bytes_per_token"] == 4 * 4 * 2 * (32 * bits // 8 + 2 * 4)
+        assert kv["bytes_ratio"] == round(kv["bytes_per_token"] / 4096, 4) and kv["reference"] == "float32"
+        assert [c["context"] for c in kv["contexts"]] == [64, 160, 224] and kv["beyond_model_context"] == [1024]
+        assert all(c["positions"] == KV_POSITIONS for c in kv["contexts"])
+        assert kv["decode_tok_s_ratio"] > 0 and kv["decode_batch_tok_s_ratio"] > 0  # against float32's speed
+        # the probe figures go through the quantized cache as served: not float32's exact zero
+        assert entries[name]["kl_mean"] > 0 and entries[name]["total_bytes"] == entries["float32"]["total_bytes"]
+    for low, high in zip(entries["float32+kv4"]["kv_cache"]["contexts"],
+                         entries["float32+kv8"]["kv_cache"]["contexts"], strict=True):
+        assert low["kl_mean"] > high["kl_mean"]  # fewer bits, further from the float cache
+    assert entries["float32+kv4"]["kl_mean"] > entries["float32+kv8"]["kl_mean"]
+
+
+@pytest.mark.parametrize("bits,context", [(8, 160), (4, 64)])
+def test_kv_context_figures_match_an_independent_computation(kv_report, bits, context):
+    measured = next(c for c in kv_report["dtypes"][f"float32+kv{bits}"]["kv_cache"]["contexts"]
+                    if c["context"] == context)
+    expected = _kv_context_independent(bits, context)
+    assert measured["top1_agreement"] == pytest.approx(expected["top1_agreement"], abs=1 / KV_POSITIONS)
+    assert measured["kl_mean"] == pytest.approx(expected["kl_mean"], rel=0.05, abs=1e-6)
+    assert measured["kl_max"] == pytest.approx(expected["kl_max"], rel=0.05, abs=1e-6)

@@ -160,14 +160,17 @@ async def test_admission_accounting_counts_a_requests_growth_and_the_promised(se
     def figures():
         variant = engine.registry.get(MODEL, "bfloat16+kv8")
         targets = {uid: job.prompt_tokens + job.params.max_tokens for uid, job in variant.jobs.items()}
-        held = sum(s["tokens"] for s in variant.describe()["kv_cache"]["sequences"])
-        return kv_growth(variant, 10, 20), promised_growth(variant, targets), sum(targets.values()) - held
+        kv = variant.describe()["kv_cache"]
+        held = sum(s["tokens"] for s in kv["sequences"])
+        return (kv_growth(variant, 10, 20), promised_growth(variant, targets), sum(targets.values()) - held,
+                kv["reserved_bytes"], engine.registry.kv_cache_reserved())
 
-    growth, promised, tokens_left = await engine._call(figures)
+    growth, promised, tokens_left, reserved, all_reserved = await engine._call(figures)
     release.set()
     await asyncio.gather(*tasks)
     assert growth == 30 * 1152
     assert promised == tokens_left * 1152 and 0 < tokens_left < 2 * 150
+    assert reserved == all_reserved == promised  # /memory's reserved bytes are the promised growth
 
 
 def reference(model, tokens: list[int], bits: int, count: int) -> list[int]:

@@ -132,7 +132,28 @@ def test_report_cli_module_measures_a_quantization(tmp_path):
 
 def test_report_cli_refuses_bad_precisions(tmp_path):
     for module in ("models.report.cli", "models.report.fidelity"):  # the old entry point still works
-        for dtype, message in (("q9", "unknown dtype"), ("fit", "named precisions")):
+        for dtype, message in (("q9", "unknown dtype"), ("fit", "named precisions"), ("fit+kv8", "named precisions")):
             run = subprocess.run([sys.executable, "-m", module, "--dtypes", dtype], cwd=ROOT,
                                  capture_output=True, text=True)
             assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+
+def test_report_cli_measures_a_kv_cache_precision(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("17+25=\nThe small cat sees the\n")
+    out = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, "-m", "models.report.cli", "--dtypes", "float32+kv4", "--prompts",
+                          str(prompts), "--no-bundled-prompts", "--task-prompts", "0", "--greedy-tokens", "8",
+                          "--kv-contexts", "64", "1024", "--kv-positions", "16", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert list(result["dtypes"]) == ["float32", "float32+kv4"]
+    entry, f32 = result["dtypes"]["float32+kv4"], result["dtypes"]["float32"]
+    kv = entry["kv_cache"]
+    # the bundled model's context is 256: 1024 is scored at the longest it has, 256 - 16
+    assert kv["dtype"] == "kv4" and [c["context"] for c in kv["contexts"]] == [64, 240]
+    assert kv["beyond_model_context"] == [1024] and all(c["positions"] == 16 for c in kv["contexts"])
+    assert kv["bytes_per_token"] * 4 < f32["kv_cache"]["bytes_per_token"] and kv["decode_tok_s_ratio"] > 0
+    assert entry["total_bytes"] == f32["total_bytes"] and entry["kl_mean"] > 0  # float32's weights, a 4-bit cache

@@ -48,13 +48,25 @@ def promised_growth(variant: Any, targets: dict[int, int]) -> int:
     return sum(max(target - held.get(uid, 0), 0) * cost for uid, target in targets.items())
 
 
+def sequence_targets(variant: Any) -> dict[int, int]:
+    """Each running sequence's uid and the tokens its KV cache may reach: its prompt + max_tokens."""
+    return {uid: seq.prompt_tokens + seq.max_tokens for uid, seq in variant.jobs.items()}
+
+
+def reserved_bytes(variant: Any) -> int:
+    """What the budget keeps for the variant's running sequences beyond their live caches (their growth)."""
+    return promised_growth(variant, sequence_targets(variant)) if variant.jobs else 0
+
+
 def describe_kv(variant: Any) -> dict:
-    """/memory's `kv_cache` of a variant: its precision, per-token cost, live bytes, and per sequence."""
+    """/memory's `kv_cache` of a variant: its precision, per-token cost, live bytes, the bytes reserved for
+    the running sequences' growth, and per sequence."""
     sequences = variant_sequences(variant)
     group, bits = variant.kv if variant.kv else (None, None)
     return {
         "dtype": split_kv(variant.loaded.dtype)[1] or KV_FLOAT, "bits": bits, "group_size": group,
         "float_dtype": variant.loaded.float_dtype, "bytes_per_token": per_token_bytes(variant),
-        "live_bytes": sum(s.bytes for s in sequences), "tokens": sum(s.tokens for s in sequences),
+        "live_bytes": sum(s.bytes for s in sequences), "reserved_bytes": reserved_bytes(variant),
+        "tokens": sum(s.tokens for s in sequences),
         "sequences": [{"tokens": s.tokens, "bytes": s.bytes, "stage": s.stage} for s in sequences],
     }

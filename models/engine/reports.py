@@ -11,7 +11,7 @@ from models.engine.nonfinite import NonFinitePolicy
 from models.errors import InvalidRequestError, MemoryBudgetError, QueueFullError
 from models.report.fidelity import FidelityJob, default_report_dtypes
 from models.weights.catalog import ModelCatalog
-from models.weights.dtypes import normalize_dtype
+from models.weights.dtypes import normalize_dtype, split_kv
 from models.weights.estimate import estimate_variant
 from models.weights.registry import VariantRegistry
 
@@ -44,10 +44,10 @@ class ReportHost:
             return job
         self._check_start()
         # Its own float32 copy plus one other variant at a time must fit beside what is resident.
-        sizes = [estimate_variant(folder, d)["total_bytes"] for d in {"float32", *wanted}]
+        sizes = [estimate_variant(folder, split_kv(d)[0])["total_bytes"] for d in {"float32", *wanted}]
         need = estimate_variant(folder, "float32")["total_bytes"] + max(sizes)
         self.registry.make_room_in_prompt_caches(need)
-        free = self.registry.budget_bytes - self.registry.used_bytes()
+        free = self.registry.free_bytes()
         if need > free:
             raise MemoryBudgetError(f"the report needs {need} bytes beside the resident variants; {free} are free",
                                     required_bytes=need, available_bytes=free, dtype="float32", retry=False)

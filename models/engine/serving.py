@@ -17,6 +17,8 @@ from models.decode.constraints import compile_constraint
 from models.decode.sampling import make_request_sampler
 from models.engine.config import EngineConfig
 from models.engine.decoder import MLXDecoder
+from models.engine.kv_admission import NEVER, WAIT, KVAdmission, Verdict
+from models.engine.kv_ledger import RegistryLedger, refusal
 from models.engine.nonfinite import NonFinitePolicy
 from models.engine.reports import ReportHost
 from models.engine.scheduler import HAND_OFF, StepOutput, VariantScheduler
@@ -49,13 +51,16 @@ class Serving:
         self.encoders: dict[str, PromptEncoder] = {}
         self.decoder_class: Any = MLXDecoder  # distributed: one that first tells the other ranks each call
         self.on_idle: Any = None  # called when the worker is idle (distributed: the heartbeat to the other ranks)
+        self.ledger = RegistryLedger(registry)
+        self.kv: KVAdmission[Sequence] = KVAdmission(self.ledger)  # requests waiting for KV room
+        self._waited_at: tuple | None = None  # _budget_state() when the head last did not fit
 
     # ---- the worker's questions ---------------------------------------------------------------
     def serving(self) -> bool:
         return any(v.jobs for v in self.variants.values())
 
     def busy(self) -> bool:
-        return self.serving() or self.reports.running() is not None
+        return self.serving() or bool(self.kv.waiting) or self.reports.running() is not None
 
     def running(self) -> int:
         return sum(len(v.jobs) for v in self.variants.values())
@@ -79,17 +84,64 @@ class Serving:
         return encoder
 
     def admit(self, seq: Sequence, burst: bool = False) -> None:
-        """Start a request on its variant (loaded if need be): alone unless others decode or start with it."""
+        """Start a request on its variant (loaded if need be): alone unless others decode or start with it;
+        or queue it until its KV cache fits the budget (refused at once if it never could)."""
         if seq.cancelled:
             seq.done = True
             return
+        self._prepare(seq)
+        verdict = self.kv.offer(seq)
+        if verdict.decision == NEVER:
+            raise refusal(seq, verdict)
+        if verdict.decision == WAIT:
+            seq.variant.waiting += 1
+            if self.kv.waiting[0] is seq:  # judged just now: looked at again once something changes
+                self._waited_at = self._budget_state()
+            return
+        self._start(seq, burst)
+
+    def admit_waiting(self) -> None:
+        """Start the requests waiting for KV room that fit now, first come first served (looked at again once
+        a sequence ended or a variant left); drop those whose clients left."""
+        if not self.kv.waiting:
+            return
+        for seq in self.kv.drop(lambda s: s.cancelled):
+            seq.variant.waiting -= 1
+            seq.done = True
+        state = self._budget_state()
+        if not self.kv.waiting or state == self._waited_at or self.registry.loading is not None:
+            return
+        self.kv.ready(self._start_waiting, self._refuse_waiting)
+        self._waited_at = self._budget_state() if self.kv.waiting else None
+
+    def _start_waiting(self, seq: Sequence) -> None:
+        seq.variant.waiting -= 1
+        try:
+            self._start(seq, burst=False)
+        except EngineError as e:
+            seq.fail(e)
+        except Exception as e:  # as the worker answers a failed admission: this request only
+            log.exception("admitting a request failed")
+            seq.fail(GenerationFailedError(f"internal error: {type(e).__name__}"))
+
+    def _refuse_waiting(self, seq: Sequence, verdict: Verdict) -> None:
+        seq.variant.waiting -= 1
+        seq.fail(refusal(seq, verdict))
+
+    def _budget_state(self) -> tuple[int, int, int]:
+        """What must change for the waiting head to fit: a sequence ends, a variant leaves, the head leaves."""
+        return self.running(), len(self.variants), id(self.kv.waiting[0]) if self.kv.waiting else 0
+
+    def _prepare(self, seq: Sequence) -> None:
+        """Its variant (loaded if need be), tokens, limits, sampler and text state; nothing allocated for it."""
         params = seq.params
         variant = self.registry.get(params.model or self.config.default_model, params.dtype)
-        seq.admitted_at = time.perf_counter()  # queue time ends here: its variant is resident, prefill follows
         encoder = self.encoder(variant)
         tokens = seq.tokens if seq.tokens is not None else encoder.encode(params)
         context = variant.loaded.context_length
-        max_tokens = params.max_tokens or min(self.config.default_max_tokens, context - len(tokens))
+        # unasked, the default within the context and within the KV room the budget could ever give it
+        max_tokens = params.max_tokens or min(self.config.default_max_tokens, context - len(tokens),
+                                              max(self.ledger.most_tokens(variant) - len(tokens), 1))
         encoder.check_fits(tokens, max_tokens)
         vocab = variant.loaded.config.get("vocab_size") or len(variant.loaded.tokenizer.get_vocab())
         if any(not 0 <= token < vocab for token, _ in params.logit_bias):
@@ -103,10 +155,15 @@ class Serving:
         seq.prompt_tokens = len(tokens)
         seq.detokenizer = streaming_detokenizer(variant.loaded.tokenizer)
         seq.matcher = StopStringMatcher(params.stop)
-        seq.prompt_cache, seq.cached_tokens = variant.prefix.fetch(tokens, params.cache_scope)
+
+    def _start(self, seq: Sequence, burst: bool) -> None:
+        """Its KV room is granted: the prompt cache's prefix, then the scheduler (lone stream or batch)."""
+        variant = seq.variant
+        seq.admitted_at = time.perf_counter()  # queue time ends here: prefill follows
+        seq.prompt_cache, seq.cached_tokens = variant.prefix.fetch(seq.tokens, seq.params.cache_scope)
         scheduler = self.scheduler(variant)
         self._run_outputs(variant, scheduler, scheduler.admit(seq, burst))
-        seq.emit(Started(variant.loaded.name, variant.loaded.dtype, len(tokens), variant.loaded.float_dtype))
+        seq.emit(Started(variant.loaded.name, variant.loaded.dtype, len(seq.tokens), variant.loaded.float_dtype))
 
     def scheduler(self, variant: Variant) -> VariantScheduler:
         if variant.scheduler is None:
@@ -196,6 +253,9 @@ class Serving:
             for seq in variant.jobs.values():
                 seq.fail(error)
             variant.jobs.clear()
+            variant.waiting = 0
+        while self.kv.waiting:
+            self.kv.waiting.popleft().fail(error)
 
 
 def request_sampling(params: GenerationParams) -> tuple[Any, list]:

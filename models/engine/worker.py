@@ -56,6 +56,7 @@ class Host(Protocol):
     def busy(self) -> bool: ...  # requests decode or a report runs: do not block on the queue
     def serving(self) -> bool: ...  # requests decode
     def admit(self, seq: Sequence, burst: bool) -> None: ...
+    def admit_waiting(self) -> None: ...  # requests that waited for memory and fit now
     def step_all(self) -> None: ...
     def step_report(self) -> None: ...
     def idle(self, now: float) -> None: ...
@@ -165,6 +166,7 @@ class Worker:
                         self._fail_all(EngineUnavailableError("the engine stopped"))
                         return
                     self._handle(command, burst)
+                self.host.admit_waiting()
                 self.clock.lap("admit")
                 self.host.step_all()
                 self.host.step_report()

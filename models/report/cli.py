@@ -22,6 +22,7 @@ if __name__ == "__main__":  # `python -m models.report.cli`: the BLAS must be ch
 
 from models.errors import EngineError  # noqa: E402
 from models.report.fidelity import (  # noqa: E402
+    DEFAULT_KV_CONTEXTS,
     DEFAULT_TASK_PROMPTS,
     FidelityJob,
     Task,
@@ -38,12 +39,17 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtype-serve compare", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=default_model_ref(), help="model folder (mlx-lm layout)")
     p.add_argument("--dtypes", nargs="+", help="precisions to measure (float32 always is); default: the float "
-                   "dtypes and the quantizations this device runs")
+                   "dtypes and the quantizations this device runs; +kv8 / +kv4 adds a KV cache precision "
+                   "(float32+kv8, q4+kv4)")
     p.add_argument("--prompts", help="extra probe prompts: one per line, or JSONL with {\"prompt\": ...}")
     p.add_argument("--no-bundled-prompts", action="store_true", help="probe with --prompts only")
     p.add_argument("--task-prompts", type=int, default=DEFAULT_TASK_PROMPTS,
                    help="held-out prompts for the bundled model's task accuracy (0: none)")
     p.add_argument("--greedy-tokens", type=int, default=32)
+    p.add_argument("--kv-contexts", type=int, nargs="+", default=list(DEFAULT_KV_CONTEXTS),
+                   help="context lengths a quantized KV cache is scored at against the float one (one beyond "
+                   "the model's context: at its longest)")
+    p.add_argument("--kv-positions", type=int, default=32, help="positions scored after each KV context")
     p.add_argument("--out", help="write the JSON report here (default: stdout)")
     p.add_argument("--chart", help="write a chart here (.png or .svg)")
     p.add_argument("--blas", default="auto", help="auto | none | PATH (see dtype-serve --help)")
@@ -73,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"\r{job.progress:6.1%} {job.stage:<40}", end="", file=sys.stderr, flush=True)
 
         result = run_report(folder, dtypes, prompts, task, greedy_tokens=args.greedy_tokens,
+                            kv_contexts=args.kv_contexts, kv_positions=args.kv_positions,
                             trust_remote_code=args.trust_remote_code, on_progress=show)
     except (ValueError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)

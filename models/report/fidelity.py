@@ -3,7 +3,10 @@
 For every precision (float dtypes and quantizations): exact parameter bytes, bits per weight, load time
 and peak, prefill and decode tokens/s at batch 1 and batched, and against the float32 variant over a probe
 set the figures of models.report.compare; for the bundled model also the held-out task accuracy. The
-decoding runs on the serving code (models.report.runs).
+decoding runs on the serving code (models.report.runs). A precision may name a KV cache precision
+(`float32+kv8`, `q4+kv4`): its figures are then measured with that KV cache as served, and its `kv_cache`
+entry adds the bytes per token and, at growing context, its fidelity against the same weights' float KV
+cache (`kv_contexts`).
 
 `FidelityJob.step()` does one model call (a load, a prefill, one decode step, one teacher-forced pass)
 so the engine's single MLX worker thread can interleave it with requests. Everything runs on the calling
@@ -33,11 +36,21 @@ from models.decode.prefill import shapes_cost  # noqa: E402
 from models.errors import EngineError, PrecisionUnavailableError  # noqa: E402
 from models.platform.blas import blas_info  # noqa: E402
 from models.report import runs  # noqa: E402
-from models.report.compare import Tally, compare_logits  # noqa: E402
+from models.report.compare import Tally, compare_logits, finite_or_none  # noqa: E402
 from models.report.probes import probe_set, validate_prompts  # noqa: E402
 from models.weights.catalog import default_model_ref  # noqa: E402
 from models.weights.checkpoint import variant_spec  # noqa: E402
-from models.weights.dtypes import AUTO, FIT, normalize_dtype, parse_precision  # noqa: E402
+from models.weights.dtypes import (  # noqa: E402
+    AUTO,
+    FIT,
+    KV_FLOAT,
+    kv_bits,
+    normalize_dtype,
+    parse_precision,
+    split_kv,
+    variant_name,
+)
+from models.weights.estimate import kv_bytes_per_token, kv_group_size  # noqa: E402
 from models.weights.loader import LoadedModel, load_variant, resolve_auto  # noqa: E402
 from models.weights.memory import bits_per_weight, device_info  # noqa: E402
 from models.weights.quantize import check_runs  # noqa: E402
@@ -49,6 +62,7 @@ DEFAULT_DTYPES = FLOAT_DTYPES  # the report's set before it covered quantization
 # Quantizations the default report covers where this device and the model can have them
 REPORT_QUANTIZATIONS = ("q8", "q4", "mxfp8", "mxfp4", "nvfp4")
 DEFAULT_TASK_PROMPTS = 100
+DEFAULT_KV_CONTEXTS = (256, 1024, 4096)  # tokens of context before the positions a KV precision is scored at
 
 
 def available(folder: Path, dtype: str) -> str | None:
@@ -105,6 +119,8 @@ class FidelityJob:
     the probe set (None: the bundled probe prompts). `task` is a `Task`, None, or "auto" (the held-out
     additions when `folder` is the bundled model). `speed_batch`: rows of the batched speed run;
     `pad_prefill`: prefill in bucket shapes as the engine does (None: where shapes cost, as its default).
+    `kv_contexts`, `kv_positions`: a quantized KV precision is scored at `kv_positions` teacher-forced
+    positions after each of these context lengths (one beyond the model's context at the longest it has).
 
     The job loads its own copies of the variants: the reference stays resident for the whole job, and
     one other variant at a time beside it.
@@ -115,14 +131,16 @@ class FidelityJob:
                  greedy_tokens: int = 32, prefill_tokens: int = 128, decode_tokens: int = 32,
                  speed_repeats: int = 3, speed_batch: int = 8, task_batch: int = 32,
                  reference_cache_bytes: int = 256 * 2**20, pad_prefill: bool | None = None,
+                 kv_contexts: Sequence[int] = DEFAULT_KV_CONTEXTS, kv_positions: int = 32,
                  trust_remote_code: bool = False, show_paths: bool = False) -> None:
         self.name = name
         self.show_paths = show_paths  # file paths in the result (the BLAS library); names only otherwise
         self.folder = Path(folder)
         requested = [REFERENCE]
         for d in dtypes:
-            d = normalize_dtype(d)
-            if d == FIT:
+            weights, kv = split_kv(normalize_dtype(d))
+            d = variant_name(weights, kv or KV_FLOAT)  # `+float` is the plain name: the report's KV is float
+            if weights == FIT:
                 raise ValueError("the report measures named precisions, not fit (ask for the one fit chose)")
             if d not in requested:
                 requested.append(d)
@@ -139,7 +157,8 @@ class FidelityJob:
         self.task: Task | None = task
         for value, label in ((greedy_tokens, "greedy_tokens"), (prefill_tokens, "prefill_tokens"),
                              (decode_tokens, "decode_tokens"), (speed_repeats, "speed_repeats"),
-                             (speed_batch, "speed_batch"), (task_batch, "task_batch")):
+                             (speed_batch, "speed_batch"), (task_batch, "task_batch"),
+                             (kv_positions, "kv_positions"), *((c, "kv_contexts") for c in kv_contexts)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer")
         self.greedy_tokens = greedy_tokens
@@ -148,6 +167,8 @@ class FidelityJob:
         self.speed_repeats = speed_repeats
         self.speed_batch = speed_batch
         self.task_batch = task_batch
+        self.kv_contexts = tuple(sorted(set(kv_contexts)))
+        self.kv_positions = kv_positions
         self.reference_cache_bytes = reference_cache_bytes
         self.pad_prefill = shapes_cost() if pad_prefill is None else pad_prefill
         self.trust_remote_code = trust_remote_code
@@ -168,6 +189,8 @@ class FidelityJob:
         self._cached_bytes = 0
         self._task_chunks: list[list[tuple[list[int], str]]] = []
         self._speed_ids: list[int] = []
+        self._kv_ids: list[int] = []  # the KV context runs' tokens: the probe text repeated
+        self._context_length = 0
         self._entries: dict[str, dict] = {}
         self._units_done = 0
         self._units_total = 1
@@ -175,7 +198,12 @@ class FidelityJob:
 
     def _concrete_name(self, dtype: str) -> str:
         """The variant a requested name loads (`auto`: the checkpoint's dtype; `q4:bfloat16` is `q4` where
-        bfloat16 is the default rest); refuses what this device or checkpoint cannot have."""
+        bfloat16 is the default rest), with its KV precision; refuses what this device or checkpoint cannot
+        have."""
+        weights, kv = split_kv(dtype)
+        return variant_name(self._concrete_weights(weights), kv or KV_FLOAT)
+
+    def _concrete_weights(self, dtype: str) -> str:
         if dtype == AUTO:
             return resolve_auto(self.folder)
         if parse_precision(dtype).quantization is None:
@@ -266,19 +294,25 @@ class FidelityJob:
                 self._variant = variant = self._load(dtype)
                 yield
                 self.stage = f"measuring speed of {dtype}"
-                speed = yield from self._speed(variant)
+                speed = yield from self._speed(variant, self._kv(dtype, variant))
                 yield
             tally = Tally()
             per_prompt: list[dict] = []
             for i in range(n_prompts):
                 self.stage = f"{dtype}: prompt {i + 1}/{n_prompts}"
-                per_prompt.append((yield from self._compare(variant, i, tally)))
+                per_prompt.append((yield from self._compare(variant, i, tally, self._kv(dtype, variant))))
                 yield
             for j, chunk in enumerate(self._task_chunks):
                 self.stage = f"{dtype}: task batch {j + 1}/{len(self._task_chunks)}"
-                yield from self._task_batch(variant, chunk, tally)
+                yield from self._task_batch(variant, chunk, tally, self._kv(dtype, variant))
+                yield
+            contexts = []
+            for context in self._kv_contexts_of(dtype):
+                self.stage = f"{dtype}: KV cache at {context} tokens of context"
+                contexts.append((yield from self._kv_context(variant, context, self._kv(dtype, variant))))
                 yield
             self._entries[dtype] = self._entry(dtype, variant, speed, tally, per_prompt)
+            self._entries[dtype]["kv_cache"] = self._kv_entry(dtype, variant, contexts)
             if dtype != REFERENCE:
                 self._variant = variant = None
                 gc.collect()
@@ -302,13 +336,36 @@ class FidelityJob:
         else:  # before tokenizing: a lower bound
             chunks = math.ceil(len(self.task.items) / self.task_batch)
         n = len(self.prompts)
-        return 2 + n + sum(n + chunks + (0 if d == REFERENCE else 2) for d in self._order) + 1
+        return 2 + n + sum(n + chunks + len(self._kv_contexts_of(d)) + (0 if d == REFERENCE else 2)
+                           for d in self._order) + 1
 
     # ---- units ------------------------------------------------------------------------------
     def _load(self, dtype: str) -> LoadedModel:
-        loaded = load_variant(self.name, self.folder, dtype, trust_remote_code=self.trust_remote_code)
+        """The variant's weights: the reference's own where they are float32 (`float32+kv8`), else loaded."""
+        weights = split_kv(dtype)[0]
+        if weights == REFERENCE and self._ref is not None:
+            return self._ref
+        loaded = load_variant(self.name, self.folder, weights, trust_remote_code=self.trust_remote_code)
         gc.collect()
         return loaded
+
+    @staticmethod
+    def _kv(dtype: str, loaded: LoadedModel) -> tuple[int, int] | None:
+        """(group size, bits) of the variant's quantized KV cache; None for the float one."""
+        bits = kv_bits(split_kv(dtype)[1] or KV_FLOAT)
+        return None if bits is None else (kv_group_size(loaded.config), bits)
+
+    def _kv_contexts_of(self, dtype: str) -> tuple[int, ...]:
+        """The context lengths a precision's KV cache is scored at, for a quantized KV precision only: those
+        asked, a length beyond the model's context (less `kv_positions`) scored at that limit instead."""
+        if kv_bits(split_kv(dtype)[1] or KV_FLOAT) is None:
+            return ()
+        limit = self._kv_limit()
+        return tuple(sorted({c if limit is None else min(c, limit) for c in self.kv_contexts}))
+
+    def _kv_limit(self) -> int | None:
+        """The longest context the KV runs can have (None before the model's context is known)."""
+        return max(self._context_length - self.kv_positions, 1) if self._context_length else None
 
     @staticmethod
     def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -328,17 +385,11 @@ class FidelityJob:
                 ids = ids[:budget]
             self._ids.append(ids)
         # speed prompt: the probe text repeated to prefill_tokens tokens (bounded by the context)
-        length = max(min(self.prefill_tokens, ctx - self.decode_tokens - 4), 1)
-        ids: list[int] = []
-        while len(ids) < length:  # prompt by prompt: encoding a text beyond the context makes tokenizers warn
-            before = len(ids)
-            for prompt in self.prompts:
-                ids += self._encode(tok, prompt + " ")
-                if len(ids) >= length:
-                    break
-            if len(ids) == before:
-                ids = [0]
-        self._speed_ids = ids[:length]
+        self._speed_ids = self._repeated(tok, max(min(self.prefill_tokens, ctx - self.decode_tokens - 4), 1))
+        self._context_length = ctx
+        longest = max((c for d in self._order for c in self._kv_contexts_of(d)), default=0)
+        if longest:
+            self._kv_ids = self._repeated(tok, longest + self.kv_positions)
         # task prompts grouped by token length, so each batch decodes without padding
         if self.task is not None:
             groups: dict[int, list[tuple[list[int], str]]] = {}
@@ -348,12 +399,25 @@ class FidelityJob:
             self._task_chunks = [group[k:k + self.task_batch] for _, group in sorted(groups.items())
                                  for k in range(0, len(group), self.task_batch)]
 
+    def _repeated(self, tok: Any, length: int) -> list[int]:
+        """The probe text repeated to `length` tokens."""
+        ids: list[int] = []
+        while len(ids) < length:  # prompt by prompt: encoding a text beyond the context makes tokenizers warn
+            before = len(ids)
+            for prompt in self.prompts:
+                ids += self._encode(tok, prompt + " ")
+                if len(ids) >= length:
+                    break
+            if len(ids) == before:
+                ids = [0]
+        return ids[:length]
+
     @staticmethod
     def _eos(loaded: LoadedModel) -> set[int]:
         return set(getattr(loaded.tokenizer, "eos_token_ids", None) or ())
 
-    def _greedy(self, loaded: LoadedModel, ids: list[int]) -> Iterator[object]:
-        return runs.greedy(loaded.model, ids, self.greedy_tokens, self._eos(loaded), self.pad_prefill)
+    def _greedy(self, loaded: LoadedModel, ids: list[int], kv: tuple[int, int] | None = None) -> Iterator[object]:
+        return runs.greedy(loaded.model, ids, self.greedy_tokens, self._eos(loaded), self.pad_prefill, kv)
 
     def _prepare_reference(self, i: int) -> Iterator[object]:
         assert self._ref is not None
@@ -369,36 +433,67 @@ class FidelityJob:
             self._ref_logits[i] = logits
             self._cached_bytes += logits.nbytes
 
-    def _compare(self, variant: LoadedModel, i: int, tally: Tally) -> Iterator[object]:
-        """The comparison of prompt `i` (the return value), counted into `tally`."""
+    def _compare(self, variant: LoadedModel, i: int, tally: Tally, kv: tuple[int, int] | None = None
+                 ) -> Iterator[object]:
+        """The comparison of prompt `i` (the return value), counted into `tally`; with `kv`, the variant's
+        logits and greedy tokens come through that quantized KV cache."""
         assert self._ref is not None
         seq = self._seqs[i]
         ref = self._ref_logits.get(i)
         if ref is None:
             ref = runs.teacher_forced_logits(self._ref.model, seq)
             yield _PART
-        comparison = compare_logits(ref, runs.teacher_forced_logits(variant.model, seq))
+        comparison = compare_logits(ref, runs.teacher_forced_logits(variant.model, seq, kv, len(self._ids[i])))
         yield _PART
-        greedy = yield from self._greedy(variant, self._ids[i])
+        greedy = yield from self._greedy(variant, self._ids[i], kv)
         return tally.add_prompt(comparison, greedy, self._ref_greedy[i])
 
     def _task_batch(self, variant: LoadedModel, chunk: list[tuple[list[int], str]],
-                    tally: Tally) -> Iterator[object]:
+                    tally: Tally, kv: tuple[int, int] | None = None) -> Iterator[object]:
         assert self.task is not None
         rows = yield from runs.batch_greedy(variant.model, [ids for ids, _ in chunk], self.task.max_tokens,
-                                            self._eos(variant))
+                                            self._eos(variant), kv=kv)
         for (_, expected), row in zip(chunk, rows, strict=True):
             text = variant.tokenizer.decode(row) if row else ""
             tally.task_ok += bool(self.task.is_correct(expected, text))
             tally.task_n += 1
 
-    def _speed(self, loaded: LoadedModel) -> Iterator[object]:
+    def _kv_context(self, variant: LoadedModel, context: int, kv: tuple[int, int] | None) -> Iterator[object]:
+        """The quantized KV cache against the float one of the same weights, at `kv_positions` positions
+        after `context` tokens (the return value: the figures)."""
+        ids = self._kv_ids[:context + self.kv_positions]
+        ref = yield from runs.context_logits(variant.model, ids, context, None)
+        yield _PART
+        out = yield from runs.context_logits(variant.model, ids, context, kv)
+        c = compare_logits(ref, out)
+        return {"context": context, "positions": c.positions, "top1_agreement": c.agree / c.positions,
+                "kl_mean": finite_or_none(sum(c.kls) / len(c.kls)) if c.kls else None,
+                "kl_max": finite_or_none(max(c.kls)) if c.kls else None,
+                "max_abs_logit_diff": finite_or_none(max(c.diffs)) if c.diffs else None}
+
+    def _kv_entry(self, dtype: str, loaded: LoadedModel, contexts: list[dict]) -> dict:
+        """An entry's `kv_cache`: its precision, bytes per token against the float cache's, and its fidelity
+        at growing context (quantized precisions only; lengths beyond the model's context skipped)."""
+        kv = split_kv(dtype)[1] or KV_FLOAT
+        group, bits = self._kv(dtype, loaded) or (None, None)
+        per_token = kv_bytes_per_token(loaded.config, loaded.float_dtype, bits)
+        float_per_token = kv_bytes_per_token(loaded.config, loaded.float_dtype)
+        limit = self._kv_limit()
+        return {"dtype": kv, "bits": bits, "group_size": group, "bytes_per_token": per_token,
+                "float_bytes_per_token": float_per_token, "bytes_ratio": round(per_token / float_per_token, 4),
+                "reference": variant_name(split_kv(dtype)[0], KV_FLOAT), "positions": self.kv_positions,
+                "contexts": contexts,
+                "beyond_model_context": [c for c in self.kv_contexts if limit is not None and c > limit] if bits
+                else []}
+
+    def _speed(self, loaded: LoadedModel, kv: tuple[int, int] | None = None) -> Iterator[object]:
         """Batch-1 prefill and decode (each after one warm-up run) and batched decode (windows of one
-        batch after warm-up steps), on the serving paths; medians of the repeats (the return value)."""
+        batch after warm-up steps), on the serving paths at KV precision `kv`; medians of the repeats (the
+        return value)."""
         model = loaded.model
 
         def single() -> Iterator[object]:
-            return runs.single_speed(model, self._speed_ids, self.decode_tokens, self.pad_prefill)
+            return runs.single_speed(model, self._speed_ids, self.decode_tokens, self.pad_prefill, kv)
 
         ones = []
         yield from single()
@@ -406,7 +501,7 @@ class FidelityJob:
             ones.append((yield from single()))
         # one batch prefilled once, its repeats windows of steps after two warm-up steps (the shapes)
         many = yield from runs.batch_speed(model, self._speed_ids, self.speed_batch, self.decode_tokens,
-                                           windows=self.speed_repeats)
+                                           windows=self.speed_repeats, kv=kv)
         prefill = statistics.median(r.prefill_s for r in ones)
         decode = statistics.median(r.decode_s for r in ones)
         batch_rate = statistics.median(r.decode_tokens / r.decode_s for r in many if r.decode_s > 0) \
@@ -449,6 +544,7 @@ class FidelityJob:
             entry = dict(self._entries[concrete])
             if requested != concrete:
                 entry["alias_of"] = concrete  # `auto` is the checkpoint's dtype: the same variant
+            entry["kv_cache"] = {**entry["kv_cache"], **self._kv_speed(entry)}
             dtypes[requested] = entry
         task = None
         if self.task is not None:
@@ -469,6 +565,19 @@ class FidelityJob:
             "dtypes": dtypes,
             "warnings": list(self.warnings),
         }
+
+
+    def _kv_speed(self, entry: dict) -> dict:
+        """A quantized KV precision's decode speed against the float KV cache of the same weights, where the
+        report measured those (e.g. `float32+kv8` against `float32`); None otherwise."""
+        sibling = self._entries.get(entry["kv_cache"]["reference"]) if entry["kv_cache"]["bits"] else None
+
+        def ratio(key: str) -> float | None:
+            if sibling is None or not entry.get(key) or not sibling.get(key):
+                return None
+            return round(entry[key] / sibling[key], 4)
+
+        return {"decode_tok_s_ratio": ratio("decode_tok_s"), "decode_batch_tok_s_ratio": ratio("decode_batch_tok_s")}
 
 
 def _finite(value: Any) -> Any:

@@ -2,8 +2,9 @@
 
 Greedy continuations and the batch-1 speed run on models.decode.single_stream.SingleStream (a lone
 request's path), task prompts and the batched speed on models.mlx_lm_ext.batch_generator.LeanBatchGenerator
-(the batch's path), with the engine's settings. Only the teacher-forced logits are a plain forward pass:
-the fidelity figures compare whole sequences, which no decode path computes.
+(the batch's path), with the engine's settings, at a variant's KV precision. Only the teacher-forced logits
+are a plain forward pass (over a quantized KV cache where the precision asks, as served): the fidelity
+figures compare whole sequences, which no decode path computes.
 
 Each run is a generator that yields PART after every model call (its result is the return value), so
 that the engine's worker can serve requests between two calls. Both decode paths queue the next step
@@ -19,25 +20,56 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
 
+from models.decode.prefill import prefill
 from models.decode.single_stream import SingleStream
 from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
+from models.mlx_lm_ext.quantized_batch_cache import quantize_layers
 
 PART = object()  # yielded after each model call of a run: the worker may serve requests here
 CHECK_EVERY = 4  # decode steps between non-finite checks, as the engine under its default `warn` policy
 _UIDS = -(2**40)  # the lone stream's request ids are the engine's business; the report's are apart
 
 
-def teacher_forced_logits(model: Any, seq: list[int]) -> mx.array:
-    """float32 logits at every position of `seq`, shape (len(seq), vocab), evaluated."""
-    out = model(mx.array(seq)[None])[0].astype(mx.float32)
+def teacher_forced_logits(model: Any, seq: list[int], kv: tuple[int, int] | None = None,
+                          prompt_tokens: int = 0) -> mx.array:
+    """float32 logits at every position of `seq`, shape (len(seq), vocab), evaluated. With `kv` (group size,
+    bits of a quantized KV cache) as served (SingleStream, mlx-lm's generate_step): the prompt but its last
+    token (a prompt of up to 2,048 tokens: one chunk) attends to float keys, which are then quantized; its last
+    token and the continuation attend to the quantized cache, their own keys quantized too."""
+    head_tokens = max(prompt_tokens - 1, 1)  # a one-token prompt's step attends to its float key
+    if kv is None or not 0 < prompt_tokens or head_tokens >= len(seq):
+        out = model(mx.array(seq)[None])[0].astype(mx.float32)
+        mx.eval(out)
+        return out
+    cache = make_prompt_cache(model)
+    head = model(mx.array(seq[:head_tokens])[None], cache=cache)[0]
+    quantize_layers(cache, *kv)
+    tail = model(mx.array(seq[head_tokens:])[None], cache=cache)[0]
+    out = mx.concatenate([head, tail]).astype(mx.float32)
     mx.eval(out)
     return out
 
 
-def greedy(model: Any, ids: list[int], n: int, eos: set[int], pad_prefill: bool) -> Iterator[object]:
+def context_logits(model: Any, ids: list[int], context: int, kv: tuple[int, int] | None) -> Iterator[object]:
+    """float32 logits of the tokens of `ids` after its first `context`, teacher-forced over a KV cache that
+    holds those `context` tokens as a served request's would (prefilled in chunks, quantized after each
+    with `kv`; None: the float cache): the return value, shape (len(ids) - context, vocab)."""
+    cache = make_prompt_cache(model)
+    quantize = None if kv is None else lambda layers: quantize_layers(layers, *kv)
+    prefill(model, mx.array(ids[:context]), cache, False, quantize)
+    yield PART
+    out = model(mx.array(ids[context:])[None], cache=cache)[0].astype(mx.float32)
+    mx.eval(out)
+    return out
+
+
+def greedy(model: Any, ids: list[int], n: int, eos: set[int], pad_prefill: bool,
+           kv: tuple[int, int] | None = None) -> Iterator[object]:
     """A served greedy request's tokens after `ids`: at most n, up to and including end of sequence."""
-    stream = SingleStream(model, ids, n, None, [], eos, _UIDS, pad_prefill=pad_prefill, check_every=CHECK_EVERY)
+    stream = SingleStream(model, ids, n, None, [], eos, _UIDS, pad_prefill=pad_prefill, check_every=CHECK_EVERY,
+                          kv=kv)
     out: list[int] = []
     while True:
         step = stream.step()
@@ -48,9 +80,9 @@ def greedy(model: Any, ids: list[int], n: int, eos: set[int], pad_prefill: bool)
 
 
 def batch_greedy(model: Any, prompts: list[list[int]], max_tokens: int, eos: set[int],
-                 prefill_rows: int = 8) -> Iterator[object]:
+                 prefill_rows: int = 8, kv: tuple[int, int] | None = None) -> Iterator[object]:
     """Greedy tokens of served batched requests, one row per prompt (end of sequence left out)."""
-    generator = LeanBatchGenerator(model, check_every=CHECK_EVERY, stop_tokens=[[t] for t in sorted(eos)],
+    generator = LeanBatchGenerator(model, check_every=CHECK_EVERY, kv=kv, stop_tokens=[[t] for t in sorted(eos)],
                                    completion_batch_size=max(len(prompts), prefill_rows),
                                    prefill_batch_size=prefill_rows)
     try:
@@ -80,12 +112,13 @@ class SpeedRun:
     decode_tokens: int
 
 
-def single_speed(model: Any, ids: list[int], decode_tokens: int, pad_prefill: bool) -> Iterator[object]:
+def single_speed(model: Any, ids: list[int], decode_tokens: int, pad_prefill: bool,
+                 kv: tuple[int, int] | None = None) -> Iterator[object]:
     """A lone request's prefill (to its first token) and `decode_tokens` decode steps, each timed on its own."""
     t0 = time.perf_counter()
     # no stop tokens: the run is as long as asked; two spare tokens keep every timed step a queuing one
     stream = SingleStream(model, ids, decode_tokens + 2, None, [], set(), _UIDS, pad_prefill=pad_prefill,
-                          check_every=CHECK_EVERY)
+                          check_every=CHECK_EVERY, kv=kv)
     stream.sync()
     prefill = time.perf_counter() - t0
     decode = 0.0
@@ -102,12 +135,12 @@ def single_speed(model: Any, ids: list[int], decode_tokens: int, pad_prefill: bo
 
 
 def batch_speed(model: Any, ids: list[int], batch: int, decode_tokens: int, windows: int = 1,
-                warmup_steps: int = 2) -> Iterator[object]:
+                warmup_steps: int = 2, kv: tuple[int, int] | None = None) -> Iterator[object]:
     """`batch` requests of the same prompt decoding together: after `warmup_steps` untimed steps, `windows`
     windows of `decode_tokens` batched steps, each step timed on its own; one SpeedRun per window (the
     return value). The rows are prefilled once, untimed (prefill depends on how requests arrive), so later
     windows attend over `decode_tokens` more positions than the one before."""
-    generator = LeanBatchGenerator(model, check_every=CHECK_EVERY, completion_batch_size=batch,
+    generator = LeanBatchGenerator(model, check_every=CHECK_EVERY, kv=kv, completion_batch_size=batch,
                                    prefill_batch_size=min(8, batch))
     try:
         steps = warmup_steps + windows * decode_tokens

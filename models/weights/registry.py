@@ -17,7 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from models.decode.kv_usage import describe_kv, live_kv_bytes
+from models.decode.kv_usage import describe_kv, live_kv_bytes, reserved_bytes
 from models.decode.prefix_cache import PrefixCache
 from models.errors import (
     DtypeRefusedError,
@@ -63,6 +63,7 @@ class Variant:
     requests_served: int = 0
     tokens_generated: int = 0
     kv: tuple[int, int] | None = None  # (group size, bits) of its quantized KV cache; None: float
+    waiting: int = 0  # requests admitted to it that wait for KV room in the budget (models.engine.kv_admission)
 
     @property
     def key(self) -> Key:
@@ -75,7 +76,8 @@ class Variant:
 
     @property
     def busy(self) -> bool:
-        return bool(self.jobs)
+        """Serving, or requests wait for it: never evicted then."""
+        return bool(self.jobs) or self.waiting > 0
 
     def describe(self) -> dict:
         loaded, stats = self.loaded, self.loaded.stats
@@ -93,7 +95,7 @@ class Variant:
             "load_seconds": round(stats.load_seconds, 4), "warmup_seconds": round(stats.warmup_seconds, 4),
             "loaded_from": stats.source,
             "context_length": loaded.context_length, "last_used": self.last_used,
-            "in_flight": len(self.jobs), "requests_served": self.requests_served,
+            "in_flight": len(self.jobs), "waiting_for_kv": self.waiting, "requests_served": self.requests_served,
             "tokens_generated": self.tokens_generated, "prompt_cache": self.prefix.describe(),
             "kv_cache": describe_kv(self),
         }
@@ -191,22 +193,56 @@ class VariantRegistry:
         return report
 
     def used_bytes(self) -> int:
-        """Bytes held by resident variants. Variants cast from a resident one share the arrays the
-        cast leaves unchanged (e.g. quantized integer weights); those count once."""
-        return unique_bytes(v.loaded.model for v in self.variants.values()) + self.prompt_cache_used()
+        """Bytes the budget holds now: resident variants' weights, their prompt caches, and the live KV caches
+        of their running sequences. Variants cast from a resident one share the arrays the cast leaves
+        unchanged (e.g. quantized integer weights); those count once."""
+        return self.weights_bytes() + self.prompt_cache_used() + self.kv_cache_live()
+
+    def weights_bytes(self, variants: list[Variant] | None = None) -> int:
+        """Bytes of the distinct arrays of `variants` (default: all resident)."""
+        return unique_bytes(v.loaded.model for v in (self.variants.values() if variants is None else variants))
 
     def prompt_cache_used(self) -> int:
         return sum(v.prefix.nbytes for v in self.variants.values())
 
     def kv_cache_live(self) -> int:
-        """Bytes of the running sequences' KV caches, all variants (not yet in used_bytes: issue 22 section 2)."""
+        """Bytes of the running sequences' KV caches, all variants."""
         return sum(live_kv_bytes(v) for v in self.variants.values())
+
+    def kv_cache_reserved(self) -> int:
+        """Bytes the running sequences' KV caches may still grow by (each to its prompt + max_tokens)."""
+        return sum(reserved_bytes(v) for v in self.variants.values())
+
+    def free_bytes(self) -> int:
+        """What a new request or load may take: the budget less what is held and what is promised."""
+        return self.budget_bytes - self.used_bytes() - self.kv_cache_reserved()
 
     def make_room_in_prompt_caches(self, required: int) -> None:
         """Cached prompts go first, before any variant, when `required` bytes do not fit."""
-        if self.budget_bytes - self.used_bytes() < required:
+        if self.free_bytes() < required:
             for variant in self.variants.values():
                 variant.prefix.clear()
+
+    def evictable(self, keep: Variant | None = None) -> list[Variant]:
+        """Idle, unpinned variants (never `keep`), least recently used first."""
+        return sorted((v for k, v in self.variants.items() if not v.busy and k not in self.pinned and v is not keep),
+                      key=lambda v: v.last_used)
+
+    def floor_bytes(self, variant: Variant) -> int:
+        """What stays held with nothing else running: `variant`'s weights and the pinned variants'."""
+        kept = [v for k, v in self.variants.items() if k in self.pinned or v is variant]
+        return self.weights_bytes(kept)
+
+    def make_room(self, required: int, keep: Variant | None = None) -> bool:
+        """Without touching a running request, free `required` bytes: the prompt caches first, then idle
+        variants (never `keep`), least recently used first. Whether they are free now."""
+        self.make_room_in_prompt_caches(required)
+        for variant in self.evictable(keep):
+            if self.free_bytes() >= required:
+                break
+            log.info("evicting %s/%s (least recently used) for KV room", *variant.key)
+            self._drop(variant.key)
+        return self.free_bytes() >= required
 
     # ---- loading -----------------------------------------------------------------------------
     def get(self, model: str, dtype: str | None) -> Variant:
@@ -314,13 +350,13 @@ class VariantRegistry:
     def _make_room(self, required: int, dtype: str) -> None:
         """Evict idle, unpinned variants (least recently used first) until `required` fits."""
         self.make_room_in_prompt_caches(required)
-        evictable = sorted((v for k, v in self.variants.items() if not v.busy and k not in self.pinned),
-                           key=lambda v: v.last_used)
-        free_now = self.budget_bytes - self.used_bytes()
+        evictable = self.evictable()
+        free_now = self.free_bytes()
         reclaimable = sum(v.loaded.stats.final_bytes for v in evictable)
         if required > free_now + reclaimable:
+            # running requests free their KV caches (live and reserved) as they end, and their variants then
             busy = sum(v.loaded.stats.final_bytes for k, v in self.variants.items()
-                       if v.busy and k not in self.pinned)
+                       if v.busy and k not in self.pinned) + self.kv_cache_live() + self.kv_cache_reserved()
             fits_later = required <= free_now + reclaimable + busy
             raise MemoryBudgetError(
                 f"the {dtype} variant needs {required} bytes but only {free_now + reclaimable} of the "
@@ -329,7 +365,7 @@ class VariantRegistry:
                 required_bytes=required, available_bytes=free_now + reclaimable, dtype=dtype,
                 retry=fits_later)
         for variant in evictable:
-            if self.budget_bytes - self.used_bytes() >= required:
+            if self.free_bytes() >= required:
                 break
             log.info("evicting %s/%s (least recently used)", *variant.key)
             self._drop(variant.key)
@@ -344,7 +380,8 @@ class VariantRegistry:
             raise VariantPinnedError(f"{model}/{key[1]} is the pinned default variant and stays resident "
                                      "(start the server with --no-pin-default to allow unloading it)")
         if variant.busy:
-            raise InvalidRequestError(f"{model}/{key[1]} is serving {len(variant.jobs)} request(s)")
+            raise InvalidRequestError(f"{model}/{key[1]} is serving {len(variant.jobs)} request(s)"
+                                      + (f" ({variant.waiting} more waiting)" if variant.waiting else ""))
         before = mx.get_active_memory()
         self._drop(key)
         return {"model": key[0], "dtype": key[1], "freed_bytes": before - mx.get_active_memory()}
@@ -392,9 +429,12 @@ class VariantRegistry:
             self._drop(key)
 
     def report(self) -> dict:
-        used = self.used_bytes()
-        return {"budget_bytes": self.budget_bytes, "used_bytes": used, "free_bytes": self.budget_bytes - used,
-                "prompt_cache_bytes": self.prompt_cache_used(), "kv_cache_live_bytes": self.kv_cache_live(),
+        used, reserved = self.used_bytes(), self.kv_cache_reserved()
+        return {"budget_bytes": self.budget_bytes, "used_bytes": used,
+                "free_bytes": self.budget_bytes - used - reserved,
+                "weights_bytes": self.weights_bytes(), "prompt_cache_bytes": self.prompt_cache_used(),
+                "kv_cache_live_bytes": self.kv_cache_live(), "kv_cache_reserved_bytes": reserved,
+                "waiting_for_kv": sum(v.waiting for v in self.variants.values()),
                 "pinned": [{"model": m, "dtype": d} for m, d in sorted(self.pinned)],
                 "loading": self.loading, "fit": self.fits,
                 "loads": [{"model": m, "dtype": d, "count": n} for (m, d), n in sorted(self.load_counts.items())],

@@ -35,6 +35,11 @@ class _Snapshot:
                                             "the prefix cache instead of prefilled", labels=labels)
         kv_bytes = GaugeMetricFamily("dtype_serve_kv_cache_bytes", "Bytes of the live KV caches of a variant's "
                                      "running sequences (lone and batched), from the cache arrays", labels=labels)
+        kv_reserved = GaugeMetricFamily("dtype_serve_kv_cache_reserved_bytes", "Bytes the budget keeps for the "
+                                        "growth of a variant's running sequences' KV caches (each to prompt + "
+                                        "max_tokens tokens), beside their live bytes", labels=labels)
+        kv_waiting = GaugeMetricFamily("dtype_serve_kv_waiting_requests", "Requests for a variant waiting for "
+                                       "KV room in the memory budget", labels=labels)
         kv_tokens = GaugeMetricFamily("dtype_serve_kv_cache_tokens", "Tokens the live KV caches of a variant's "
                                       "running sequences hold", labels=labels)
         kv_sequences = GaugeMetricFamily("dtype_serve_kv_cache_sequences", "Sequences of a variant holding a "
@@ -45,6 +50,8 @@ class _Snapshot:
             key = [v["model"], v["dtype"]]
             kv = v["kv_cache"]
             kv_bytes.add_metric(key, kv["live_bytes"])
+            kv_reserved.add_metric(key, kv["reserved_bytes"])
+            kv_waiting.add_metric(key, v["waiting_for_kv"])
             kv_tokens.add_metric(key, kv["tokens"])
             kv_sequences.add_metric(key, len(kv["sequences"]))
             kv_per_token.add_metric(key, kv["bytes_per_token"])
@@ -66,8 +73,8 @@ class _Snapshot:
             load_seconds.add_metric(key, v["load_seconds"])
             total_bytes.add_metric(key, v["total_bytes"])
             load_peak.add_metric(key, v["load_peak_bytes"])
-        yield from (param_bytes, in_flight, served, tokens, prompt_cache, cached_tokens, kv_bytes, kv_tokens,
-                    kv_sequences, kv_per_token, load_seconds, total_bytes, load_peak)
+        yield from (param_bytes, in_flight, served, tokens, prompt_cache, cached_tokens, kv_bytes, kv_reserved,
+                    kv_waiting, kv_tokens, kv_sequences, kv_per_token, load_seconds, total_bytes, load_peak)
         yield from _loading(self.report["budget"].get("loading"))
         worker = self.report.get("worker")
         if worker:
@@ -93,7 +100,11 @@ class _Snapshot:
             ("dtype_serve_mlx_peak_bytes", process["peak_bytes"], "MLX peak memory"),
             ("dtype_serve_mlx_cache_bytes", process["cache_bytes"], "MLX buffer cache"),
             ("dtype_serve_budget_bytes", budget["budget_bytes"], "Memory budget for resident variants"),
-            ("dtype_serve_budget_used_bytes", budget["used_bytes"], "Bytes variants and prompt caches hold"),
+            ("dtype_serve_budget_used_bytes", budget["used_bytes"], "Bytes variants, prompt caches and live KV "
+             "caches hold"),
+            ("dtype_serve_budget_kv_reserved_bytes", budget["kv_cache_reserved_bytes"], "Bytes the budget keeps for "
+             "the growth of running sequences' KV caches"),
+            ("dtype_serve_budget_free_bytes", budget["free_bytes"], "Budget less what is held and reserved"),
             ("dtype_serve_open_requests", self.open_requests, "Requests admitted and not finished"),
         ):
             yield GaugeMetricFamily(name, text, value=value)
