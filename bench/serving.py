@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-25m")
     p.add_argument("--dtype", default="bfloat16", help="stored dtype of the generated model, served as is")
+    p.add_argument("--serve-dtype", help="the precision ours and stream_generate serve it at (q8, q4:float32; "
+                   "quantized as mlx_lm.convert would): default --dtype; mlx_lm and vllm_mlx serve --dtype")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-client", type=int, default=3)
@@ -117,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "llama_cpp" in a.peers and a.distinct_prompts:
         p.error("--distinct-prompts prefixes text; llama_cpp is sent token ids")
     folder = ensure_model(a.shape, a.dtype, vocab=a.vocab)
-    result = {"shape": a.shape, "dtype": a.dtype, "vocab": a.vocab, "blas": a.blas, "max_tokens": a.max_tokens,
+    served = a.serve_dtype or a.dtype
+    result = {"shape": a.shape, "dtype": a.dtype, "serve_dtype": served, "vocab": a.vocab, "blas": a.blas,
+              "max_tokens": a.max_tokens,
               "gguf": a.gguf if "llama_cpp" in a.peers else None,
               "prompt_chars": len(PROMPT), "distinct_prompts": a.distinct_prompts,
               "temperature": a.temperature, "top_p": a.top_p}
@@ -127,11 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[tuple[str, int], list[dict]] = {}
     direct: list[float] = []  # stream_generate in a process of its own, in each trial's one-client turn
     with ExitStack() as stack:
-        baseline = stack.enter_context(BaselineProcess(str(folder), a.dtype, a.blas))
+        baseline = stack.enter_context(BaselineProcess(str(folder), served, a.blas))
         baseline.direct(PROMPT, a.max_tokens)  # warm-up
         peers = {}  # peer: its /v1/completions URL and the request body it is sent
         for peer in a.peers:
-            url, model_id = start_peer(stack, peer, folder, a.dtype, a.blas, a.batch, a.gguf)
+            url, model_id = start_peer(stack, peer, folder, served if peer == "ours" else a.dtype, a.blas, a.batch,
+                                       a.gguf)
             peers[peer] = url, body(model_id, a.max_tokens, a.temperature, a.top_p)
             if peer == "llama_cpp":
                 peers[peer][1]["prompt"] = prompt_ids(folder)

@@ -89,11 +89,13 @@ def test_dequantized_matmul_is_used_from_the_row_threshold_on(monkeypatch):
 
     monkeypatch.setattr(cpu_quantized, "dequantized_matmul",
                         lambda *a, **k: calls.append(a[0].shape) or dequantized_matmul(*a, **k))
-    _, ours = quantized_pair(128, 32, 8, 64)
-    ours(mx.zeros((1, 1, 128)))
-    assert calls == []
-    ours(mx.zeros((1, MIN_ROWS, 128)))
-    assert calls == [(1, MIN_ROWS, 128)]
+    for bits in (8, 4):
+        _, ours = quantized_pair(128, 32, bits, 64)
+        calls.clear()
+        ours(mx.zeros((1, MIN_ROWS[bits] - 1, 128)))
+        assert calls == []
+        ours(mx.zeros((1, MIN_ROWS[bits], 128)))
+        assert calls == [(1, MIN_ROWS[bits], 128)]
 
 
 def test_only_affine_layers_of_8_4_and_2_bits_are_swapped_and_their_arrays_stay():

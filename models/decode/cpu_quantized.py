@@ -2,10 +2,11 @@
 
 MLX's CPU `quantized_matmul` dequantizes its weight once per row: its time grows linearly with the rows (one
 1536x512 layer: 1.0 ms at 1 row, 7.2 ms at 8), so a quantized variant does not batch. Here, from
-`MIN_ROWS` rows on, the layer's weight is unpacked into float32 (a few vectorized MLX ops, about the cost of
-one or two rows of `quantized_matmul`) and multiplied with the BLAS in one GEMM; a single row keeps
-`quantized_matmul` (computed in float32: MLX's bfloat16/float16 CPU kernel is ~10x slower). The decision is
-modelled, not measured per call: bench/quantized_cpu.py measures both paths per shape, bits and rows.
+`MIN_ROWS[bits]` rows on, the layer's weight is unpacked into float32 (a few vectorized MLX ops) and multiplied
+with the BLAS in one GEMM; fewer rows keep `quantized_matmul` (computed in float32: MLX's bfloat16/float16 CPU
+kernel is ~10x slower). The decision is modelled, not measured per call: the float32 copy costs about as much
+as 1.4 rows of `quantized_matmul` at 8 bits and 2.1 rows at 4 bits (1024x1024 and 1024x2816 layers, one BLAS
+thread: bench/results/quantized-cpu-1thread.json, written by bench/quantized_cpu.py), whatever the shape.
 
 The float32 copy lives for one layer's product only; nothing keeps it. MLX allocates an operation's output
 when it queues it, a few operations ahead of the ones running, so a step's extra memory is that of a few
@@ -23,8 +24,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-MIN_ROWS = 2  # from this many rows on, the float32 copy and one GEMM beat quantized_matmul (module docstring)
-FAST_BITS = (8, 4, 2)
+# bits -> from this many rows on, the float32 copy and one GEMM beat quantized_matmul (module docstring)
+MIN_ROWS = {8: 2, 4: 3, 2: 3}
+FAST_BITS = tuple(MIN_ROWS)
 
 
 def unpacks(mode: str, bits: int) -> bool:
@@ -80,19 +82,19 @@ def float32_quantized_matmul(x: mx.array, packed: mx.array, scales: mx.array, bi
                                mode=mode).astype(x.dtype)
 
 
-def _rows(x: mx.array) -> int:
-    return x.size // x.shape[-1] if x.ndim else 1
+def _product(layer: nn.Module, x: mx.array) -> mx.array:
+    """x @ layer's dequantized weight.T, by the path its row count makes faster."""
+    args = (layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits)
+    if x.size // x.shape[-1] >= MIN_ROWS[layer.bits]:
+        return dequantized_matmul(x, *args)
+    return float32_quantized_matmul(x, *args, layer.mode)
 
 
 class CPUQuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear (same parameters, same state) that batches on the CPU (module docstring)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        args = (self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
-        if _rows(x) >= MIN_ROWS:
-            y = dequantized_matmul(x, *args)
-        else:
-            y = float32_quantized_matmul(x, *args, self.mode)
+        y = _product(self, x)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -100,10 +102,7 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
     """nn.QuantizedEmbedding whose use as the output layer (tied weights) batches on the CPU."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        args = (self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
-        if _rows(x) >= MIN_ROWS:
-            return dequantized_matmul(x, *args)
-        return float32_quantized_matmul(x, *args, self.mode)
+        return _product(self, x)
 
 
 _CPU_CLASSES = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
