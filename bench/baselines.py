@@ -10,6 +10,7 @@ reads one JSON command per line ({"kind": "direct", "prompt": P, "tokens": N} or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def load(folder: str, dtype: str, blas: str = "auto") -> tuple[Any, Any]:
 
         q = precision.quantization
         model.set_dtype(getattr(mx, precision.float_dtype or "bfloat16"))
-        model, _ = quantize_model(model, {}, q.group_size, q.bits, mode=q.mode)
+        with contextlib.redirect_stdout(sys.stderr):  # it prints; stdout carries the answers
+            model, _ = quantize_model(model, {}, q.group_size, q.bits, mode=q.mode)
     mx.eval(model.parameters())
     return model, tokenizer
 
