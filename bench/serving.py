@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
             peers[peer] = url, body(model_id, a.max_tokens, a.temperature, a.top_p)
             if peer == "llama_cpp":
                 peers[peer][1]["prompt"] = prompt_ids(folder)
-        for url, request in peers.values():  # warm-up
-            asyncio.run(load_run(url, request, 1, 2, a.distinct_prompts, seed=-1))
+        for peer, (url, request) in peers.items():  # warm-up
+            asyncio.run(load_run(url, request, 1, 2, a.distinct_prompts, seed=-1,
+                                 fresh_connections=peer == "llama_cpp"))
         for trial in range(a.trials):
             for n in a.clients:
                 if n == 1 and not sampled:
@@ -152,8 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
                 order = a.peers[trial % len(a.peers):] + a.peers[:trial % len(a.peers)]
                 for peer in order:
                     url, request = peers[peer]
+                    # llama-server closes the connection after a stream: reusing it failed every second request
                     runs.setdefault((peer, n), []).append(asyncio.run(load_run(
-                        url, request, n, a.requests_per_client, a.distinct_prompts, seed=trial * 1000 + n)))
+                        url, request, n, a.requests_per_client, a.distinct_prompts, seed=trial * 1000 + n,
+                        fresh_connections=peer == "llama_cpp")))
     if direct:
         result["direct"] = {"tok_s": round(statistics.median(direct), 2), "runs_tok_s": [round(d, 1) for d in direct]}
     for peer in a.peers:
