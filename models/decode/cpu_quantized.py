@@ -5,8 +5,8 @@ MLX's CPU `quantized_matmul` dequantizes its weight once per row: its time grows
 `MIN_ROWS[bits]` rows on, the layer's weight is unpacked into float32 (a few vectorized MLX ops) and multiplied
 with the BLAS in one GEMM; fewer rows keep `quantized_matmul` (computed in float32: MLX's bfloat16/float16 CPU
 kernel is ~10x slower). The decision is modelled, not measured per call: the float32 copy costs about as much
-as 1.4 rows of `quantized_matmul` at 8 bits and 2.1 rows at 4 bits (1024x1024 and 1024x2816 layers, one BLAS
-thread: bench/results/quantized-cpu-1thread.json, written by bench/quantized_cpu.py), whatever the shape;
+as 1.4-1.7 rows of `quantized_matmul` at 8 bits and 2-2.5 rows at 4 bits, whatever the shape (bench/quantized_cpu.py;
+bench/results/quantized-cpu-quiet.json and quantized-cpu-1thread.json);
 2 bits unpack like 4 and take 4's threshold (not measured).
 
 The float32 copy lives for one layer's product only; nothing keeps it. MLX allocates an operation's output
