@@ -3,12 +3,14 @@ times a request; and a process that keeps the model loaded and runs them on dema
 benchmark can alternate baseline and server trials (drift of a shared machine hits both alike).
 
     python -m bench.baselines FOLDER DTYPE [--blas auto|none]
+DTYPE is a float dtype or a quantized precision (q8, q4:float32), quantized as mlx_lm.convert would.
 reads one JSON command per line ({"kind": "direct", "prompt": P, "tokens": N} or
 {"kind": "batchgen", "prompt": P, "batch": B, "tokens": N}) and answers one JSON line each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -26,9 +28,20 @@ def load(folder: str, dtype: str, blas: str = "auto") -> tuple[Any, Any]:
     import mlx.core as mx
     from mlx_lm import load as mlx_lm_load
 
+    from models.weights.dtypes import parse_precision
+
     model, tokenizer = mlx_lm_load(folder)
-    if dtype != "auto":
-        model.set_dtype(getattr(mx, dtype))
+    precision = parse_precision(dtype)
+    if precision.quantization is None:
+        if dtype != "auto":
+            model.set_dtype(getattr(mx, dtype))
+    else:  # as `mlx_lm.convert --dtype <rest> -q` makes it: cast, then mlx-lm's quantize_model
+        from mlx_lm.utils import quantize_model
+
+        q = precision.quantization
+        model.set_dtype(getattr(mx, precision.float_dtype or "bfloat16"))
+        with contextlib.redirect_stdout(sys.stderr):  # it prints; stdout carries the answers
+            model, _ = quantize_model(model, {}, q.group_size, q.bits, mode=q.mode)
     mx.eval(model.parameters())
     return model, tokenizer
 

@@ -192,15 +192,16 @@ async def generate_request(session: aiohttp.ClientSession, url: str, body: dict,
             "server_total_s": final["timings"]["total_s"], "server_ttft_s": final["timings"]["time_to_first_token_s"]}
 
 
-def load_session(clients: int) -> aiohttp.ClientSession:
+def load_session(clients: int, fresh_connections: bool = False) -> aiohttp.ClientSession:
     """The load client: aiohttp, as vLLM's serving benchmark uses. httpx took ~2 ms of client time
-    per request, so 32 concurrent requests spent ~50 ms in the client before any server saw them."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients + 4),
+    per request, so 32 concurrent requests spent ~50 ms in the client before any server saw them.
+    `fresh_connections`: a connection per request, for a server that closes one after a stream."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients + 4, force_close=fresh_connections),
                                  timeout=aiohttp.ClientTimeout(total=600))
 
 
 async def load_run(url: str, body: dict, clients: int, requests_per_client: int, distinct: bool = False,
-                   seed: int | None = None) -> dict:
+                   seed: int | None = None, fresh_connections: bool = False) -> dict:
     """`clients` concurrent clients, each sending requests back to back. `distinct`: every prompt
     starts with its own random letters (from `seed`), so no request can reuse another's prompt
     (prefix) cache; a run that repeats a load gives it a new seed."""
@@ -217,7 +218,7 @@ async def load_run(url: str, body: dict, clients: int, requests_per_client: int,
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 errors.append(type(e).__name__)
 
-    async with load_session(clients) as session:
+    async with load_session(clients, fresh_connections) as session:
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(session) for _ in range(clients)))
         wall = time.perf_counter() - start

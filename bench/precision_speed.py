@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--name", default="precision-speed")
     a = p.parse_args(argv)
     folder = ensure_model(a.shape, a.dtype, vocab=a.vocab)
@@ -51,8 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
             for n in (1, a.clients):
                 for prec in order:
                     runs.setdefault((prec, n), []).append(
-                        asyncio.run(load_run(url, bodies[prec], n, 3, seed=trial * 1000 + n)))
+                        asyncio.run(load_run(url, bodies[prec], n, a.requests_per_client, seed=trial * 1000 + n)))
     result: dict = {"shape": a.shape, "stored_dtype": a.dtype, "vocab": a.vocab, "max_tokens": a.max_tokens,
+                    "trials": a.trials, "requests_per_client": a.requests_per_client, "clients": a.clients,
                     "precisions": {}}
     for prec in a.precisions:
         info = loaded[prec]

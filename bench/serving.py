@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import statistics
 import sys
 from contextlib import ExitStack
@@ -55,7 +56,7 @@ def vllm_mlx_server(folder, port: int, blas: str, batch: int):
     return server(cmd, f"http://127.0.0.1:{port}/v1/models", env=blas_env(blas)), str(folder)
 
 
-def llama_cpp_server(folder, port: int, gguf_type: str, clients: int):
+def llama_cpp_server(folder, port: int, gguf_type: str, clients: int, extra: tuple[str, ...] = ()):
     from bench.gguf import LLAMA_CPP, ensure_gguf
 
     exe = LLAMA_CPP / "llama-server"
@@ -64,7 +65,7 @@ def llama_cpp_server(folder, port: int, gguf_type: str, clients: int):
     model = ensure_gguf(folder, gguf_type)
     slots = max(clients, 1)
     cmd = [str(exe), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-cb",
-           "-c", str(1024 * slots), "--ignore-eos"]
+           "-c", str(1024 * slots), "--ignore-eos", *extra]
     return server(cmd, f"http://127.0.0.1:{port}/health"), model.stem
 
 
@@ -80,11 +81,11 @@ def body(model_id: str, max_tokens: int, temperature: float = 0.0, top_p: float 
 
 
 def start_peer(stack: ExitStack, peer: str, folder, dtype: str, blas: str, batch: int,
-               gguf_type: str = "F32") -> tuple[str, str]:
+               gguf_type: str = "F32", llama_cpp_args: tuple[str, ...] = ()) -> tuple[str, str]:
     """Start one server; its /v1/completions URL and the model id it answers to."""
     port = free_port()
     if peer == "llama_cpp":
-        ctx, model_id = llama_cpp_server(folder, port, gguf_type, batch)
+        ctx, model_id = llama_cpp_server(folder, port, gguf_type, batch, llama_cpp_args)
     else:
         ctx, model_id = ours(folder, dtype, port, blas, batch) if peer == "ours" else \
             mlx_lm_server(folder, port, blas) if peer == "mlx_lm" else vllm_mlx_server(folder, port, blas, batch)
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-25m")
     p.add_argument("--dtype", default="bfloat16", help="stored dtype of the generated model, served as is")
+    p.add_argument("--serve-dtype", help="the precision ours and stream_generate serve it at (q8, q4:float32; "
+                   "quantized as mlx_lm.convert would): default --dtype; mlx_lm and vllm_mlx serve --dtype")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-client", type=int, default=3)
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
                    choices=["ours", "mlx_lm", "vllm_mlx", "llama_cpp"])
     p.add_argument("--gguf", default="F32", choices=["F32", "F16", "Q8_0", "Q4_0"],
                    help="llama_cpp: the GGUF type its weights are written in")
+    p.add_argument("--llama-cpp-args", default="", help="more llama-server options, e.g. '--no-repack' (on a "
+                   "VM that advertises AMX but does not allow it, its repacked Q8_0/Q4_0 kernels die with SIGILL)")
     p.add_argument("--blas", default="auto")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--trials", type=int, default=3, help="rounds in which every server takes its turn")
@@ -117,8 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
     if "llama_cpp" in a.peers and a.distinct_prompts:
         p.error("--distinct-prompts prefixes text; llama_cpp is sent token ids")
     folder = ensure_model(a.shape, a.dtype, vocab=a.vocab)
-    result = {"shape": a.shape, "dtype": a.dtype, "vocab": a.vocab, "blas": a.blas, "max_tokens": a.max_tokens,
-              "gguf": a.gguf if "llama_cpp" in a.peers else None,
+    served = a.serve_dtype or a.dtype
+    result = {"shape": a.shape, "dtype": a.dtype, "serve_dtype": served, "vocab": a.vocab, "blas": a.blas,
+              "max_tokens": a.max_tokens,
+              "gguf": a.gguf if "llama_cpp" in a.peers else None, "llama_cpp_args": a.llama_cpp_args,
               "prompt_chars": len(PROMPT), "distinct_prompts": a.distinct_prompts,
               "temperature": a.temperature, "top_p": a.top_p}
     sampled = a.temperature > 0
@@ -127,16 +134,18 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[tuple[str, int], list[dict]] = {}
     direct: list[float] = []  # stream_generate in a process of its own, in each trial's one-client turn
     with ExitStack() as stack:
-        baseline = stack.enter_context(BaselineProcess(str(folder), a.dtype, a.blas))
+        baseline = stack.enter_context(BaselineProcess(str(folder), served, a.blas))
         baseline.direct(PROMPT, a.max_tokens)  # warm-up
         peers = {}  # peer: its /v1/completions URL and the request body it is sent
         for peer in a.peers:
-            url, model_id = start_peer(stack, peer, folder, a.dtype, a.blas, a.batch, a.gguf)
+            url, model_id = start_peer(stack, peer, folder, served if peer == "ours" else a.dtype, a.blas, a.batch,
+                                       a.gguf, tuple(shlex.split(a.llama_cpp_args)))
             peers[peer] = url, body(model_id, a.max_tokens, a.temperature, a.top_p)
             if peer == "llama_cpp":
                 peers[peer][1]["prompt"] = prompt_ids(folder)
-        for url, request in peers.values():  # warm-up
-            asyncio.run(load_run(url, request, 1, 2, a.distinct_prompts, seed=-1))
+        for peer, (url, request) in peers.items():  # warm-up
+            asyncio.run(load_run(url, request, 1, 2, a.distinct_prompts, seed=-1,
+                                 fresh_connections=peer == "llama_cpp"))
         for trial in range(a.trials):
             for n in a.clients:
                 if n == 1 and not sampled:
@@ -144,8 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
                 order = a.peers[trial % len(a.peers):] + a.peers[:trial % len(a.peers)]
                 for peer in order:
                     url, request = peers[peer]
+                    # llama-server closes the connection after a stream: reusing it failed every second request
                     runs.setdefault((peer, n), []).append(asyncio.run(load_run(
-                        url, request, n, a.requests_per_client, a.distinct_prompts, seed=trial * 1000 + n)))
+                        url, request, n, a.requests_per_client, a.distinct_prompts, seed=trial * 1000 + n,
+                        fresh_connections=peer == "llama_cpp")))
     if direct:
         result["direct"] = {"tok_s": round(statistics.median(direct), 2), "runs_tok_s": [round(d, 1) for d in direct]}
     for peer in a.peers:

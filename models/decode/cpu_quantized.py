@@ -1,0 +1,123 @@
+"""On the CPU, a quantized layer multiplies a step of several rows through a transient float32 copy of its weight.
+
+MLX's CPU `quantized_matmul` dequantizes its weight once per row: its time grows linearly with the rows (one
+1536x512 layer: 1.0 ms at 1 row, 7.2 ms at 8), so a quantized variant does not batch. Here, from
+`MIN_ROWS[bits]` rows on, the layer's weight is unpacked into float32 (a few vectorized MLX ops) and multiplied
+with the BLAS in one GEMM; fewer rows keep `quantized_matmul` (computed in float32: MLX's bfloat16/float16 CPU
+kernel is ~10x slower). The decision is modelled, not measured per call: the float32 copy costs about as much
+as 1.4-1.7 rows of `quantized_matmul` at 8 bits and 2-2.5 rows at 4 bits, whatever the shape (bench/quantized_cpu.py;
+bench/results/quantized-cpu-quiet.json and quantized-cpu-1thread.json);
+2 bits unpack like 4 and take 4's threshold (not measured).
+
+The float32 copy lives for one layer's product only; nothing keeps it. MLX allocates an operation's output
+when it queues it, a few operations ahead of the ones running, so a step's extra memory is that of a few
+layers' copies at most, whatever the depth (3.7 copies of a 1024x1024 layer in a chain of 6 to 24 layers).
+
+Only affine layers whose bits divide a byte (8, 4, 2) take this path: their byte planes unpack with a shift
+and a mask. The unpacked weight has its input dimension in plane-major order (all low nibbles, then all high
+ones), so the input is permuted the same way instead of interleaving the weight. The biases enter through a
+small GEMM with the input's per-group sums (sum_k x_k (s q_k + b) = s sum_k x_k q_k + b sum_k x_k), one pass
+over the weight fewer. The results are MLX's within float32 rounding (tests/test_cpu_quantized.py).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# bits -> from this many rows on, the float32 copy and one GEMM beat quantized_matmul (module docstring)
+MIN_ROWS = {8: 2, 4: 3, 2: 3}
+FAST_BITS = tuple(MIN_ROWS)
+
+
+def unpacks(mode: str, bits: int) -> bool:
+    """Whether a layer of this quantization takes the float32 path on the CPU."""
+    return mode == "affine" and bits in FAST_BITS
+
+
+def _plane_weight(packed: mx.array, scales: mx.array, group_size: int, bits: int) -> mx.array:
+    """The scaled weight (biases left out) in float32, (out, in) with `in` in plane-major order."""
+    out_dims = packed.shape[0]
+    planes = 8 // bits
+    in_dims = packed.shape[1] * 32 // bits
+    u = packed.view(mx.uint8)
+    if planes == 1:
+        q = u.astype(mx.float32)
+    else:
+        shifts = mx.arange(0, 8, bits, dtype=mx.uint8)[:, None]
+        q = ((u[:, None, :] >> shifts) & ((1 << bits) - 1)).astype(mx.float32)
+    q = q.reshape(out_dims, planes, in_dims // group_size, group_size // planes)
+    return (q * scales.astype(mx.float32)[:, None, :, None]).reshape(out_dims, in_dims)
+
+
+def _plane_major(x: mx.array, bits: int) -> mx.array:
+    """`x`'s last dimension in the unpacked weight's order: element p*i + j goes to j*(in/p) + i."""
+    planes = 8 // bits
+    if planes == 1:
+        return x
+    in_dims = x.shape[-1]
+    return x.reshape(-1, in_dims // planes, planes).swapaxes(-1, -2).reshape(-1, in_dims)
+
+
+def dequantized_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array | None,
+                       group_size: int, bits: int) -> mx.array:
+    """`x @ dequantize(packed, scales, biases).T` through a float32 copy of the weight; the result in x's dtype."""
+    lead, in_dims = x.shape[:-1], x.shape[-1]
+    x32 = x.reshape(-1, in_dims).astype(mx.float32)
+    weight = _plane_weight(packed, scales, group_size, bits)
+    y = _plane_major(x32, bits) @ weight.T
+    if biases is not None:
+        sums = x32.reshape(-1, in_dims // group_size, group_size).sum(-1)
+        y = y + sums @ biases.astype(mx.float32).T
+    return y.astype(x.dtype).reshape(*lead, -1)
+
+
+def float32_quantized_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array | None,
+                             group_size: int, bits: int, mode: str) -> mx.array:
+    """MLX's quantized_matmul, computed in float32 (the fast CPU kernel), the result in x's dtype."""
+    if x.dtype == mx.float32:
+        return mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=group_size, bits=bits,
+                                   mode=mode)
+    f32 = [None if a is None else a.astype(mx.float32) for a in (x, scales, biases)]
+    return mx.quantized_matmul(f32[0], packed, f32[1], f32[2], transpose=True, group_size=group_size, bits=bits,
+                               mode=mode).astype(x.dtype)
+
+
+def _product(layer: nn.Module, x: mx.array) -> mx.array:
+    """x @ layer's dequantized weight.T, by the path its row count makes faster."""
+    args = (layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits)
+    if x.size // x.shape[-1] >= MIN_ROWS[layer.bits]:
+        return dequantized_matmul(x, *args)
+    return float32_quantized_matmul(x, *args, layer.mode)
+
+
+class CPUQuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear (same parameters, same state) that batches on the CPU (module docstring)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _product(self, x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose use as the output layer (tied weights) batches on the CPU."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _product(self, x)
+
+
+_CPU_CLASSES = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
+
+
+def batch_quantized_on_cpu(model: nn.Module) -> int:
+    """Swap `model`'s affine 8/4/2-bit quantized layers for the CPU classes above when MLX runs on the CPU;
+    returns how many were swapped (0 on a GPU, where MLX's quantized kernels batch)."""
+    if mx.default_device().type != mx.cpu:
+        return 0
+    swapped = 0
+    for _, module in model.named_modules():
+        cpu_class = _CPU_CLASSES.get(type(module))
+        if cpu_class is not None and unpacks(module.mode, module.bits):
+            module.__class__ = cpu_class
+            swapped += 1
+    return swapped
