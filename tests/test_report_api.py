@@ -131,11 +131,13 @@ def test_report_cli_module_measures_a_quantization(tmp_path):
 
 
 def test_report_cli_refuses_bad_precisions(tmp_path):
-    for module in ("models.report.cli", "models.report.fidelity"):  # the old entry point still works
-        for dtype, message in (("q9", "unknown dtype"), ("fit", "named precisions"), ("fit+kv8", "named precisions")):
-            run = subprocess.run([sys.executable, "-m", module, "--dtypes", dtype], cwd=ROOT,
-                                 capture_output=True, text=True)
-            assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    cases = [("models.report.cli", "q9", "unknown dtype"), ("models.report.cli", "fit", "named precisions"),
+             ("models.report.cli", "fit+kv8", "named precisions"),
+             ("models.report.fidelity", "q9", "unknown dtype")]  # the old entry point still works
+    for module, dtype, message in cases:
+        run = subprocess.run([sys.executable, "-m", module, "--dtypes", dtype], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 
