@@ -85,3 +85,13 @@ class KVBudgetError(InvalidRequestError):
     def details(self) -> dict:
         return {"required_bytes": self.required_bytes, "available_bytes": self.available_bytes,
                 "max_tokens_fitting": self.max_tokens_fitting}
+
+
+def unexpected_failure(e: BaseException, variant: str, what: str = "internal error") -> EngineError:
+    """The error a request gets for an unexpected exception while its variant ran: MLX's "no implementation"
+    (a kernel this backend lacks for a shape the request made) is the precision's limit here, a 422 that
+    says so; anything else `what` and the exception's type, without details."""
+    if "No implementation for" in str(e):
+        return PrecisionUnavailableError(f"{variant}: this backend has no kernel for this request's shapes "
+                                         f"({str(e).splitlines()[0][:200]})")
+    return GenerationFailedError(f"{what}: {type(e).__name__}")

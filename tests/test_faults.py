@@ -179,6 +179,37 @@ async def test_an_error_inside_generation_fails_that_request_only(client, monkey
     assert (await c.get("/health")).status_code == 200
 
 
+async def test_a_kernel_the_backend_lacks_is_a_422_for_that_request_only(client, monkeypatch):
+    """MLX's "no implementation" for a shape (seen on CUDA: a kv8 prefill of 1,977 tokens) is the precision's
+    limit on this backend: a clear 422 precision_unavailable, raised here as MLX raises it (this CPU has the
+    kernels), in the prefill a request's admission runs and in a later decode step."""
+    _, c = client
+    await still_serving(c)
+    missing = RuntimeError('[quantized_matmul] No implementation for problem shape: 1x1977x64x32, transpose: '
+                           'true, activation: bfloat16, bits: 8, group size: 64, mode: "affine".')
+    original_init, original_step = SingleStream.__init__, SingleStream.step
+
+    def failing_init(self, *args, **kwargs):
+        monkeypatch.setattr(SingleStream, "__init__", original_init)
+        raise missing
+
+    monkeypatch.setattr(SingleStream, "__init__", failing_init)
+    r = await c.post("/generate", json={"prompt": "1+2=", "max_tokens": 8})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["type"] == "precision_unavailable" and "no kernel for this request's shapes" in error["message"]
+    assert "1x1977x64x32" in error["message"] and "Traceback" not in error["message"]
+
+    def failing_step(self):
+        monkeypatch.setattr(SingleStream, "step", original_step)
+        raise missing
+
+    monkeypatch.setattr(SingleStream, "step", failing_step)
+    r = await c.post("/generate", json={"prompt": "1+2=", "max_tokens": 8})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "precision_unavailable", r.text
+    await still_serving(c)
+
+
 async def test_a_dead_worker_turns_health_to_503_and_no_request_hangs(client):
     app, c = client
     engine = app.state.engine

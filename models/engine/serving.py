@@ -23,7 +23,7 @@ from models.engine.nonfinite import NonFinitePolicy
 from models.engine.reports import ReportHost
 from models.engine.scheduler import HAND_OFF, StepOutput, VariantScheduler
 from models.engine.sequence import Sequence
-from models.errors import DtypeRefusedError, EngineError, GenerationFailedError, InvalidRequestError
+from models.errors import DtypeRefusedError, EngineError, InvalidRequestError, unexpected_failure
 from models.text.detokenizer import streaming_detokenizer
 from models.text.prompts import PromptEncoder
 from models.text.stop_strings import StopStringMatcher
@@ -122,7 +122,7 @@ class Serving:
             seq.fail(e)
         except Exception as e:  # as the worker answers a failed admission: this request only
             log.exception("admitting a request failed")
-            seq.fail(GenerationFailedError(f"internal error: {type(e).__name__}"))
+            seq.fail(unexpected_failure(e, ":".join(seq.variant.key)))
 
     def _refuse_waiting(self, seq: Sequence, verdict: Verdict) -> None:
         seq.variant.waiting -= 1
@@ -186,7 +186,7 @@ class Serving:
                 continue
             if output.error is not None:
                 log.error("generation failed on %s/%s", *variant.key, exc_info=output.error)
-                error = GenerationFailedError(f"generation failed: {type(output.error).__name__}")
+                error = unexpected_failure(output.error, ":".join(variant.key), "generation failed")
                 for seq in output.failed:
                     seq.fail(error)
                 continue

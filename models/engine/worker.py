@@ -16,7 +16,7 @@ from models.engine.config import EngineConfig
 from models.engine.outbox import Outbox
 from models.engine.scoring import ScoreCall, take_score_calls
 from models.engine.sequence import Sequence
-from models.errors import EngineError, EngineUnavailableError, GenerationFailedError
+from models.errors import EngineError, EngineUnavailableError, GenerationFailedError, unexpected_failure
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +240,9 @@ class Worker:
                 self.host.admit(command.seq, burst)
             except EngineError as e:
                 command.seq.fail(e)
-            except Exception as e:  # a load that failed in an unexpected way: this request only
+            except Exception as e:  # a load or prefill that failed in an unexpected way: this request only
                 log.exception("admitting a request failed")
-                command.seq.fail(GenerationFailedError(f"internal error: {type(e).__name__}"))
+                command.seq.fail(unexpected_failure(e, _variant_name(command.seq)))
         elif isinstance(command, Call):
             try:
                 result, error = command.fn(), None
@@ -296,3 +296,10 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _variant_name(seq: Any) -> str:
+    """`model:dtype` of the variant a request was admitted to, or the one it asked for."""
+    if seq.variant is not None:
+        return ":".join(seq.variant.key)
+    return f"{seq.params.model or 'the default model'}:{seq.params.dtype or 'its default dtype'}"
