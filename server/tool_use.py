@@ -84,6 +84,12 @@ class CallReader:
         self._held.append(text)
         return ""
 
+    def read(self, text: str) -> tuple[str, list[dict]]:
+        """A whole text at once: (the text outside the calls, the calls)."""
+        shown = self.feed(text)
+        rest, calls = self.finish()
+        return shown + rest, calls
+
     def finish(self) -> tuple[str, list[dict]]:
         if self._stream is not None:
             text, found = self._stream.finish()

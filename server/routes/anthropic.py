@@ -157,9 +157,7 @@ async def create_message(body: MessagesRequest, request: Request, engine: ReadyE
     text, _, done = await collect_unless_disconnected(request, events)
     calls: list[dict] = []
     if reader is not None:
-        text = reader.feed(text)
-        rest, calls = reader.finish()
-        text += rest
+        text, calls = reader.read(text)
     return {"id": message_id, "type": "message", "role": "assistant", "model": variant_id(done),
             "content": content(text, calls), "stop_reason": stop_reason(done, calls),
             "stop_sequence": None if calls else done.stop_sequence, "usage": usage(done), **warnings_body(done)}

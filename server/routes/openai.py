@@ -286,9 +286,7 @@ async def _respond(engine: Engine, request: Request, params: GenerationParams, s
         message: dict = {"role": "assistant", "content": text}
         finish = done.finish_reason
         if reader is not None:
-            text = reader.feed(text)
-            rest, calls = reader.finish()
-            text += rest
+            text, calls = reader.read(text)
             if calls:
                 message = {"role": "assistant", "content": text or None, "tool_calls": calls}
                 finish = "tool_calls"

@@ -165,9 +165,7 @@ async def create_response(body: ResponsesRequest, request: Request, engine: Read
     text, _, done = await collect_unless_disconnected(request, events)
     calls: list[dict] = []
     if reader is not None:
-        text = reader.feed(text)
-        rest, calls = reader.finish()
-        text += rest
+        text, calls = reader.read(text)
     return builder.finished(text, done, calls)
 
 
