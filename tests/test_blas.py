@@ -31,6 +31,29 @@ def test_float32_matmul_matches_numpy(m, k, n):
     np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["a @ b", "a @ bt.T", "at.T @ b", "at.T @ bt.T"])
+def test_few_row_products_match_numpy_in_every_layout(rows, layout):
+    # one- and two-row products take sgemv under the forwarding library (models/platform/blas_forward.py)
+    rng = np.random.default_rng(rows)
+    a = rng.standard_normal((rows, 300), dtype=np.float32)
+    b = rng.standard_normal((300, 1000), dtype=np.float32)
+    arrays = {"a": mx.array(a), "b": mx.array(b), "at": mx.array(np.ascontiguousarray(a.T)),
+              "bt": mx.array(np.ascontiguousarray(b.T))}
+    got = np.array(eval(layout, {}, arrays))
+    np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-3)
+
+
+def test_a_one_row_product_never_reads_its_output_memory():
+    # MLX hands BLAS uninitialized (recycled) memory with beta 0: NaNs left there must not leak into the result
+    for _ in range(3):
+        junk = mx.full((1, 4096), float("nan"))
+        mx.eval(junk)
+        del junk
+        out = mx.ones((1, 512)) @ mx.ones((512, 4096))
+        assert mx.all(out == 512).item()
+
+
 def test_float32_matvec_matches_numpy():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((2048, 1024), dtype=np.float32)
@@ -59,7 +82,7 @@ def test_without_patchelf_the_wheel_is_left_alone(tmp_path, monkeypatch):
     from models.platform import openblas_wheel
 
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
-    monkeypatch.setattr(openblas_wheel, "_patchelf", lambda: None)
+    monkeypatch.setattr(openblas_wheel, "patchelf_path", lambda: None)
     assert openblas_wheel.bridged_library() is None
     assert not (tmp_path / "blas").exists()
 
@@ -69,7 +92,7 @@ def test_a_failed_rename_leaves_no_partial_file(tmp_path, monkeypatch):
     from models.platform import openblas_wheel
 
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
-    monkeypatch.setattr(openblas_wheel, "_patchelf", lambda: "false")  # a command that fails
+    monkeypatch.setattr(openblas_wheel, "patchelf_path", lambda: "false")  # a command that fails
     assert openblas_wheel.bridged_library() is None
     assert [p.suffix for p in (tmp_path / "blas").iterdir()] == [".failed"]  # the failure, no partial copy
 
@@ -83,7 +106,7 @@ def test_a_failed_rename_is_not_retried_until_patchelf_changes(tmp_path, monkeyp
     tool = tmp_path / "patchelf"
     tool.write_text(f"#!/bin/sh\necho run >> {runs}\nexit 1\n")
     tool.chmod(0o755)
-    monkeypatch.setattr(openblas_wheel, "_patchelf", lambda: str(tool))
+    monkeypatch.setattr(openblas_wheel, "patchelf_path", lambda: str(tool))
     assert openblas_wheel.bridged_library() is None
     assert openblas_wheel.bridged_library() is None
     assert runs.read_text().count("run") == 1  # the second start remembered the failure
@@ -100,3 +123,37 @@ def test_a_copy_without_the_names_mlx_needs_is_not_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(openblas_wheel, "PREFIX", "nothing_")  # as if a wheel used another prefix
     assert openblas_wheel.bridged_library() is None
     assert [p.suffix for p in (tmp_path / "blas").iterdir()] == [".failed"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
+def test_the_forwarding_library_is_built_once_and_exports_what_mlx_binds(tmp_path, monkeypatch):
+    from models.platform import blas_forward
+
+    if blas_forward._compiler() is None:
+        pytest.skip("no C compiler on this machine")  # the plain renamed wheel is used then (next test)
+    monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
+    path = blas_forward.forwarding_library()
+    assert path is not None and path.startswith(str(tmp_path))
+    # in a child (this process has bound its BLAS): MLX's names resolve, and a one-row product is right
+    probe = ("import ctypes, sys, numpy as np; lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL);"
+             "[getattr(lib, n) for n in ('cblas_sgemm', 'cblas_dgemm', 'openblas_set_num_threads')];"
+             "a = np.arange(6, dtype=np.float32).reshape(1, 6); b = np.ones((6, 3), np.float32);"
+             "c = np.full((1, 3), np.nan, np.float32); P = ctypes.c_void_p; F = ctypes.c_float;"
+             "lib.cblas_sgemm(101, 111, 111, 1, 3, 6, F(1), a.ctypes.data_as(P), 6, b.ctypes.data_as(P), 3, F(0),"
+             " c.ctypes.data_as(P), 3); print(c.tolist())")
+    out = subprocess.run([sys.executable, "-c", probe, path], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[[15.0, 15.0, 15.0]]"
+    made = os.stat(path).st_mtime_ns
+    assert blas_forward.forwarding_library() == path and os.stat(path).st_mtime_ns == made
+    assert not [p for p in (tmp_path / "blas").iterdir() if p.suffix in (".partial", ".failed")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
+def test_without_a_compiler_the_plain_wheel_is_used(tmp_path, monkeypatch):
+    from models.platform import blas_forward
+
+    monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails: remembered, not retried
+    assert blas_forward.forwarding_library() is None
+    assert [p.suffix for p in (tmp_path / "blas").iterdir()] == [".failed"]  # no copy of the wheel left
+    assert blas_forward.forwarding_library() is None

