@@ -24,6 +24,7 @@ from mlx_lm.utils import load_tokenizer
 from models.decode.cpu_fusion import fuse_for_cpu
 from models.decode.cpu_layout import laid_out, linear_weight_paths
 from models.decode.cpu_quantized import batch_quantized_on_cpu
+from models.decode.gpu_quantized import prefill_quantized_on_gpu
 from models.errors import EngineError, ModelLoadError
 from models.weights.checkpoint import VariantSpec, checkpoint_tensors, read_config, stored_floating_dtype, variant_spec
 from models.weights.dtypes import AUTO, Quantization, dtype_name, mx_dtype, will_cast
@@ -146,6 +147,7 @@ def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = 
         largest, config = _convert(model, config, spec, progress or log_progress(name, spec.key), shard_group)
         fuse_for_cpu(model)
         batch_quantized_on_cpu(model)
+        prefill_quantized_on_gpu(model)
     with _loading(name, f"{folder.name}'s tokenizer files (tokenizer.json, tokenizer_config.json)"):
         tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
     stats = _load_stats(model, base, start, largest, source="checkpoint")
@@ -237,6 +239,7 @@ def derive_variant(source: LoadedModel, dtype: str, trust_remote_code: bool = Fa
     largest, config = _convert(model, config, spec, progress or log_progress(source.name, spec.key))
     fuse_for_cpu(model)
     batch_quantized_on_cpu(model)
+    prefill_quantized_on_gpu(model)
     stats = _load_stats(model, base, start, largest, source=source.dtype)
     return LoadedModel(source.name, source.path, spec.key, model, source.tokenizer, config, stats,
                        source.context_length, spec.float_dtype, spec.quantization)
