@@ -30,6 +30,8 @@ NAMES = (
     "mlx_lm.models.cache:KVCache.to_quantized", "mlx_lm.generate:PromptProcessingBatch.prompt",
     "mlx_lm.generate:PromptProcessingBatch.extend", "mlx_lm.generate:PromptProcessingBatch._copy",
     "mlx_lm.utils:_get_classes",
+    # replaced on CUDA (quantized_attention)
+    "mlx_lm.models.base:quantized_scaled_dot_product_attention",
 )
 # Instance attributes of GenerationBatch that LeanGenerationBatch._step reads and writes
 GENERATION_BATCH_ATTRIBUTES = (

@@ -21,6 +21,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, dynamic_roll
 
+from models.mlx_lm_ext.quantized_attention import install_on_cuda
+
 Quantized = tuple[mx.array, mx.array, mx.array]  # (packed codes, scales, biases), tokens on axis 2
 
 
@@ -181,6 +183,7 @@ def quantize_layers(caches: list[Any], group_size: int, bits: int) -> None:
     """Quantize, in place, the float layers of a cache list: a lone stream's KVCache becomes a
     QuantizedKVCache (mlx-lm's to_quantized), a batch's BatchKVCache a QuantizedBatchKVCache; quantized,
     rotating and state-space layers are left as they are."""
+    install_on_cuda()  # every quantized cache passes here: attention over it must run where it is made
     for i, cache in enumerate(caches):
         if type(cache) is KVCache:
             caches[i] = cache.to_quantized(group_size=group_size, bits=bits)
