@@ -44,6 +44,16 @@ def test_few_row_products_match_numpy_in_every_layout(rows, layout):
     np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_few_row_products_with_an_addend_scale_both_terms(rows):
+    # MLX's addmm hands BLAS alpha, beta and an output holding the addend: sgemv must honour all three
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((rows, 200), dtype=np.float32), rng.standard_normal((200, 300), dtype=np.float32)
+    c = rng.standard_normal((rows, 300), dtype=np.float32)
+    got = np.array(mx.addmm(mx.array(c), mx.array(a), mx.array(b), alpha=0.5, beta=2.0))
+    np.testing.assert_allclose(got, 0.5 * (a @ b) + 2.0 * c, rtol=1e-4, atol=1e-3)
+
+
 def test_a_one_row_product_never_reads_its_output_memory():
     # MLX hands BLAS uninitialized (recycled) memory with beta 0: NaNs left there must not leak into the result
     for _ in range(3):
