@@ -83,14 +83,14 @@ async def test_cached_prompts_are_dropped_before_a_load_is_refused():
         resident = (await client.get("/memory")).json()["budget"]["used_bytes"]
     finally:
         await close(ctx, client)
-    # Room for the default variant, a float32 one and its request's KV cache (16 tokens of 4 KiB), not for
-    # the cached prompts besides.
-    room = 4096 + 16 * 4096
+    # Room for the default variant, a float32 one and its request's KV cache (buffers of 256 positions of
+    # 4 KiB), not for the cached prompts besides (three of 200 tokens and more, 2 KiB each in bfloat16).
+    room = 4096 + 256 * 4096
     budget = resident + estimate["total_bytes"] + room
     app, ctx, client = await app_client(prompt_cache_bytes="64MiB", memory_budget=str(budget))
     try:
         for prompt in ("17+25=", "The cat sat on the mat", "12+30="):
-            await complete(client, prompt)
+            await complete(client, f"{prompt} " * (200 // len(prompt)))
         assert (await client.get("/memory")).json()["budget"]["prompt_cache_bytes"] > room
         r = await client.post("/models/load", json={"model": "tiny-arith", "dtype": "float32"})
         assert r.status_code == 200, r.text
