@@ -30,6 +30,9 @@ NAMES = (
     "mlx_lm.models.cache:KVCache.to_quantized", "mlx_lm.generate:PromptProcessingBatch.prompt",
     "mlx_lm.generate:PromptProcessingBatch.extend", "mlx_lm.generate:PromptProcessingBatch._copy",
     "mlx_lm.utils:_get_classes",
+    # the caches' growth in steps, which the KV admission reserves (kv_usage.CACHE_STEP, grown_room)
+    "mlx_lm.models.cache:KVCache.step", "mlx_lm.models.cache:BatchKVCache.step",
+    "mlx_lm.models.cache:QuantizedKVCache.step",
 )
 # Instance attributes of GenerationBatch that LeanGenerationBatch._step reads and writes
 GENERATION_BATCH_ATTRIBUTES = (
