@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from models.api import Finished
-from models.weights.dtypes import FIT, accepted_names, normalize_dtype
+from models.weights.dtypes import FIT, accepted_names, normalize_dtype, split_kv
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -33,8 +33,9 @@ StopStrings = Annotated[StopString | Annotated[list[StopString], Field(max_lengt
 
 # The precision names and documented aliases, as an enum in the schema; validated values are canonical.
 Dtype = Annotated[Literal[accepted_names()], AfterValidator(normalize_dtype)]  # type: ignore[misc]
-# The report (server/routes/report.py) measures named weight precisions: any but `fit`, with the float KV cache
-ReportDtype = Annotated[Literal[tuple(n for n in accepted_names() if n != FIT and "+" not in n)],  # type: ignore[misc]
+# The report (server/routes/report.py) measures named precisions: any but `fit`, each with an optional KV cache
+# precision (`q4+kv8`)
+ReportDtype = Annotated[Literal[tuple(n for n in accepted_names() if split_kv(n)[0] != FIT)],  # type: ignore[misc]
                         AfterValidator(normalize_dtype)]
 DTYPE_HELP = ("precision: auto (the checkpoint's), float32, float16, bfloat16, q8..q2 (q4g32: group size), "
               "mxfp8, mxfp4, nvfp4, mixed_3_6..., fit; q4:float16 sets the float dtype of the rest")

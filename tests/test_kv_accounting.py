@@ -153,7 +153,26 @@ async def test_an_unknown_kv_precision_is_a_clear_422(served):
         assert "Traceback" not in r.text and "error" in r.json()
 
 
+def rooms(variant) -> dict[int, tuple[int, int]]:
+    """On the worker: each decoding sequence's (buffer positions, left padding), read from the cache arrays."""
+    def positions(layer) -> int:
+        keys = layer.keys[0] if isinstance(layer.keys, (tuple, list)) else layer.keys
+        return keys.shape[2]
+
+    out = {}
+    single = variant.scheduler.decoder.single if variant.scheduler is not None else None
+    if single is not None:
+        out[single.uid] = (positions(single.cache[0]), 0)
+    batch = variant.generator._generation_batch if variant.generator is not None else None
+    if batch is not None and batch.uids:
+        first = batch.prompt_cache[0]
+        out |= {uid: (positions(first), p) for uid, p in zip(batch.uids, first.left_padding.tolist(), strict=True)}
+    return out
+
+
 async def test_admission_accounting_counts_a_requests_growth_and_the_promised(served):
+    from models.mlx_lm_ext.kv_usage import grown_room
+
     engine, _ = served
     release, tasks = await started(engine, "bfloat16+kv8", PROMPTS[:2], max_tokens=150)
 
@@ -162,14 +181,20 @@ async def test_admission_accounting_counts_a_requests_growth_and_the_promised(se
         targets = {uid: job.prompt_tokens + job.params.max_tokens for uid, job in variant.jobs.items()}
         kv = variant.describe()["kv_cache"]
         held = sum(s["tokens"] for s in kv["sequences"])
-        return (kv_growth(variant, 10, 20), promised_growth(variant, targets), sum(targets.values()) - held,
-                kv["reserved_bytes"], engine.registry.kv_cache_reserved())
+        now = rooms(variant)
+        expected = sum(grown_room(now[uid][0], now[uid][1] + t) - now[uid][0] for uid, t in targets.items())
+        return ((kv_growth(variant, 10, 20), kv_growth(variant, 10, 246), kv_growth(variant, 10, 247)),
+                promised_growth(variant, targets),
+                sum(targets.values()) - held, expected * 1152, now, kv["reserved_bytes"],
+                engine.registry.kv_cache_reserved())
 
-    growth, promised, tokens_left, reserved, all_reserved = await engine._call(figures)
+    growth, promised, tokens_left, expected, now, reserved, all_reserved = await engine._call(figures)
     release.set()
     await asyncio.gather(*tasks)
-    assert growth == 30 * 1152
-    assert promised == tokens_left * 1152 and 0 < tokens_left < 2 * 150
+    assert growth == (256 * 1152, 256 * 1152, 512 * 1152)  # the buffers' steps: 30 tokens take 256 as 256 do
+    assert len(now) == 2 and promised == expected and 0 < tokens_left < 2 * 150
+    # both decode in buffers of 256 positions, room for all their tokens: nothing more to promise
+    assert all(room == 256 for room, _ in now.values()) and promised == 0
     assert reserved == all_reserved == promised  # /memory's reserved bytes are the promised growth
 
 

@@ -1,6 +1,8 @@
 """Admission under the budget's room for KV caches (models.engine.kv_admission), in pure Python with a fake
 ledger: what fits starts, the rest waits first come first served and starts as running sequences end, room
-is made from the prompt caches before idle variants, a request that could never fit is refused at once."""
+is made from the prompt caches before idle variants, a request that could never fit is refused at once.
+And the arithmetic of what a sequence reserves (models.mlx_lm_ext.kv_usage.grown_room): the buffers mlx-lm's
+caches and ours allocate, in steps, checked against the caches themselves."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from models.decode.kv_usage import tokens_within
 from models.engine.kv_admission import ADMIT, MAKE_ROOM, NEVER, WAIT, BudgetView, KVAdmission, decide
+from models.mlx_lm_ext.kv_usage import CACHE_STEP, grown_room, layer_room
 
 
 @dataclass(eq=False)
@@ -150,3 +154,95 @@ def test_requests_whose_clients_left_are_dropped_from_the_queue():
     assert a.kv.drop(lambda r: r.cancelled) == [gone]
     a.finish(running)
     assert a.started == ["running", "stays"]
+
+
+def test_a_sequences_buffers_grow_in_whole_steps_from_where_they_were_full():
+    assert CACHE_STEP == 256
+    assert [grown_room(0, n) for n in (1, 255, 256, 257, 512, 513)] == [256, 256, 256, 512, 512, 768]
+    assert grown_room(512, 300) == 512  # room enough: nothing new
+    assert grown_room(412, 413) == 668 and grown_room(412, 668) == 668  # cut short by a batch's filter
+    assert tokens_within(3 * 256 * 10 - 1, 10) == 512 and tokens_within(256 * 10, 10) == 256
+    assert tokens_within(255 * 10, 10) == 0 and tokens_within(-5, 10) == 0 and tokens_within(100, 0) == 0
+
+
+def test_reservations_in_steps_admit_what_the_buffers_will_take():
+    per_token, target = 4096, 241  # the bundled model in float32: 217 prompt + 24 max_tokens
+    need = grown_room(0, target) * per_token
+    assert need == 256 * per_token
+    # a budget that holds three unrounded reservations holds two of what the buffers will take
+    a = Admission(FakeLedger(budget=20 + 3 * target * per_token + 100, weights=20))
+    assert [a.offer(Req(n, need)) for n in "abc"] == [ADMIT, ADMIT, WAIT]
+
+
+def _keys(rows: int, n: int, dim: int = 64):
+    import mlx.core as mx
+
+    return mx.zeros((rows, 1, n, dim)), mx.zeros((rows, 1, n, dim))
+
+
+@pytest.mark.parametrize("kind", ["KVCache", "QuantizedKVCache", "BatchKVCache", "QuantizedBatchKVCache"])
+def test_grown_room_is_what_each_cache_allocates_prefilled_then_decoding(kind):
+    from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
+
+    from models.mlx_lm_ext.quantized_batch_cache import QuantizedBatchKVCache
+
+    cache = {"KVCache": lambda: KVCache(), "QuantizedKVCache": lambda: QuantizedKVCache(group_size=32, bits=4),
+             "BatchKVCache": lambda: BatchKVCache([0]),
+             "QuantizedBatchKVCache": lambda: QuantizedBatchKVCache([0], group_size=32, bits=4)}[kind]()
+    written = 0
+    for n in [2048, 300] + [1] * 500:  # prefill's chunks, then tokens one at a time
+        cache.update_and_fetch(*_keys(1, n))
+        written += n
+        assert layer_room(cache) == grown_room(0, written), (kind, written)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_padded_rows_reservation_is_what_the_batch_allocates_for_it(quantized):
+    """A batch of rows padded to its longest, then cut short when its longest leaves: each row's room when it
+    holds its target (what it reserved: grown from the room now, its padding counted) is the batch's."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    from models.mlx_lm_ext.quantized_batch_cache import QuantizedBatchKVCache
+
+    padding = [0, 90, 40]
+    cache = QuantizedBatchKVCache(padding, group_size=32, bits=4) if quantized else BatchKVCache(padding)
+    cache.update_and_fetch(*_keys(3, 200))  # prompts of 200, 110 and 160 tokens
+    cache.filter([1, 2])  # the longest leaves: the padding the others share (40) goes, the buffers shrink
+    assert layer_room(cache) == 256 - 40 and cache.left_padding.tolist() == [50, 0]
+    room, held = layer_room(cache), [110, 160]
+    targets = [430, 330]  # tokens each reaches: prompt + max_tokens
+    reserved = [grown_room(room, p + t) for p, t in zip([50, 0], targets, strict=True)]
+    assert reserved == [728, 472] and grown_room(room, 430) == 472  # its padding takes row 0 a step further
+    for _ in range(max(t - h for t, h in zip(targets, held, strict=True))):
+        cache.update_and_fetch(*_keys(2, 1))
+        held = [h + 1 for h in held]
+        for i, (h, t) in enumerate(zip(held, targets, strict=True)):
+            if h <= t:
+                assert layer_room(cache) <= reserved[i]  # never more than the row reserved
+            if h == t:
+                assert layer_room(cache) == reserved[i], (i, layer_room(cache), reserved)
+
+
+def test_the_promise_of_a_variants_sequences_counts_their_rooms_and_padding():
+    """models.decode.kv_usage.promised_growth over a real batch cache (a variant's other parts faked): what
+    each row's buffers will take beyond those it has now, and the whole of a sequence that holds none yet."""
+    from types import SimpleNamespace
+
+    from mlx_lm.models.cache import BatchKVCache
+
+    from models.decode.kv_usage import live_kv_bytes, promised_growth
+
+    cache = BatchKVCache([0, 90, 40])
+    cache.update_and_fetch(*_keys(3, 200))
+    cache.filter([1, 2])  # rows of 110 and 160 tokens, padded by 50 and 0, in buffers of 216 positions
+    batch = SimpleNamespace(uids=[7, 8], prompt_cache=[cache])
+    variant = SimpleNamespace(
+        scheduler=None, kv=None, generator=SimpleNamespace(_generation_batch=batch, _prompt_batch=None),
+        loaded=SimpleNamespace(float_dtype="float32", config={"num_hidden_layers": 1, "num_attention_heads": 1,
+                                                               "hidden_size": 64}))
+    per_token = 2 * 64 * 4  # keys and values of one layer, one head of 64, float32
+    assert live_kv_bytes(variant) == 2 * 216 * per_token
+    # row 7 reaches 50 + 430 positions: two steps past 216; row 8 330: one; 9, not started, a step of its own
+    assert promised_growth(variant, {7: 430, 8: 330}) == (512 + 256) * per_token
+    assert promised_growth(variant, {7: 430, 8: 330, 9: 100}) == (512 + 256 + 256) * per_token
+    assert promised_growth(variant, {7: 160, 8: 200}) == 0  # room enough in the buffers they have

@@ -83,14 +83,14 @@ async def test_cached_prompts_are_dropped_before_a_load_is_refused():
         resident = (await client.get("/memory")).json()["budget"]["used_bytes"]
     finally:
         await close(ctx, client)
-    # Room for the default variant, a float32 one and its request's KV cache (16 tokens of 4 KiB), not for
-    # the cached prompts besides.
-    room = 4096 + 16 * 4096
+    # Room for the default variant, a float32 one and its request's KV cache (buffers of 256 positions of
+    # 4 KiB), not for the cached prompts besides (three of 200 tokens and more, 2 KiB each in bfloat16).
+    room = 4096 + 256 * 4096
     budget = resident + estimate["total_bytes"] + room
     app, ctx, client = await app_client(prompt_cache_bytes="64MiB", memory_budget=str(budget))
     try:
         for prompt in ("17+25=", "The cat sat on the mat", "12+30="):
-            await complete(client, prompt)
+            await complete(client, f"{prompt} " * (200 // len(prompt)))
         assert (await client.get("/memory")).json()["budget"]["prompt_cache_bytes"] > room
         r = await client.post("/models/load", json={"model": "tiny-arith", "dtype": "float32"})
         assert r.status_code == 200, r.text
@@ -101,3 +101,27 @@ async def test_cached_prompts_are_dropped_before_a_load_is_refused():
     finally:
         await close(ctx, client)
 
+
+
+def test_a_stored_batch_row_holds_its_own_bytes_not_the_batchs():
+    """A row extracted from a batch (mlx-lm's extract: a lazy copy) is evaluated when stored, so the batch's
+    buffers go when the batch does: MLX's active memory then holds what the prompt cache counts."""
+    import gc
+
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache
+
+    from models.decode.prefix_cache import PrefixCache
+
+    gc.collect()
+    before = mx.get_active_memory()
+    batch = BatchKVCache([0] * 8)
+    batch.update_and_fetch(mx.ones((8, 4, 1000, 64)), mx.ones((8, 4, 1000, 64)))  # 8 rows of 1,000: 16 MB
+    mx.eval(batch.keys, batch.values)
+    prefix = PrefixCache(64 * 2**20)
+    prefix.store(list(range(1000)), [batch.extract(0)])
+    del batch
+    gc.collect()
+    held = mx.get_active_memory() - before
+    assert prefix.nbytes == 2 * 4 * 1000 * 64 * 4  # one row's keys and values, float32
+    assert held < 2 * prefix.nbytes, (held, prefix.nbytes)  # not the batch's 16 MB

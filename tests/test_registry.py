@@ -88,7 +88,8 @@ async def test_budget_refusal_leaves_resident_variants_serving(model_dir):
 
 
 async def test_least_recently_used_idle_variant_is_evicted_first(model_dir):
-    app, ctx, client = await app_client(memory_budget=str(7 * MiB))  # bf16 (pinned) 2 + f32 4.1 + f16 2 > 7
+    # bf16 (pinned) 2.1 + f32 4.25 + f16 2.1 > 8; a request's KV buffers take a step of 256 positions (f32: 1 MiB)
+    app, ctx, client = await app_client(memory_budget=str(8 * MiB))
     try:
         assert (await client.post("/generate", json={"prompt": "1+1=", "dtype": "float32"})).status_code == 200
         assert (await client.post("/generate", json={"prompt": "1+1=", "dtype": "float16"})).status_code == 200
@@ -158,8 +159,9 @@ async def test_idle_variants_are_unloaded_after_the_idle_timeout():
 
 
 async def test_a_variant_in_use_is_never_evicted(model_dir):
-    # budget: the pinned default (2 MB) + float32 (4.2 MB) only; float16 would need float32 evicted
-    app, ctx, client = await app_client(memory_budget=str(7 * MiB))
+    # budget: the pinned default (2.1 MB) + float32 (4.25 MB) and its request's KV buffers (a step of 256
+    # positions: 1 MiB) only; float16 would need float32 evicted
+    app, ctx, client = await app_client(memory_budget=str(8 * MiB))
     try:
         long = client.post("/generate", json={"prompt": "The cat", "dtype": "float32", "max_tokens": 200,
                                               "ignore_eos": True})

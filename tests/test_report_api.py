@@ -159,3 +159,74 @@ def test_report_cli_measures_a_kv_cache_precision(tmp_path):
     assert kv["beyond_model_context"] == [1024] and all(c["positions"] == 16 for c in kv["contexts"])
     assert kv["bytes_per_token"] * 4 < f32["kv_cache"]["bytes_per_token"] and kv["decode_tok_s_ratio"] > 0
     assert entry["total_bytes"] == f32["total_bytes"] and entry["kl_mean"] > 0  # float32's weights, a 4-bit cache
+
+
+async def test_report_over_http_measures_a_kv_cache_precision_at_the_contexts_asked(client):
+    body = {"dtypes": ["float32+kv4"], "prompts": ["17+25=", "The small cat sees the"], "kv_contexts": [64, 16, 1024]}
+    r = await poll(client, "POST", "/v1/dtypes/report", json=body)
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert list(result["dtypes"]) == ["float32", "float32+kv4"]
+    f32, entry = result["dtypes"]["float32"], result["dtypes"]["float32+kv4"]
+    assert f32["kv_cache"]["bits"] is None and f32["kv_cache"]["contexts"] == []
+    kv = entry["kv_cache"]
+    assert kv["dtype"] == "kv4" and kv["bits"] == 4 and kv["reference"] == "float32"
+    assert kv["float_bytes_per_token"] == f32["kv_cache"]["bytes_per_token"]
+    assert kv["bytes_per_token"] * 3 < kv["float_bytes_per_token"]
+    assert kv["bytes_ratio"] == round(kv["bytes_per_token"] / kv["float_bytes_per_token"], 4)
+    # the bundled model's context is 256: 1024 is scored at the longest it has, 256 - 32 positions
+    assert [c["context"] for c in kv["contexts"]] == [16, 64, 224] and kv["beyond_model_context"] == [1024]
+    for c in kv["contexts"]:
+        assert c["positions"] == kv["positions"] == 32
+        assert 0 <= c["top1_agreement"] <= 1 and 0 <= c["kl_mean"] <= c["kl_max"]
+    assert entry["total_bytes"] == f32["total_bytes"] and entry["kl_mean"] > 0  # float32's weights, a 4-bit cache
+    # the same contexts in any order are the same report
+    again = await client.post("/v1/dtypes/report", json={**body, "kv_contexts": [1024, 64, 16, 16]})
+    assert again.status_code == 200 and again.json()["result"] == result
+
+
+async def test_report_kv_input_errors(client):
+    for bad in ([0], [4097], [16, 32, 64, 128, 256], [], ["64"], [True], [1.5], "64"):
+        r = await client.post("/v1/dtypes/report", json={"dtypes": ["q4+kv8"], "kv_contexts": bad})
+        assert r.status_code == 422 and "kv_contexts" in r.text and "Traceback" not in r.text, (bad, r.text)
+    for dtype in ("fit+kv8", "fit", "q4+kv3", "float32+fit"):
+        r = await client.post("/v1/dtypes/report", json={"dtypes": [dtype]})
+        assert r.status_code == 422, (dtype, r.text)
+    r = await client.get("/v1/dtypes/report", params={"dtypes": "q4+kv8", "kv_contexts": ["64", "5000"]})
+    assert r.status_code == 422 and "kv_contexts" in r.text
+
+
+def test_the_http_bound_on_kv_contexts_is_the_reports_longest_default():
+    from models.report.fidelity import DEFAULT_KV_CONTEXTS
+    from server.routes.report import MAX_KV_CONTEXT
+
+    assert MAX_KV_CONTEXT == max(DEFAULT_KV_CONTEXTS)
+
+
+def test_a_long_kv_context_is_prefilled_one_chunk_per_worker_step(tmp_path):
+    """The report's KV context runs yield after each prefill chunk, and give the logits of one whole prefill."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from models.decode.prefill import CHUNK, prefill
+    from models.mlx_lm_ext.quantized_batch_cache import quantize_layers
+    from models.report import runs
+    from models.testing.synthetic import llama_config, make_llama_checkpoint
+
+    folder = make_llama_checkpoint(tmp_path / "llama", llama_config(hidden=64, layers=2, vocab=100, context=4096))
+    model, _ = load(str(folder))
+    context, ids = CHUNK + 52, [(7 * i) % 100 for i in range(CHUNK + 60)]
+    for kv in (None, (32, 4)):
+        run, parts = runs.context_logits(model, ids, context, kv), 0
+        try:
+            while True:
+                assert next(run) is runs.PART
+                parts += 1
+        except StopIteration as done:
+            out = done.value
+        cache = make_prompt_cache(model)  # the whole context in one call: the same chunks
+        prefill(model, mx.array(ids[:context]), cache, False, None if kv is None else
+                lambda layers, kv=kv: quantize_layers(layers, *kv))
+        whole = model(mx.array(ids[context:])[None], cache=cache)[0].astype(mx.float32)
+        assert parts == 2 and out.shape == (8, 100) and mx.array_equal(out, whole).item(), kv

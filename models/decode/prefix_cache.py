@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import mlx.core as mx
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 # Shorter shared prefixes (a BOS token, a few words) are prefilled instead: a copy of a stored
@@ -61,6 +62,8 @@ class PrefixCache:
     def store(self, tokens: list[int], cache: list[Any], scope: str = "") -> None:
         """Keep `cache`, which holds the keys and values of exactly `tokens`, for requests of `scope`."""
         if self.enabled and tokens and cache:
+            # evaluated now: a row extracted from a batch is a lazy copy that holds the batch's whole buffers
+            mx.eval([c.state for c in cache])
             self._lru.insert_cache(scope, list(tokens), cache)
 
     def clear(self) -> int:

@@ -362,13 +362,16 @@ class MLXEngine:
         return await self._call(self._memory_report)
 
     async def report(self, model: str | None, dtypes: tuple[str, ...] | None,
-                     prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "") -> dict:
+                     prompts: tuple[str, ...] | None, retry: bool = False, scope: str = "",
+                     kv_contexts: tuple[int, ...] | None = None) -> dict:
         """Start (or look up) the fidelity report of a model; its status, with the result when done.
         A failed report stays failed, with its reason, until `retry` asks for it again. Reports over
-        given prompts are kept per `scope` (a tenant), so no one learns which prompts others sent."""
+        given prompts are kept per `scope` (a tenant), so no one learns which prompts others sent.
+        `kv_contexts`: where a quantized KV precision is scored (None: the report's default)."""
         if self.mirror is not None:
             raise InvalidRequestError(DISTRIBUTED_REFUSAL.format(what="the dtype report"))
-        return await self._call(lambda: self.reports.status(self.reports.get(model, dtypes, prompts, retry, scope)))
+        return await self._call(lambda: self.reports.status(
+            self.reports.get(model, dtypes, prompts, retry, scope, kv_contexts)))
 
     async def report_dtypes(self, model: str | None = None) -> list[str]:
         """The precisions a model's report measures when asked for none (quantizations this device runs)."""

@@ -1,10 +1,12 @@
 """Admission under the memory budget's room for KV caches (no MLX: byte counts in, decisions out).
 
-A request's KV cache grows to prompt + max_tokens tokens. It starts only if that growth fits what the budget
-leaves after what is held (weights, prompt caches, live KV caches) and what running sequences were promised
-(the growth still to come of theirs). If it does not, the prompt caches are shrunk and idle variants evicted
-(the ledger's `make_room`); if that is not enough, it waits, first come first served, until running
-sequences end. A request that would not fit even with nothing else running is refused at once.
+A request's KV cache grows to prompt + max_tokens tokens, its buffers to that rounded up to the caches' step
+(models.decode.kv_usage, which also states what the reservation does not foresee: padding in a batch after
+admission). It starts only if that growth fits what the budget leaves after what is held (weights, prompt
+caches, live KV caches) and what running sequences were promised (the growth still to come of theirs). If
+it does not, the prompt caches are shrunk and idle variants evicted (the ledger's `make_room`); if that is not
+enough, it waits, first come first served, until running sequences end. A request that would not fit even
+with nothing else running is refused at once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class BudgetView:
 
     budget: int
     held: int  # weights, prompt caches and live KV caches now
-    promised: int  # growth still to come of the running sequences' KV caches (to prompt + max_tokens)
+    promised: int  # growth still to come of the running sequences' KV buffers (to prompt + max_tokens, in steps)
     reclaimable: int  # what can be freed without touching a running request: prompt caches, idle variants
     floor: int  # held even with nothing else resident: the request's own variant and the pinned ones
 
@@ -62,7 +64,7 @@ class Ledger(Protocol[T]):
     """What admission asks of the engine about a request `item`."""
 
     def need(self, item: T) -> int:
-        """Bytes `item`'s KV cache reaches at prompt + max_tokens tokens."""
+        """Bytes `item`'s KV cache buffers reach at prompt + max_tokens tokens."""
 
     def view(self, item: T) -> BudgetView:
         """The budget now, as `item` sees it."""

@@ -3,7 +3,7 @@ its variant's KV precision, the budget's figures, the room made by shrinking pro
 
 from __future__ import annotations
 
-from models.decode.kv_usage import kv_growth, per_token_bytes
+from models.decode.kv_usage import CACHE_STEP, grown_room, kv_growth, per_token_bytes, tokens_within
 from models.engine.kv_admission import BudgetView, Verdict
 from models.engine.sequence import Sequence
 from models.errors import KVBudgetError, MemoryBudgetError
@@ -32,10 +32,8 @@ class RegistryLedger:
 
     def most_tokens(self, variant: Variant) -> int:
         """The most tokens one sequence's KV cache of `variant` could ever hold in the budget (nothing else
-        running, only the pinned variants and its own weights resident)."""
-        per_token = per_token_bytes(variant)
-        room = self.registry.budget_bytes - self.registry.floor_bytes(variant)
-        return max(room, 0) // per_token if per_token else 0
+        running, only the pinned variants and its own weights resident), in whole steps of its buffers."""
+        return tokens_within(self.registry.budget_bytes - self.registry.floor_bytes(variant), per_token_bytes(variant))
 
     def running(self) -> bool:
         return any(v.jobs for v in self.registry.variants.values())
@@ -47,11 +45,14 @@ def refusal(seq: Sequence, verdict: Verdict) -> Exception:
     per_token = per_token_bytes(seq.variant)
     tokens = seq.prompt_tokens + seq.max_tokens
     most = verdict.view.most
-    what = (f"this request's KV cache ({seq.prompt_tokens} prompt + {seq.max_tokens} max_tokens = {tokens} tokens "
-            f"x {per_token} bytes at {seq.variant.loaded.dtype} = {verdict.need} bytes)")
+    what = (f"this request's KV cache ({seq.prompt_tokens} prompt + {seq.max_tokens} max_tokens = {tokens} tokens, "
+            f"in buffers of {grown_room(0, tokens)} positions (steps of {CACHE_STEP}) x {per_token} bytes at "
+            f"{seq.variant.loaded.dtype} = {verdict.need} bytes)")
     if verdict.need > most:
-        fitting = max(most // per_token - seq.prompt_tokens, 0) if per_token else 0
-        hint = f"; max_tokens of at most {fitting} would fit" if fitting else "; a shorter prompt is needed"
+        fitting = max(tokens_within(most, per_token) - seq.prompt_tokens, 0)
+        hint = (f"; max_tokens of at most {fitting} would fit" if fitting else
+                "; a shorter prompt is needed" if tokens_within(most, per_token) else
+                f"; not even one step of {CACHE_STEP} positions fits")
         return KVBudgetError(f"{what} cannot fit the memory budget: at most {max(most, 0)} bytes are left beside "
                              f"the weights{hint}", required_bytes=verdict.need, available_bytes=max(most, 0),
                              max_tokens_fitting=fitting)

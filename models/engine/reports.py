@@ -9,9 +9,9 @@ import time
 from models.engine.config import EngineConfig
 from models.engine.nonfinite import NonFinitePolicy
 from models.errors import InvalidRequestError, MemoryBudgetError, QueueFullError
-from models.report.fidelity import FidelityJob, default_report_dtypes
+from models.report.fidelity import DEFAULT_KV_CONTEXTS, FidelityJob, default_report_dtypes
 from models.weights.catalog import ModelCatalog
-from models.weights.dtypes import normalize_dtype, split_kv
+from models.weights.dtypes import KV_FLOAT, kv_bits, normalize_dtype, split_kv
 from models.weights.estimate import estimate_variant
 from models.weights.registry import VariantRegistry
 
@@ -32,13 +32,18 @@ class ReportHost:
         self._starts: list[float] = []  # when reports were started, within the last window
 
     def get(self, model: str | None, dtypes: tuple[str, ...] | None, prompts: tuple[str, ...] | None,
-            retry: bool = False, scope: str = "") -> FidelityJob:
+            retry: bool = False, scope: str = "", kv_contexts: tuple[int, ...] | None = None) -> FidelityJob:
         """The report of a model, started if new (or failed and `retry`). Reports over given prompts are
-        kept per `scope` (a tenant), so no one learns which prompts others sent."""
+        kept per `scope` (a tenant), so no one learns which prompts others sent. `kv_contexts`: the context
+        lengths a quantized KV precision is scored at (None: DEFAULT_KV_CONTEXTS; the caller bounds them)."""
         name = self.catalog.canonical(model or self.config.default_model)
         folder = self.catalog.resolve(name)
         wanted = tuple(sorted({normalize_dtype(d) for d in (dtypes or default_report_dtypes(folder))}))
-        key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest(), scope if prompts else "")
+        contexts = tuple(sorted(set(kv_contexts or DEFAULT_KV_CONTEXTS)))
+        # the contexts only change a report with a quantized KV precision: others are one report whatever asked
+        scored = contexts if any(kv_bits(split_kv(d)[1] or KV_FLOAT) for d in wanted) else ()
+        key = (name, wanted, hashlib.sha256("\n".join(prompts or ()).encode()).hexdigest(), scope if prompts else "",
+               scored)
         job = self.jobs.get(key)
         if job is not None and not (retry and job.error is not None):
             return job
@@ -52,7 +57,7 @@ class ReportHost:
             raise MemoryBudgetError(f"the report needs {need} bytes beside the resident variants; {free} are free",
                                     required_bytes=need, available_bytes=free, dtype="float32", retry=False)
         try:
-            job = FidelityJob(name, folder, wanted, list(prompts) if prompts else None,
+            job = FidelityJob(name, folder, wanted, list(prompts) if prompts else None, kv_contexts=contexts,
                               trust_remote_code=self.registry.trust_remote_code, show_paths=self.config.show_paths)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None

@@ -32,6 +32,9 @@ NAMES = (
     "mlx_lm.utils:_get_classes",
     # replaced on CUDA (quantized_attention)
     "mlx_lm.models.base:quantized_scaled_dot_product_attention",
+    # the caches' growth in steps, which the KV admission reserves (kv_usage.CACHE_STEP, grown_room)
+    "mlx_lm.models.cache:KVCache.step", "mlx_lm.models.cache:BatchKVCache.step",
+    "mlx_lm.models.cache:QuantizedKVCache.step",
 )
 # Instance attributes of GenerationBatch that LeanGenerationBatch._step reads and writes
 GENERATION_BATCH_ATTRIBUTES = (

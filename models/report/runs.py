@@ -22,7 +22,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from models.decode.prefill import prefill
+from models.decode.prefill import CHUNK, prefill
 from models.decode.single_stream import SingleStream
 from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
 from models.mlx_lm_ext.quantized_batch_cache import quantize_layers
@@ -55,11 +55,13 @@ def teacher_forced_logits(model: Any, seq: list[int], kv: tuple[int, int] | None
 def context_logits(model: Any, ids: list[int], context: int, kv: tuple[int, int] | None) -> Iterator[object]:
     """float32 logits of the tokens of `ids` after its first `context`, teacher-forced over a KV cache that
     holds those `context` tokens as a served request's would (prefilled in chunks, quantized after each
-    with `kv`; None: the float cache): the return value, shape (len(ids) - context, vocab)."""
+    with `kv`; None: the float cache): the return value, shape (len(ids) - context, vocab). Yields after
+    each prefill chunk, so a long context holds the worker for one chunk at a time."""
     cache = make_prompt_cache(model)
     quantize = None if kv is None else lambda layers: quantize_layers(layers, *kv)
-    prefill(model, mx.array(ids[:context]), cache, False, quantize)
-    yield PART
+    for start in range(0, context, CHUNK):  # prefill's own chunks, one per call
+        prefill(model, mx.array(ids[start:min(start + CHUNK, context)]), cache, False, quantize)
+        yield PART
     out = model(mx.array(ids[context:])[None], cache=cache)[0].astype(mx.float32)
     mx.eval(out)
     return out
