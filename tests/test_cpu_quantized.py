@@ -42,6 +42,16 @@ def test_the_layer_gives_mlx_quantized_products_within_float32_rounding(bits, gr
     assert mx.allclose(got, expected, rtol=1e-5, atol=1e-5).item()
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_a_layer_unpacked_on_two_streams_gives_the_same_products(bits):
+    from models.decode.cpu_quantized import TWO_STREAMS_FROM
+
+    mlx_layer, ours = quantized_pair(1024, 1026, bits, 64, bias=True)  # odd halves: 513 output rows each
+    assert 1024 * 1026 >= TWO_STREAMS_FROM
+    x = mx.random.normal((5, 1024))
+    assert mx.allclose(ours(x), mlx_layer(x), rtol=1e-5, atol=1e-4).item()
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_bfloat16_layer_is_mlx_products_summed_in_float32_then_rounded_once(bits):
     mlx_layer, ours = quantized_pair(512, 64, bits, 64, dtype=mx.bfloat16)
