@@ -230,3 +230,27 @@ def test_a_long_kv_context_is_prefilled_one_chunk_per_worker_step(tmp_path):
                 lambda layers, kv=kv: quantize_layers(layers, *kv))
         whole = model(mx.array(ids[context:])[None], cache=cache)[0].astype(mx.float32)
         assert parts == 2 and out.shape == (8, 100) and mx.array_equal(out, whole).item(), kv
+
+
+async def test_a_kv_report_counts_its_caches_before_it_starts():
+    # room for the plain report (its float32 copy and one variant) beside the resident float32 default, but not
+    # for a KV precision's runs: the float and the quantized cache at the model's context
+    from models.weights.checkpoint import read_config
+    from models.weights.estimate import estimate_variant, kv_cache_bytes
+    from tests.conftest import BUNDLED
+    from tests.test_registry import app_client, close
+
+    f32 = estimate_variant(BUNDLED, "float32")["total_bytes"]
+    kv_runs = 2 * kv_cache_bytes(read_config(BUNDLED), "float32", 1, 256)  # the bundled model's context
+    app, ctx, client = await app_client(dtype="float32", memory_budget=str(3 * f32 + kv_runs // 2),
+                                        model_dirs=())
+    try:
+        r = await client.post("/v1/dtypes/report", json={"dtypes": ["float32+kv8"], "kv_contexts": [64]})
+        assert r.status_code == 200 or r.status_code == 202, r.text  # 64 tokens of context: it fits
+        r = await client.post("/v1/dtypes/report", json={"dtypes": ["bfloat16+kv8"], "kv_contexts": [4096]})
+        error = r.json()["error"]
+        assert r.status_code == 507 and error["type"] == "memory_budget_exceeded", r.text
+        assert error["required_bytes"] == 2 * f32 + kv_runs
+        assert (await client.get("/health/ready")).status_code == 200
+    finally:
+        await close(ctx, client)

@@ -11,12 +11,23 @@ from models.engine.nonfinite import NonFinitePolicy
 from models.errors import InvalidRequestError, MemoryBudgetError, QueueFullError
 from models.report.fidelity import DEFAULT_KV_CONTEXTS, FidelityJob, default_report_dtypes
 from models.weights.catalog import ModelCatalog
+from models.weights.checkpoint import read_config
 from models.weights.dtypes import KV_FLOAT, kv_bits, normalize_dtype, split_kv
-from models.weights.estimate import estimate_variant
+from models.weights.estimate import estimate_variant, kv_cache_bytes
+from models.weights.loader import context_length
 from models.weights.registry import VariantRegistry
 
 log = logging.getLogger(__name__)
 MAX_REPORTS = 8  # reports kept (the newest)
+
+
+def _kv_runs_bytes(folder, contexts: tuple[int, ...]) -> int:
+    """What a KV precision's runs hold beside the weights: the float and the quantized cache of the longest
+    scored context (capped at the model's), counted both in float32 as an upper bound."""
+    if not contexts:
+        return 0
+    config = read_config(folder)
+    return 2 * kv_cache_bytes(config, "float32", 1, min(max(contexts), context_length(config)))
 
 
 class ReportHost:
@@ -50,7 +61,7 @@ class ReportHost:
         self._check_start()
         # Its own float32 copy plus one other variant at a time must fit beside what is resident.
         sizes = [estimate_variant(folder, split_kv(d)[0])["total_bytes"] for d in {"float32", *wanted}]
-        need = estimate_variant(folder, "float32")["total_bytes"] + max(sizes)
+        need = estimate_variant(folder, "float32")["total_bytes"] + max(sizes) + _kv_runs_bytes(folder, scored)
         self.registry.make_room_in_prompt_caches(need)
         free = self.registry.free_bytes()
         if need > free:
