@@ -20,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.decode.module_swap import swap_classes
 from models.platform.compile_cache import remove_failed_library
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,4 @@ def fuse_for_cpu(model: Any) -> int:
     many were swapped (0 on a GPU, where MLX has kernels of its own)."""
     if mx.default_device().type != mx.cpu or not compiles_on_cpu():
         return 0
-    swapped = 0
-    for _, module in model.named_modules():
-        fused = FUSED_CLASSES.get(type(module))
-        if fused is not None:
-            module.__class__ = fused
-            swapped += 1
-    return swapped
+    return swap_classes(model, FUSED_CLASSES)

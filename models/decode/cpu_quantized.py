@@ -30,6 +30,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.decode.module_swap import swap_classes
+
 # bits -> from this many rows on, the float32 copy and one GEMM beat quantized_matmul (module docstring)
 MIN_ROWS = {8: 2, 4: 3, 2: 3}
 # weights of this many elements and more unpack in two halves on two CPU streams (module docstring)
@@ -74,6 +76,9 @@ def _halves_on_two_streams(x: mx.array, packed: mx.array, scales: mx.array, grou
     if not _unpack_streams:
         _unpack_streams.extend(mx.new_stream(mx.cpu) for _ in range(2))
     half = packed.shape[0] // 2
+    # The unpack needs only the weight: tied to the layer's input it cannot run layers ahead of the products
+    # (each ahead is a float32 copy alive at once); on the one stream, order alone keeps that bound.
+    packed, scales = mx.depends([packed, scales], x)
     parts = []
     for stream, rows in zip(_unpack_streams, (slice(0, half), slice(half, None)), strict=True):
         with mx.stream(stream):
@@ -140,10 +145,4 @@ def batch_quantized_on_cpu(model: nn.Module) -> int:
     returns how many were swapped (0 on a GPU, where MLX's quantized kernels batch)."""
     if mx.default_device().type != mx.cpu:
         return 0
-    swapped = 0
-    for _, module in model.named_modules():
-        cpu_class = _CPU_CLASSES.get(type(module))
-        if cpu_class is not None and unpacks(module.mode, module.bits):
-            module.__class__ = cpu_class
-            swapped += 1
-    return swapped
+    return swap_classes(model, _CPU_CLASSES, lambda module: unpacks(module.mode, module.bits))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.decode.module_swap import swap_classes
+
 MIN_ROWS = 256  # from this many rows on, the float copy and one GEMM beat quantized_matmul (module docstring)
 
 
@@ -53,10 +55,4 @@ def prefill_quantized_on_gpu(model: nn.Module) -> int:
     were swapped (0 on the CPU, where models.decode.cpu_quantized decides)."""
     if mx.default_device().type != mx.gpu:
         return 0
-    swapped = 0
-    for _, module in model.named_modules():
-        gpu_class = _GPU_CLASSES.get(type(module))
-        if gpu_class is not None:
-            module.__class__ = gpu_class
-            swapped += 1
-    return swapped
+    return swap_classes(model, _GPU_CLASSES)
