@@ -182,13 +182,20 @@ async def test_admission_accounting_counts_a_requests_growth_and_the_promised(se
         kv = variant.describe()["kv_cache"]
         held = sum(s["tokens"] for s in kv["sequences"])
         now = rooms(variant)
+        if set(targets) - set(now):  # a row between the lone stream and the batch (joining): look again
+            return None
         expected = sum(grown_room(now[uid][0], now[uid][1] + t) - now[uid][0] for uid, t in targets.items())
         return ((kv_growth(variant, 10, 20), kv_growth(variant, 10, 246), kv_growth(variant, 10, 247)),
                 promised_growth(variant, targets),
                 sum(targets.values()) - held, expected * 1152, now, kv["reserved_bytes"],
                 engine.registry.kv_cache_reserved())
 
-    growth, promised, tokens_left, expected, now, reserved, all_reserved = await engine._call(figures)
+    for _ in range(1000):
+        figured = await engine._call(figures)
+        if figured is not None:
+            break
+        await asyncio.sleep(0.01)
+    growth, promised, tokens_left, expected, now, reserved, all_reserved = figured
     release.set()
     await asyncio.gather(*tasks)
     assert growth == (256 * 1152, 256 * 1152, 512 * 1152)  # the buffers' steps: 30 tokens take 256 as 256 do
