@@ -46,8 +46,8 @@ def test_the_layer_gives_mlx_quantized_products_within_float32_rounding(bits, gr
 def test_a_layer_unpacked_on_two_streams_gives_the_same_products(bits):
     from models.decode.cpu_quantized import TWO_STREAMS_FROM
 
-    mlx_layer, ours = quantized_pair(1024, 1026, bits, 64, bias=True)  # odd halves: 513 output rows each
-    assert 1024 * 1026 >= TWO_STREAMS_FROM
+    mlx_layer, ours = quantized_pair(1024, 2050, bits, 64, bias=True)  # odd halves: 1025 output rows each
+    assert 1024 * 2050 >= TWO_STREAMS_FROM
     x = mx.random.normal((5, 1024))
     assert mx.allclose(ours(x), mlx_layer(x), rtol=1e-5, atol=1e-4).item()
 
@@ -77,10 +77,11 @@ def test_the_output_layer_of_tied_embeddings_batches_with_the_same_products():
         assert mx.allclose(ours.as_linear(h), mlx_layer.as_linear(h), rtol=1e-5, atol=1e-5).item()
 
 
-def test_the_float32_copies_alive_at_once_do_not_grow_with_depth():
-    layers = [quantized_pair(1024, 1024, 4, 64)[1] for _ in range(16)]
+@pytest.mark.parametrize("width", [1024, 1472])  # one unpack stream; two (1472 x 1472 >= TWO_STREAMS_FROM)
+def test_the_float32_copies_alive_at_once_do_not_grow_with_depth(width):
+    layers = [quantized_pair(width, width, 4, 64)[1] for _ in range(16)]
     mx.eval([layer.parameters() for layer in layers])
-    x = mx.random.normal((8, 1024))
+    x = mx.random.normal((8, width))
     mx.eval(x)
     gc.collect()
     base = mx.get_active_memory()
@@ -89,7 +90,7 @@ def test_the_float32_copies_alive_at_once_do_not_grow_with_depth():
     for layer in layers:
         h = mx.tanh(layer(h))
     mx.eval(h)
-    one_copy = 1024 * 1024 * 4
+    one_copy = width * width * 4
     assert mx.get_peak_memory() - base < 5 * one_copy  # 16 copies if every layer's were kept for the step
 
 

@@ -10,9 +10,10 @@ bench/results/quantized-cpu-quiet.json and quantized-cpu-1thread.json);
 2 bits unpack like 4 and take 4's threshold (not measured).
 
 MLX runs a stream's operations on one thread, so the unpack of a layer from `TWO_STREAMS_FROM` weights on
-(1024 x 1024) is split in two halves of its output rows, each on a CPU stream of its own, and the halves'
-products are joined: 1.15-1.47x faster per 8-row call for 1024 x 1024 to 2816 x 1024 layers on this 2-core
-machine, while 512-wide layers lost up to 15 % and keep one stream (BENCHMARKS.md).
+(2M: 1024 x 2816, 2816 x 1024) is split in two halves of its output rows, each on a CPU stream of its own, and
+the halves' products are joined. The halves wait for the layer's input, so that they cannot unpack layers
+ahead (each a float32 copy alive). In a chain of 8 such layers at 8 rows on this 2-core machine, 2816 x 1024
+ran 1.19-1.36x faster and 1024 x 1024 0.69-0.88x (hence the threshold; BENCHMARKS.md).
 
 The float32 copy lives for one layer's product only; nothing keeps it. MLX allocates an operation's output
 when it queues it, a few operations ahead of the ones running, so a step's extra memory is that of a few
@@ -35,7 +36,7 @@ from models.decode.module_swap import swap_classes
 # bits -> from this many rows on, the float32 copy and one GEMM beat quantized_matmul (module docstring)
 MIN_ROWS = {8: 2, 4: 3, 2: 3}
 # weights of this many elements and more unpack in two halves on two CPU streams (module docstring)
-TWO_STREAMS_FROM = 1 << 20
+TWO_STREAMS_FROM = 1 << 21
 FAST_BITS = tuple(MIN_ROWS)
 
 
