@@ -4,9 +4,9 @@ MLX's GPU `quantized_matmul` keeps pace with the float product at decode sizes (
 where reading fewer weight bytes is what counts, but falls behind at prefill sizes, where the product is
 compute-bound: on an H200, 2,048 rows of a 4096-wide layer took 3.5-4.4x the bfloat16 product. Dequantizing
 the layer into the input's dtype and one float GEMM cost about the float product plus one pass over the weight.
-So from `MIN_ROWS` rows on (bench/results/gpu-quantized-layers.json, exp: `bench/quantized_gpu.py`) a layer
-multiplies through that copy; fewer rows keep `quantized_matmul`. Every quantization mode MLX dequantizes
-(affine, mxfp8, mxfp4, nvfp4) takes this path. The copy lives for one product only.
+So from `MIN_ROWS` rows on a layer multiplies through that copy; fewer rows keep `quantized_matmul`. MIN_ROWS
+is provisional: `bench/quantized_gpu.py` measures where it belongs and has not run on a GPU yet. Every
+quantization mode MLX dequantizes (affine, mxfp8, mxfp4, nvfp4) takes this path. The copy lives for one product only.
 """
 
 from __future__ import annotations

@@ -14,8 +14,6 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx_lm.models.base as mlx_lm_base
 
-_original = mlx_lm_base.quantized_scaled_dot_product_attention
-
 
 def dequantized_attention(queries: mx.array, q_keys: tuple[mx.array, ...], q_values: tuple[mx.array, ...],
                           scale: float, mask: mx.array | str | None, group_size: int = 64,

@@ -58,7 +58,7 @@ class ReportRequest(BaseModel):
 
 
 def _contexts(kv_contexts: list[int] | None) -> tuple[int, ...] | None:
-    return tuple(sorted(set(kv_contexts))) if kv_contexts else None
+    return tuple(kv_contexts) if kv_contexts else None  # the engine sorts them and drops repeats
 
 
 def _answer(status: dict) -> JSONResponse:
