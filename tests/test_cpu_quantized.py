@@ -7,7 +7,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+import models.decode.cpu_quantized as cpu_quantized
 from models.decode.cpu_quantized import (
+    KERNEL_MAX_ROWS,
     MIN_ROWS,
     CPUQuantizedEmbedding,
     CPUQuantizedLinear,
@@ -16,6 +18,16 @@ from models.decode.cpu_quantized import (
 )
 from models.weights.loader import load_variant
 from tests.conftest import BUNDLED
+
+
+@pytest.fixture(params=["kernel", "unpack"])
+def product_path(request, monkeypatch):
+    """Each product test runs with the forwarding BLAS's kernel and without it (no compiler: the unpack path)."""
+    if request.param == "unpack":
+        monkeypatch.setattr(cpu_quantized, "quantized_kernel", lambda: None)
+    else:
+        assert cpu_quantized.quantized_kernel() is not None  # the suite runs on the forwarding library
+    return request.param
 
 
 def quantized_pair(in_dims: int, out_dims: int, bits: int, group_size: int, bias: bool = False,
@@ -33,8 +45,8 @@ def quantized_pair(in_dims: int, out_dims: int, bits: int, group_size: int, bias
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("shape", [(1, 1, 256), (1, 3, 256), (8, 1, 256), (2, 5, 256)])
-def test_the_layer_gives_mlx_quantized_products_within_float32_rounding(bits, group_size, shape):
+@pytest.mark.parametrize("shape", [(1, 1, 256), (1, 3, 256), (8, 1, 256), (2, 5, 256), (1, 40, 256)])
+def test_the_layer_gives_mlx_quantized_products_within_float32_rounding(bits, group_size, shape, product_path):
     mlx_layer, ours = quantized_pair(256, 96, bits, group_size, bias=True)
     x = mx.random.normal(shape)
     expected, got = mlx_layer(x), ours(x)
@@ -43,17 +55,18 @@ def test_the_layer_gives_mlx_quantized_products_within_float32_rounding(bits, gr
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_a_layer_unpacked_on_two_streams_gives_the_same_products(bits):
+def test_a_layer_unpacked_on_two_streams_gives_the_same_products(bits, product_path):
     from models.decode.cpu_quantized import TWO_STREAMS_FROM
 
     mlx_layer, ours = quantized_pair(1024, 2050, bits, 64, bias=True)  # odd halves: 1025 output rows each
     assert 1024 * 2050 >= TWO_STREAMS_FROM
-    x = mx.random.normal((5, 1024))
-    assert mx.allclose(ours(x), mlx_layer(x), rtol=1e-5, atol=1e-4).item()
+    for rows in (5, KERNEL_MAX_ROWS + 1):
+        x = mx.random.normal((rows, 1024))
+        assert mx.allclose(ours(x), mlx_layer(x), rtol=1e-5, atol=1e-4).item()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_a_bfloat16_layer_is_mlx_products_summed_in_float32_then_rounded_once(bits):
+def test_a_bfloat16_layer_is_mlx_products_summed_in_float32_then_rounded_once(bits, product_path):
     mlx_layer, ours = quantized_pair(512, 64, bits, 64, dtype=mx.bfloat16)
     for rows in (1, 8):
         x = mx.random.normal((rows, 512)).astype(mx.bfloat16)
@@ -65,7 +78,7 @@ def test_a_bfloat16_layer_is_mlx_products_summed_in_float32_then_rounded_once(bi
         assert mx.all(mx.abs(got.astype(mx.float32) - exact) <= 2**-8 * mx.abs(exact) + 1e-6).item()
 
 
-def test_the_output_layer_of_tied_embeddings_batches_with_the_same_products():
+def test_the_output_layer_of_tied_embeddings_batches_with_the_same_products(product_path):
     embedding = nn.Embedding(128, 64)
     mlx_layer = nn.QuantizedEmbedding.from_embedding(embedding, 32, 4)
     ours = nn.QuantizedEmbedding.from_embedding(embedding, 32, 4)
@@ -78,7 +91,8 @@ def test_the_output_layer_of_tied_embeddings_batches_with_the_same_products():
 
 
 @pytest.mark.parametrize("width", [1024, 1472])  # one unpack stream; two (1472 x 1472 >= TWO_STREAMS_FROM)
-def test_the_float32_copies_alive_at_once_do_not_grow_with_depth(width):
+def test_the_float32_copies_alive_at_once_do_not_grow_with_depth(width, monkeypatch):
+    monkeypatch.setattr(cpu_quantized, "quantized_kernel", lambda: None)  # the path that makes copies
     layers = [quantized_pair(width, width, 4, 64)[1] for _ in range(16)]
     mx.eval([layer.parameters() for layer in layers])
     x = mx.random.normal((8, width))
@@ -94,10 +108,9 @@ def test_the_float32_copies_alive_at_once_do_not_grow_with_depth(width):
     assert mx.get_peak_memory() - base < 5 * one_copy  # 16 copies if every layer's were kept for the step
 
 
-def test_dequantized_matmul_is_used_from_the_row_threshold_on(monkeypatch):
+def test_without_the_kernel_dequantized_matmul_is_used_from_the_row_threshold_on(monkeypatch):
     calls = []
-    import models.decode.cpu_quantized as cpu_quantized
-
+    monkeypatch.setattr(cpu_quantized, "quantized_kernel", lambda: None)
     monkeypatch.setattr(cpu_quantized, "dequantized_matmul",
                         lambda *a, **k: calls.append(a[0].shape) or dequantized_matmul(*a, **k))
     for bits in (8, 4):
@@ -107,6 +120,19 @@ def test_dequantized_matmul_is_used_from_the_row_threshold_on(monkeypatch):
         assert calls == []
         ours(mx.zeros((1, MIN_ROWS[bits], 128)))
         assert calls == [(1, MIN_ROWS[bits], 128)]
+
+
+def test_the_kernel_takes_up_to_its_row_limit_and_the_copy_beyond(monkeypatch):
+    kernel_rows, copy_rows = [], []
+    kernel_matmul = cpu_quantized.KernelWeight.matmul
+    monkeypatch.setattr(cpu_quantized.KernelWeight, "matmul",
+                        lambda self, x: kernel_rows.append(x.shape[1]) or kernel_matmul(self, x))
+    monkeypatch.setattr(cpu_quantized, "dequantized_matmul",
+                        lambda *a, **k: copy_rows.append(a[0].shape[1]) or dequantized_matmul(*a, **k))
+    _, ours = quantized_pair(128, 32, 4, 64)
+    for rows in (1, 8, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1):
+        ours(mx.zeros((1, rows, 128)))
+    assert kernel_rows == [1, 8, KERNEL_MAX_ROWS] and copy_rows == [KERNEL_MAX_ROWS + 1]
 
 
 def test_only_affine_layers_of_8_4_and_2_bits_are_swapped_and_their_arrays_stay():

@@ -32,7 +32,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from models.decode.module_swap import swap_classes
+from models.platform.quantized_kernel import KernelWeight, quantized_kernel
 
+# up to this many rows, the forwarding BLAS's quantized product, where it runs (module docstring)
+KERNEL_MAX_ROWS = 32
 # bits -> from this many rows on, the float32 copy and one GEMM beat quantized_matmul (module docstring)
 MIN_ROWS = {8: 2, 4: 3, 2: 3}
 # weights of this many elements and more unpack in two halves on two CPU streams (module docstring)
@@ -115,10 +118,31 @@ def float32_quantized_matmul(x: mx.array, packed: mx.array, scales: mx.array, bi
                                mode=mode).astype(x.dtype)
 
 
+_NO_KERNEL = object()  # a layer whose weight the kernel does not multiply
+
+
+def _kernel_weight(layer: nn.Module) -> KernelWeight | None:
+    """The layer's weight registered with the forwarding BLAS (once, again if its arrays were replaced)."""
+    kernel = quantized_kernel()
+    if kernel is None:
+        return None
+    arrays = (layer["weight"], layer["scales"], layer.get("biases"))
+    held = layer.__dict__.get("_kernel_weight")
+    if held is _NO_KERNEL:
+        return None
+    if held is None or not held.holds(*arrays):
+        held = kernel.weight(*arrays, layer.group_size, layer.bits)
+        layer._kernel_weight = _NO_KERNEL if held is None else held
+    return held
+
+
 def _product(layer: nn.Module, x: mx.array) -> mx.array:
     """x @ layer's dequantized weight.T, by the path its row count makes faster."""
+    rows = x.size // x.shape[-1]
+    if rows <= KERNEL_MAX_ROWS and (weight := _kernel_weight(layer)) is not None:
+        return weight.matmul(x)
     args = (layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits)
-    if x.size // x.shape[-1] >= MIN_ROWS[layer.bits]:
+    if rows >= MIN_ROWS[layer.bits]:
         return dequantized_matmul(x, *args)
     return float32_quantized_matmul(x, *args, layer.mode)
 

@@ -30,33 +30,29 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 2
 SGEMM_IMPL = "dtype_serve_wheel_sgemm"  # the wheel's sgemm, under a name MLX does not bind
 
-SOURCE = r"""
-/* cblas_sgemm for MLX: products of up to MAX_ROWS rows as one sgemv per row (see blas_forward.py). */
-#include <string.h>
-enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-void SGEMM_IMPL(int, int, int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
-void scipy_cblas_sgemv(int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
+SOURCE = Path(__file__).with_name("csrc") / "blas_forward.c"
+# alpha of the products that read a registered quantized weight (csrc/blas_forward.c; models/decode/cpu_quantized.py)
+QUANTIZED_ALPHA = -8191.75
+MAX_IN_DIMS = 65536  # a quantized weight's widest input (the kernel's per-thread scale buffers)
 
-void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
-                 const float *b, int ldb, float beta, float *c, int ldc) {
-    if (order != ROW_MAJOR || m < 1 || m > MAX_ROWS || n < 1 || k < 1) {
-        SGEMM_IMPL(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-        return;
-    }
-    for (int i = 0; i < m; i++) {
-        /* row i of op(A): A is m x k (row i, step 1) or, transposed, k x m (column i, step lda) */
-        const float *x = trans_a == NO_TRANS ? a + (long)i * lda : a + i;
-        int incx = trans_a == NO_TRANS ? 1 : lda;
-        float *y = c + (long)i * ldc;
-        if (beta == 0.0f)
-            memset(y, 0, sizeof(float) * (size_t)n); /* never scale uninitialized memory (0 * NaN) */
-        if (trans_b == NO_TRANS) /* B is k x n: y = B^T x */
-            scipy_cblas_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, x, incx, beta, y, 1);
-        else /* B is n x k: y = B x */
-            scipy_cblas_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, x, incx, beta, y, 1);
-    }
-}
-"""
+
+# -march=native: built on the machine that runs it, keyed by its CPU (a shared cache serves each CPU its own build)
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+def _defines() -> list[str]:
+    return [f"-DSGEMM_IMPL={SGEMM_IMPL}", f"-DMAX_ROWS={MAX_ROWS}", f"-DQUANTIZED_ALPHA={QUANTIZED_ALPHA!r}f",
+            f"-DMAX_IN_DIMS={MAX_IN_DIMS}"]
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(lines)))
 
 
 def _compiler() -> str | None:
@@ -73,7 +69,7 @@ def forwarding_library() -> str | None:
     if source is None or compiler is None:
         return None
     stat = source.stat()
-    key = f"{source}:{stat.st_size}:{stat.st_mtime_ns}:{MAX_ROWS}:{SOURCE}"
+    key = f"{source}:{stat.st_size}:{stat.st_mtime_ns}:{_defines()}:{SOURCE.read_text()}:{_cpu_signature()}"
     tag = hashlib.sha256(key.encode()).hexdigest()[:12]
     target = cache_dir() / f"libopenblas-forward-{tag}.so"
     if target.exists():
@@ -108,8 +104,8 @@ def _build(source: Path, target: Path, tag: str, compiler: str) -> Path:
     try:
         with tempfile.TemporaryDirectory() as work:
             c_file = Path(work) / "forward.c"
-            c_file.write_text(SOURCE.replace("SGEMM_IMPL", SGEMM_IMPL).replace("MAX_ROWS", str(MAX_ROWS)))
-            subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(c_file), "-o", str(staged), str(wheel_copy),
+            c_file.write_text(SOURCE.read_text())
+            subprocess.run([compiler, *COMPILE_FLAGS, *_defines(), str(c_file), "-o", str(staged), str(wheel_copy),
                             "-Wl,-rpath,$ORIGIN"], check=True, capture_output=True, timeout=120)
         probe = (f"import ctypes; lib = ctypes.CDLL({str(staged)!r}, mode=ctypes.RTLD_GLOBAL); "
                  f"[getattr(lib, n) for n in {RENAMED!r}]")
