@@ -135,14 +135,25 @@ def test_the_kernel_takes_up_to_its_row_limit_and_the_copy_beyond(monkeypatch):
     assert kernel_rows == [1, 8, KERNEL_MAX_ROWS] and copy_rows == [KERNEL_MAX_ROWS + 1]
 
 
-def test_only_affine_layers_of_8_4_and_2_bits_are_swapped_and_their_arrays_stay():
+@pytest.mark.parametrize("mode,group_size,bits", [("mxfp4", 32, 4), ("nvfp4", 16, 4), ("mxfp8", 32, 8)])
+@pytest.mark.parametrize("rows", [1, 5, KERNEL_MAX_ROWS + 3])
+def test_floating_point_modes_give_mlx_products(mode, group_size, bits, rows, product_path):
+    linear = nn.Linear(256, 48, bias=True)
+    mlx_layer = nn.QuantizedLinear.from_linear(linear, group_size, bits, mode=mode)
+    ours = nn.QuantizedLinear.from_linear(linear, group_size, bits, mode=mode)
+    ours.__class__ = CPUQuantizedLinear
+    x = mx.random.normal((rows, 256))
+    assert mx.allclose(ours(x), mlx_layer(x), rtol=1e-5, atol=1e-4).item()
+
+
+def test_only_affine_8_4_2_bit_and_floating_point_layers_are_swapped_and_their_arrays_stay():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
     model.layers[0] = nn.QuantizedLinear.from_linear(model.layers[0], 32, 8)
     model.layers[1] = nn.QuantizedLinear.from_linear(model.layers[1], 32, 3)
     model.layers[2] = nn.QuantizedLinear.from_linear(model.layers[2], 32, 4, mode="mxfp4")
     before = {k: v for k, v in model.parameters()["layers"][0].items()}
-    assert batch_quantized_on_cpu(model) == 1
-    assert [type(m) for m in model.layers] == [CPUQuantizedLinear, nn.QuantizedLinear, nn.QuantizedLinear,
+    assert batch_quantized_on_cpu(model) == 2
+    assert [type(m) for m in model.layers] == [CPUQuantizedLinear, nn.QuantizedLinear, CPUQuantizedLinear,
                                                 nn.Linear]
     assert all(v is model.layers[0][k] for k, v in before.items())
 

@@ -3,6 +3,10 @@ quantized products within float32 rounding, for every scale dtype and input layo
 the weight, and a registry that never serves an address it does not hold."""
 
 import gc
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -25,9 +29,12 @@ def quantized(out_dims: int, in_dims: int, bits: int, group_size: int, dtype=mx.
     return packed, scales, biases
 
 
-def reference(x, packed, scales, biases, group_size, bits):
-    f32 = [None if a is None else a.astype(mx.float32) for a in (scales, biases)]
-    return mx.quantized_matmul(x.astype(mx.float32), packed, *f32, transpose=True, group_size=group_size, bits=bits)
+def reference(x, packed, scales, biases, group_size, bits, mode="affine"):
+    f32 = [None if a is None or a.dtype == mx.uint8 else a.astype(mx.float32) for a in (scales, biases)]
+    if mode != "affine":
+        f32[0] = scales
+    return mx.quantized_matmul(x.astype(mx.float32), packed, *f32, transpose=True, group_size=group_size, bits=bits,
+                               mode=mode)
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
@@ -39,6 +46,35 @@ def test_every_scale_dtype_gives_mlx_products(kernel, dtype, bits, group_size):
         x = mx.random.normal((rows, 384))
         assert mx.allclose(weight.matmul(x), reference(x, packed, scales, biases, group_size, bits),
                            rtol=1e-5, atol=1e-4).item()
+
+
+@pytest.mark.parametrize("mode,bits,group_size", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
+def test_the_floating_point_modes_give_mlx_products(kernel, mode, bits, group_size):
+    mx.random.seed(3)
+    w = mx.random.normal((56, 512)) * mx.exp(mx.random.normal((56, 1)) * 3)  # scales over many exponents
+    w = mx.where(mx.random.uniform(shape=w.shape) < 0.02, 0.0, w)  # and exact zeros
+    packed, scales = mx.quantize(w, mode=mode)
+    weight = kernel.weight(packed, scales, None, group_size, bits, mode)
+    assert weight is not None
+    for rows in (1, 6, 17):
+        x = mx.random.normal((rows, 512))
+        expected = reference(x, packed, scales, None, group_size, bits, mode)
+        assert mx.allclose(weight.matmul(x), expected, rtol=1e-5, atol=1e-4 * mx.abs(expected).max()).item()
+
+
+def test_every_fp8_code_decodes_as_mlx_does(kernel):
+    # mxfp8 elements are FP8 E4M3: all 256 codes (NaNs included) against MLX's dequantize, one code per row
+    codes = mx.arange(256, dtype=mx.uint32)[:, None]  # little-endian: the code is the word's first element
+    packed = mx.concatenate([codes, mx.zeros((256, 7), dtype=mx.uint32)], axis=1)  # 32 inputs: one group
+    scales = mx.full((256, 1), 127, dtype=mx.uint8)  # 2^0
+    mx.eval(packed, scales)
+    weight = kernel.weight(packed, scales, None, 32, 8, "mxfp8")
+    x = mx.zeros((1, 32)).at[0, 0].add(1.0)
+    got = weight.matmul(x)[0]
+    expected = mx.dequantize(packed, scales, group_size=32, bits=8, mode="mxfp8")[:, 0].astype(mx.float32)
+    assert mx.array_equal(mx.isnan(got), mx.isnan(expected)).item()
+    finite = ~mx.isnan(expected)
+    assert mx.array_equal(mx.where(finite, got, 0), mx.where(finite, expected, 0)).item()
 
 
 def test_a_weight_without_biases_is_the_scaled_product(kernel):
@@ -99,3 +135,55 @@ def test_unsupported_or_strided_weights_are_refused(kernel):
     assert kernel.weight(packed, scales, biases, 32, 2) is None  # 16 bytes hold 64 inputs: groups of 32 split
     packed, scales, biases = quantized(32, 96, 3, 32)
     assert kernel.weight(packed, scales, biases, 32, 3) is None
+    packed, scales = mx.quantize(mx.random.normal((8, 64)), mode="mxfp4")
+    assert kernel.weight(packed, scales.astype(mx.float32), None, 32, 4, "mxfp4") is None  # scales are E8M0 bytes
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+# the kernel's vector paths besides this machine's own (every other test): the compiler's generic vectors (no
+# AVX at all) and AVX2 (no AVX-512) on x86; elsewhere the native build again
+_TARGETS = [] if platform.machine() == "x86_64" else ["-march=native"]
+if platform.machine() == "x86_64":
+    _TARGETS.append("-march=x86-64")
+    if {"avx2", "fma"} <= _cpu_flags():
+        _TARGETS.append("-march=haswell")
+
+_CHILD = """
+import sys
+from models.platform.blas import configure_blas
+configure_blas(sys.argv[1])
+import mlx.core as mx
+from models.platform.quantized_kernel import quantized_kernel
+kernel = quantized_kernel()
+assert kernel is not None
+for bits, group_size in ((8, 64), (4, 32), (2, 64)):
+    packed, scales, biases = mx.quantize(mx.random.normal((40, 256)), group_size, bits)
+    scales, biases = scales.astype(mx.bfloat16), biases.astype(mx.bfloat16)
+    weight = kernel.weight(packed, scales, biases, group_size, bits)
+    for rows in (1, 5, 9):
+        x = mx.random.normal((rows, 256))
+        expected = mx.quantized_matmul(x, packed, scales.astype(mx.float32), biases.astype(mx.float32),
+                                       transpose=True, group_size=group_size, bits=bits)
+        assert mx.allclose(weight.matmul(x), expected, rtol=1e-5, atol=1e-4).item(), (bits, rows)
+print("products agree")
+"""
+
+
+@pytest.mark.parametrize("target", _TARGETS)
+def test_the_products_agree_on_every_vector_path(tmp_path, target):
+    from models.platform import blas_forward
+    from models.platform.openblas_wheel import wheel_library
+
+    flags = tuple(target if f == "-march=native" else f for f in blas_forward.COMPILE_FLAGS)
+    library = blas_forward._build(wheel_library(), tmp_path / "libopenblas-forward-test.so", "test",
+                                  blas_forward._compiler(), flags)
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(library)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0 and "products agree" in out.stdout, out.stderr[-2000:]

@@ -1,29 +1,34 @@
-"""On the CPU, a quantized layer multiplies a step of several rows through a transient float32 copy of its weight.
+"""On the CPU, quantized layers that batch: a decode step's rows through a kernel that reads the packed weight,
+longer steps (prefill) through a transient float32 copy of the weight and one GEMM.
 
 MLX's CPU `quantized_matmul` dequantizes its weight once per row: its time grows linearly with the rows (one
-1536x512 layer: 1.0 ms at 1 row, 7.2 ms at 8), so a quantized variant does not batch. Here, from
-`MIN_ROWS[bits]` rows on, the layer's weight is unpacked into float32 (a few vectorized MLX ops) and multiplied
-with the BLAS in one GEMM; fewer rows keep `quantized_matmul` (computed in float32: MLX's bfloat16/float16 CPU
-kernel is ~10x slower). The decision is modelled, not measured per call: the float32 copy costs about as much
-as 1.4-1.7 rows of `quantized_matmul` at 8 bits and 2-2.5 rows at 4 bits, whatever the shape (bench/quantized_cpu.py;
-bench/results/quantized-cpu-quiet.json and quantized-cpu-1thread.json);
-2 bits unpack like 4 and take 4's threshold (not measured).
+1536x512 layer: 1.0 ms at 1 row, 7.2 ms at 8), so a quantized variant does not batch.
+
+Up to `KERNEL_MAX_ROWS` rows, the forwarding BLAS's kernel (models/platform/quantized_kernel.py) multiplies in
+float32 straight from the packed bytes: affine 8/4/2 bits and mxfp4, nvfp4, mxfp8. Each byte is read once per 8
+rows, with no copy, so a quantized step reads a fraction of float32's bytes (one 2048x2048 layer, 1 thread: 1.5-1.7x
+float32's speed at 1 row, 1.7-1.9x at 8; bench/quantized_cpu.py, BENCHMARKS.md). Beyond those rows, or where the
+kernel could not be built (no C compiler), the paths below.
+
+From `MIN_ROWS[bits]` rows, an affine layer's weight is unpacked into float32 (a few vectorized MLX ops) and
+multiplied with the BLAS in one GEMM; fewer rows keep `quantized_matmul`, computed in float32 (MLX's
+bfloat16/float16 CPU kernel is ~10x slower). The float32 copy costs about as much as 1.4-1.7 rows of
+`quantized_matmul` at 8 bits and 2-2.5 rows at 4 bits (bench/results/quantized-cpu-quiet.json). The floating-point
+modes take MLX's dequantize (exact in bfloat16) for their copy, from the same rows.
 
 MLX runs a stream's operations on one thread, so the unpack of a layer from `TWO_STREAMS_FROM` weights on
 (2M: 1024 x 2816, 2816 x 1024) is split in two halves of its output rows, each on a CPU stream of its own, and
 the halves' products are joined. The halves wait for the layer's input, so that they cannot unpack layers
-ahead (each a float32 copy alive). In a chain of 8 such layers at 8 rows on this 2-core machine, 2816 x 1024
-ran 1.19-1.36x faster and 1024 x 1024 0.69-0.88x (hence the threshold; BENCHMARKS.md).
+ahead (each a float32 copy alive).
 
 The float32 copy lives for one layer's product only; nothing keeps it. MLX allocates an operation's output
 when it queues it, a few operations ahead of the ones running, so a step's extra memory is that of a few
 layers' copies at most, whatever the depth (3.7 copies of a 1024x1024 layer in a chain of 6 to 24 layers).
 
-Only affine layers whose bits divide a byte (8, 4, 2) take this path: their byte planes unpack with a shift
-and a mask. The unpacked weight has its input dimension in plane-major order (all low nibbles, then all high
-ones), so the input is permuted the same way instead of interleaving the weight. The biases enter through a
-small GEMM with the input's per-group sums (sum_k x_k (s q_k + b) = s sum_k x_k q_k + b sum_k x_k), one pass
-over the weight fewer. The results are MLX's within float32 rounding (tests/test_cpu_quantized.py).
+The unpacked weight has its input dimension in plane-major order (all low nibbles, then all high ones), so the
+input is permuted the same way instead of interleaving the weight (the kernel does the same per 16 bytes). The
+biases enter through the input's per-group sums (sum_k x_k (s q_k + b) = s sum_k x_k q_k + b sum_k x_k). The
+results are MLX's within float32 rounding (tests/test_cpu_quantized.py, tests/test_quantized_kernel.py).
 """
 
 from __future__ import annotations
@@ -41,11 +46,12 @@ MIN_ROWS = {8: 2, 4: 3, 2: 3}
 # weights of this many elements and more unpack in two halves on two CPU streams (module docstring)
 TWO_STREAMS_FROM = 1 << 21
 FAST_BITS = tuple(MIN_ROWS)
+FLOAT_MODES = ("mxfp4", "nvfp4", "mxfp8")  # the kernel reads them; beyond its rows, MLX's dequantize and a GEMM
 
 
-def unpacks(mode: str, bits: int) -> bool:
-    """Whether a layer of this quantization takes the float32 path on the CPU."""
-    return mode == "affine" and bits in FAST_BITS
+def swaps_on_cpu(mode: str, bits: int) -> bool:
+    """Whether a layer of this quantization is swapped for the CPU classes below."""
+    return (mode == "affine" and bits in FAST_BITS) or mode in FLOAT_MODES
 
 
 def _plane_weight(packed: mx.array, scales: mx.array, group_size: int, bits: int) -> mx.array:
@@ -131,7 +137,7 @@ def _kernel_weight(layer: nn.Module) -> KernelWeight | None:
     if held is _NO_KERNEL:
         return None
     if held is None or not held.holds(*arrays):
-        held = kernel.weight(*arrays, layer.group_size, layer.bits)
+        held = kernel.weight(*arrays, layer.group_size, layer.bits, layer.mode)
         layer._kernel_weight = _NO_KERNEL if held is None else held
     return held
 
@@ -143,8 +149,17 @@ def _product(layer: nn.Module, x: mx.array) -> mx.array:
         return weight.matmul(x)
     args = (layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits)
     if rows >= MIN_ROWS[layer.bits]:
+        if layer.mode in FLOAT_MODES:
+            return _float_mode_copy_matmul(x, *args, layer.mode)
         return dequantized_matmul(x, *args)
     return float32_quantized_matmul(x, *args, layer.mode)
+
+
+def _float_mode_copy_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: None, group_size: int,
+                            bits: int, mode: str) -> mx.array:
+    """x @ the weight.T through MLX's dequantize (exact in bfloat16 for these modes) and one float32 GEMM."""
+    weight = mx.dequantize(packed, scales, group_size=group_size, bits=bits, mode=mode).astype(mx.float32)
+    return (x.astype(mx.float32) @ weight.T).astype(x.dtype)
 
 
 class CPUQuantizedLinear(nn.QuantizedLinear):
@@ -166,8 +181,8 @@ _CPU_CLASSES = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: C
 
 
 def batch_quantized_on_cpu(model: nn.Module) -> int:
-    """Swap `model`'s affine 8/4/2-bit quantized layers for the CPU classes above when MLX runs on the CPU;
+    """Swap `model`'s affine 8/4/2-bit and mxfp4/nvfp4/mxfp8 layers for the CPU classes above on the CPU;
     returns how many were swapped (0 on a GPU, where MLX's quantized kernels batch)."""
     if mx.default_device().type != mx.cpu:
         return 0
-    return swap_classes(model, _CPU_CLASSES, lambda module: unpacks(module.mode, module.bits))
+    return swap_classes(model, _CPU_CLASSES, lambda module: swaps_on_cpu(module.mode, module.bits))

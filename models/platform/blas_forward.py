@@ -1,13 +1,15 @@
-"""The OpenBLAS wheel with MLX's one- and two-row float32 products forwarded to matrix-vector products.
+"""The OpenBLAS wheel with MLX's few-row float32 products forwarded to matrix-vector products, and quantized
+products read from the packed weight.
 
 MLX multiplies every float32 matrix with `cblas_sgemm`, and a decode step's products have one row per
 sequence. OpenBLAS's sgemm packs the whole weight before multiplying, so a one-row product reads and
 writes it twice: a 512 x 32,000 output layer took 6.8 ms there against 1.4 ms through `sgemv`, which streams the
 weight once (two threads; two-row products 1.1-2x faster as two sgemv calls, four rows about even). Served
 decoding: `python -m bench.blas --against <the plain renamed wheel>` (BENCHMARKS.md, "One-row products").
-A small C library, compiled once into the user's cache, defines the `cblas_sgemm` MLX binds: up to
-`MAX_ROWS` rows it calls sgemv per row, otherwise the wheel's own sgemm, renamed in a copy of the wheel.
-Results are the same sums in another order: equal within float32 rounding, not bitwise.
+A small C library (csrc/blas_forward.c), compiled once into the user's cache for this machine's CPU, defines the
+`cblas_sgemm` MLX binds: a product whose alpha is `QUANTIZED_ALPHA` multiplies by a registered quantized weight
+(quantized_kernel.py); up to `MAX_ROWS` rows it calls sgemv per row; otherwise the wheel's own sgemm, renamed in
+a copy of the wheel. Results are the same sums in another order: equal within float32 rounding, not bitwise.
 
 Where no C compiler is found (or the build fails, remembered per wheel) the plain renamed wheel is used.
 """
@@ -88,7 +90,7 @@ def forwarding_library() -> str | None:
         return None
 
 
-def _build(source: Path, target: Path, tag: str, compiler: str) -> Path:
+def _build(source: Path, target: Path, tag: str, compiler: str, flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
     """The wheel copied with MLX's names (its sgemm as SGEMM_IMPL), and the forwarding library linked to it
     by an rpath of its own folder; both renamed into place once complete."""
     patchelf = patchelf_path()
@@ -105,7 +107,7 @@ def _build(source: Path, target: Path, tag: str, compiler: str) -> Path:
         with tempfile.TemporaryDirectory() as work:
             c_file = Path(work) / "forward.c"
             c_file.write_text(SOURCE.read_text())
-            subprocess.run([compiler, *COMPILE_FLAGS, *_defines(), str(c_file), "-o", str(staged), str(wheel_copy),
+            subprocess.run([compiler, *flags, *_defines(), str(c_file), "-o", str(staged), str(wheel_copy),
                             "-Wl,-rpath,$ORIGIN"], check=True, capture_output=True, timeout=120)
         probe = (f"import ctypes; lib = ctypes.CDLL({str(staged)!r}, mode=ctypes.RTLD_GLOBAL); "
                  f"[getattr(lib, n) for n in {RENAMED!r}]")

@@ -23,7 +23,9 @@ from models.platform.blas_forward import QUANTIZED_ALPHA
 
 log = logging.getLogger(__name__)
 
-_SCALE_TYPES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+_MODES = {"affine": 0, "mxfp4": 1, "nvfp4": 2, "mxfp8": 3}  # csrc/blas_forward.c's MODE_*
+_SCALE_TYPES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # affine scales and biases; SCALE_* there
+_FP_SCALE_TYPES = {"mxfp4": 3, "mxfp8": 3, "nvfp4": 4}  # uint8 scales: E8M0, or nvfp4's FP8 E4M3
 _ZERO = mx.array(0.0)
 
 
@@ -70,12 +72,12 @@ class QuantizedKernel:
 
     def __init__(self, lib: ctypes.CDLL):
         self._register = lib.dtype_serve_quantized_register
-        self._register.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
+        self._register.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
         self._register.restype = ctypes.c_int
         self._forget = lib.dtype_serve_quantized_forget
         self._forget.argtypes = [ctypes.c_void_p]
         self._supported = lib.dtype_serve_quantized_supported
-        self._supported.argtypes = [ctypes.c_int] * 3
+        self._supported.argtypes = [ctypes.c_int] * 4
         alpha = lib.dtype_serve_quantized_alpha
         alpha.restype = ctypes.c_float
         if alpha() != QUANTIZED_ALPHA:
@@ -84,23 +86,28 @@ class QuantizedKernel:
         self._holders: dict[int, list[tuple]] = {}
         self._lock = threading.Lock()
 
-    def supports(self, bits: int, group_size: int, in_dims: int) -> bool:
-        """Whether the library multiplies affine weights of these bits, group size and input width."""
-        return bool(self._supported(bits, group_size, in_dims))
+    def supports(self, mode: str, bits: int, group_size: int, in_dims: int) -> bool:
+        """Whether the library multiplies weights of this quantization mode, bits, group size and input width."""
+        return mode in _MODES and bool(self._supported(_MODES[mode], bits, group_size, in_dims))
 
-    def weight(self, packed: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
-               bits: int) -> KernelWeight | None:
-        """Register an affine quantized weight (packed (out, in * bits / 32) uint32, scales and biases (out,
-        in / group_size)); None where the library does not multiply it."""
+    def weight(self, packed: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
+               mode: str = "affine") -> KernelWeight | None:
+        """Register a quantized weight as MLX lays it out (packed (out, in * bits / 32) uint32; scales, and for
+        affine biases, (out, in / group_size)); None where the library does not multiply it."""
         out_dims, in_dims = packed.shape[0], packed.shape[1] * 32 // bits
-        if (packed.dtype != mx.uint32 or scales.dtype not in _SCALE_TYPES
-                or (biases is not None and biases.dtype != scales.dtype)
-                or not self.supports(bits, group_size, in_dims)):
+        if mode == "affine":
+            scale_type = _SCALE_TYPES.get(scales.dtype)
+            same_biases = biases is None or biases.dtype == scales.dtype
+        else:
+            scale_type = _FP_SCALE_TYPES.get(mode) if scales.dtype == mx.uint8 else None
+            same_biases = biases is None
+        if packed.dtype != mx.uint32 or scale_type is None or not same_biases \
+                or not self.supports(mode, bits, group_size, in_dims):
             return None
         addresses = [None if a is None else _address(a) for a in (packed, scales, biases)]
         if None in addresses[:2] or (biases is not None and addresses[2] is None):
-            return None
-        registration = (*addresses, _SCALE_TYPES[scales.dtype], bits, group_size, out_dims, in_dims)
+            return None  # not row-contiguous
+        registration = (*addresses, _MODES[mode], scale_type, bits, group_size, out_dims, in_dims)
         with self._lock:
             if self._register(*registration) != 0:
                 return None

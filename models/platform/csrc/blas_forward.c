@@ -13,7 +13,10 @@
 #endif
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-enum { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_BF16 = 2 };
+/* how a weight is stored: MLX's quantization modes (affine: integers with a scale and a bias per group) */
+enum { MODE_AFFINE = 0, MODE_MXFP4 = 1, MODE_NVFP4 = 2, MODE_MXFP8 = 3 };
+/* the dtype of the scales (and affine biases) */
+enum { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_BF16 = 2, SCALE_E8M0 = 3, SCALE_E4M3 = 4 };
 void SGEMM_IMPL(int, int, int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
 void scipy_cblas_sgemv(int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
 int openblas_get_num_threads(void);
@@ -21,7 +24,7 @@ int openblas_get_num_threads(void);
 /* ---- the registry of quantized weights, keyed by the packed bytes' address ---- */
 typedef struct {
     const void *packed, *scales, *biases;
-    int scale_type, bits, group, out_dims, in_dims;
+    int mode, scale_type, bits, group, out_dims, in_dims;
 } qweight;
 
 #define SLOTS 16384
@@ -38,18 +41,26 @@ static size_t slot_of(const void *p) {
 
 float dtype_serve_quantized_alpha(void) { return QUANTIZED_ALPHA; }
 
-int dtype_serve_quantized_supported(int bits, int group, int in_dims) {
-    int per16 = 128 / bits; /* inputs held by 16 packed bytes */
-    return (bits == 8 || bits == 4 || bits == 2) && group % per16 == 0 && group <= 128 && in_dims % group == 0
-           && in_dims <= MAX_IN_DIMS;
+/* The layouts the product reads: 16 packed bytes hold whole groups (or, nvfp4, exactly two). */
+int dtype_serve_quantized_supported(int mode, int bits, int group, int in_dims) {
+    if (in_dims < 1 || in_dims > MAX_IN_DIMS || group < 1 || in_dims % group != 0) return 0;
+    switch (mode) {
+    case MODE_AFFINE: return (bits == 8 || bits == 4 || bits == 2) && group % (128 / bits) == 0 && group <= 128;
+    case MODE_MXFP4: return bits == 4 && group == 32;
+    case MODE_NVFP4: return bits == 4 && group == 16;
+    case MODE_MXFP8: return bits == 8 && group == 32;
+    default: return 0;
+    }
 }
 
-int dtype_serve_quantized_register(const void *packed, const void *scales, const void *biases, int scale_type,
-                                   int bits, int group, int out_dims, int in_dims) {
-    if (!packed || !scales || scale_type < 0 || scale_type > 2 || out_dims < 1
-        || !dtype_serve_quantized_supported(bits, group, in_dims))
+int dtype_serve_quantized_register(const void *packed, const void *scales, const void *biases, int mode,
+                                   int scale_type, int bits, int group, int out_dims, int in_dims) {
+    int fp_scales = mode == MODE_NVFP4 ? SCALE_E4M3 : SCALE_E8M0;
+    if (!packed || !scales || out_dims < 1 || !dtype_serve_quantized_supported(mode, bits, group, in_dims)
+        || (mode == MODE_AFFINE ? scale_type < SCALE_F32 || scale_type > SCALE_BF16 : scale_type != fp_scales)
+        || (mode != MODE_AFFINE && biases))
         return -1;
-    qweight entry = {packed, scales, biases, scale_type, bits, group, out_dims, in_dims};
+    qweight entry = {packed, scales, biases, mode, scale_type, bits, group, out_dims, in_dims};
     int done = -1;
     pthread_mutex_lock(&table_lock);
     size_t s = slot_of(packed), free_slot = SLOTS;
@@ -94,26 +105,111 @@ static inline float sum_lanes(vf v) {
     return s;
 }
 
-/* 16 bytes to 16 floats (GCC's generic widening goes through scalar registers) */
-static inline vf widen(vb b) {
+/* 16 bytes to 16 int32 lanes (GCC's generic widening goes through scalar registers) */
+static inline vi widen(vb b) {
+    vi r;
 #if defined(__AVX512F__)
     __m128i v;
     memcpy(&v, &b, sizeof v);
-    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
-    vf r;
-    memcpy(&r, &f, sizeof r);
-    return r;
+    __m512i w = _mm512_cvtepu8_epi32(v);
+    memcpy(&r, &w, sizeof r);
 #elif defined(__AVX2__)
     __m128i v;
     memcpy(&v, &b, sizeof v);
-    __m256 halves[2] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)))};
-    vf r;
+    __m256i halves[2] = {_mm256_cvtepu8_epi32(v), _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))};
     memcpy(&r, halves, sizeof r);
-    return r;
 #else
-    return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
+    r = __builtin_convertvector(b, vi);
 #endif
+    return r;
+}
+
+static inline vf select_bits(vi mask, vi yes, vi no) { return (vf)((yes & mask) | (no & ~mask)); }
+
+/* FP4 E2M1 codes (0-15) to floats: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives */
+static inline vf e2m1(vi n) {
+    vi exp = (n >> 1) & 3, man = n & 1;
+    vf magnitude = select_bits(exp != 0, ((exp + 126) << 23) | (man << 22), man * 0x3f000000);
+    return (vf)((vi)magnitude | ((n & 8) << 28));
+}
+
+/* FP8 E4M3 (bias 7, no infinities, 0x7f and 0xff NaN) to floats */
+static inline vf e4m3(vi b) {
+    vi exp = (b >> 3) & 15, man = b & 7;
+    vf subnormal = __builtin_convertvector(man, vf) * (1.0f / 512.0f);
+    vf magnitude = select_bits(exp != 0, ((exp + 120) << 23) | (man << 20), (vi)subnormal);
+    magnitude = select_bits((b & 0x7f) == 0x7f, (vi){0} + 0x7fc00000, (vi)magnitude);
+    return (vf)((vi)magnitude | ((b & 0x80) << 24));
+}
+
+#define DECODE_INT8(b, p) __builtin_convertvector(widen(b), vf)
+#define DECODE_INT4(b, p) __builtin_convertvector(widen((vb)((b >> (4 * p)) & 15)), vf)
+#define DECODE_INT2(b, p) __builtin_convertvector(widen((vb)((b >> (2 * p)) & 3)), vf)
+#define DECODE_E2M1(b, p) e2m1(widen((vb)((b >> (4 * p)) & 15)))
+#define DECODE_E4M3(b, p) e4m3(widen(b))
+
+/* One output column for ROWS rows of x. x is in plane order (per 16 packed bytes, the inputs of each bit plane
+ * together), so each plane of 16 bytes meets 16 consecutive floats. A block of 16 bytes holds whole groups
+ * (scale broadcast), or with SPLIT exactly two (nvfp4: lanes 0-7 the first group's, 8-15 the second's). */
+#define DEFINE_DOT(FMT, PLANES, SPLIT, ROWS)                                                                    \
+    static void dot_##FMT##_##ROWS(const uint8_t *q, const float *scales, const float *biases, int groups,     \
+                                   int group, const float *xp, const float *xsum, size_t ld, float *y,           \
+                                   size_t ldy) {                                                                \
+        vf acc[ROWS];                                                                                           \
+        float bias_acc[ROWS];                                                                                   \
+        for (int m = 0; m < ROWS; m++) { acc[m] = (vf){0}; bias_acc[m] = 0.0f; }                                \
+        size_t j = 0;                                                                                           \
+        for (int g = 0; g < groups; g += SPLIT ? 2 : 1) {                                                       \
+            vf s = (vf){0} + scales[g];                                                                         \
+            if (SPLIT)                                                                                          \
+                for (int l = 8; l < 16; l++) s[l] = scales[g + 1];                                              \
+            for (size_t end = SPLIT ? j + 16 * PLANES : (size_t)(g + 1) * group; j < end;                       \
+                 j += 16 * PLANES, q += 16) {                                                                   \
+                vb b = load_b(q);                                                                               \
+                for (int p = 0; p < PLANES; p++) {                                                              \
+                    vf w = DECODE_##FMT(b, p) * s;                                                              \
+                    for (int m = 0; m < ROWS; m++) acc[m] += w * load_f(xp + m * ld + j + 16 * p);              \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+        if (biases)                                                                                             \
+            for (int g = 0; g < groups; g++)                                                                    \
+                for (int m = 0; m < ROWS; m++) bias_acc[m] += biases[g] * xsum[m * groups + g];                 \
+        for (int m = 0; m < ROWS; m++) y[m * ldy] = sum_lanes(acc[m]) + bias_acc[m];                            \
+    }
+#define DEFINE_DOTS(FMT, PLANES, SPLIT)                                                                         \
+    DEFINE_DOT(FMT, PLANES, SPLIT, 1) DEFINE_DOT(FMT, PLANES, SPLIT, 2) DEFINE_DOT(FMT, PLANES, SPLIT, 3)       \
+    DEFINE_DOT(FMT, PLANES, SPLIT, 4) DEFINE_DOT(FMT, PLANES, SPLIT, 5) DEFINE_DOT(FMT, PLANES, SPLIT, 6)       \
+    DEFINE_DOT(FMT, PLANES, SPLIT, 7) DEFINE_DOT(FMT, PLANES, SPLIT, 8)
+#define DECODE_E2M1_SPLIT DECODE_E2M1
+DEFINE_DOTS(INT8, 1, 0)
+DEFINE_DOTS(INT4, 2, 0)
+DEFINE_DOTS(INT2, 4, 0)
+DEFINE_DOTS(E2M1, 2, 0)
+DEFINE_DOTS(E2M1_SPLIT, 2, 1)
+DEFINE_DOTS(E4M3, 1, 0)
+
+/* rows per pass over a weight row: as many accumulators as the vector registers hold (32 with AVX-512) */
+#if defined(__AVX512F__)
+#define ROW_BLOCK 8
+#else
+#define ROW_BLOCK 4
+#endif
+typedef void (*dot_fn)(const uint8_t *, const float *, const float *, int, int, const float *, const float *,
+                       size_t, float *, size_t);
+#define DOT_ROW(FMT) {dot_##FMT##_1, dot_##FMT##_2, dot_##FMT##_3, dot_##FMT##_4, dot_##FMT##_5, dot_##FMT##_6,   \
+                      dot_##FMT##_7, dot_##FMT##_8}
+enum { FMT_INT8, FMT_INT4, FMT_INT2, FMT_E2M1, FMT_E2M1_SPLIT, FMT_E4M3 };
+static const dot_fn DOTS[6][8] = {DOT_ROW(INT8), DOT_ROW(INT4), DOT_ROW(INT2), DOT_ROW(E2M1), DOT_ROW(E2M1_SPLIT),
+                                  DOT_ROW(E4M3)};
+
+static int format_of(const qweight *w) {
+    switch (w->mode) {
+    case MODE_MXFP4: return FMT_E2M1;
+    case MODE_NVFP4: return FMT_E2M1_SPLIT;
+    case MODE_MXFP8: return FMT_E4M3;
+    default: return w->bits == 8 ? FMT_INT8 : w->bits == 4 ? FMT_INT4 : FMT_INT2;
+    }
 }
 
 static float half_to_float(uint16_t h) {
@@ -131,58 +227,33 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
-static void row_as_floats(const void *src, int type, size_t offset, int count, float *dst) {
-    if (type == SCALE_F32) { memcpy(dst, (const float *)src + offset, sizeof(float) * (size_t)count); return; }
-    const uint16_t *h = (const uint16_t *)src + offset;
-    for (int i = 0; i < count; i++) {
-        if (type == SCALE_BF16) { uint32_t b = (uint32_t)h[i] << 16; memcpy(dst + i, &b, sizeof(float)); }
-        else dst[i] = half_to_float(h[i]);
+static float scale_to_float(const void *src, int type, size_t i) {
+    uint32_t bits;
+    float f;
+    switch (type) {
+    case SCALE_F32: return ((const float *)src)[i];
+    case SCALE_F16: return half_to_float(((const uint16_t *)src)[i]);
+    case SCALE_BF16: bits = (uint32_t)((const uint16_t *)src)[i] << 16; break;
+    case SCALE_E8M0: { /* 2^(s - 127); 255 is NaN */
+        uint8_t s = ((const uint8_t *)src)[i];
+        if (s == 255) bits = 0x7fc00000;
+        else if (s == 0) bits = 0x00400000; /* 2^-127: a float32 subnormal */
+        else bits = (uint32_t)s << 23;
+        break;
     }
+    default: { /* SCALE_E4M3 */
+        vi b = (vi){0} + ((const uint8_t *)src)[i];
+        return e4m3(b)[0];
+    }
+    }
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
-/* One output column n for ROWS rows of x: x is in plane order (per 16 packed bytes, the inputs of each bit
- * plane together), so each plane of 16 bytes meets 16 consecutive floats. */
-#define DEFINE_DOT(BITS, ROWS)                                                                                  \
-    static void dot_##BITS##_##ROWS(const uint8_t *q, const float *scales, const float *biases, int groups,     \
-                                    int group, const float *xp, const float *xsum, size_t ld, float *y,          \
-                                    size_t ldy) {                                                               \
-        enum { PLANES = 8 / BITS, MASK = (1 << BITS) - 1 };                                                     \
-        vf acc[ROWS];                                                                                           \
-        float bias_acc[ROWS];                                                                                   \
-        for (int m = 0; m < ROWS; m++) { acc[m] = (vf){0}; bias_acc[m] = 0.0f; }                                \
-        size_t j = 0;                                                                                           \
-        for (int g = 0; g < groups; g++) {                                                                      \
-            vf s = (vf){0} + scales[g];                                                                         \
-            for (int end = (g + 1) * group; (int)j < end; j += 16 * PLANES, q += 16) {                          \
-                vb b = load_b(q);                                                                               \
-                for (int p = 0; p < PLANES; p++) {                                                              \
-                    vf w = widen(PLANES == 1 ? b : (vb)((b >> (p * BITS)) & MASK)) * s;                         \
-                    for (int m = 0; m < ROWS; m++) acc[m] += w * load_f(xp + m * ld + j + 16 * p);              \
-                }                                                                                               \
-            }                                                                                                   \
-            if (biases)                                                                                         \
-                for (int m = 0; m < ROWS; m++) bias_acc[m] += biases[g] * xsum[m * groups + g];                 \
-        }                                                                                                       \
-        for (int m = 0; m < ROWS; m++) y[m * ldy] = sum_lanes(acc[m]) + bias_acc[m];                            \
-    }
-#define DEFINE_DOTS(BITS)                                                                                      \
-    DEFINE_DOT(BITS, 1) DEFINE_DOT(BITS, 2) DEFINE_DOT(BITS, 3) DEFINE_DOT(BITS, 4) DEFINE_DOT(BITS, 5)         \
-    DEFINE_DOT(BITS, 6) DEFINE_DOT(BITS, 7) DEFINE_DOT(BITS, 8)
-DEFINE_DOTS(8)
-DEFINE_DOTS(4)
-DEFINE_DOTS(2)
-
-/* rows per pass over a weight row: as many accumulators as the vector registers hold (32 with AVX-512) */
-#if defined(__AVX512F__)
-#define ROW_BLOCK 8
-#else
-#define ROW_BLOCK 4
-#endif
-typedef void (*dot_fn)(const uint8_t *, const float *, const float *, int, int, const float *, const float *,
-                       size_t, float *, size_t);
-#define DOT_ROW(BITS) {dot_##BITS##_1, dot_##BITS##_2, dot_##BITS##_3, dot_##BITS##_4, dot_##BITS##_5,          \
-                       dot_##BITS##_6, dot_##BITS##_7, dot_##BITS##_8}
-static const dot_fn DOTS[3][8] = {DOT_ROW(8), DOT_ROW(4), DOT_ROW(2)};
+static void row_as_floats(const void *src, int type, size_t offset, int count, float *dst) {
+    if (type == SCALE_F32) { memcpy(dst, (const float *)src + offset, sizeof(float) * (size_t)count); return; }
+    for (int i = 0; i < count; i++) dst[i] = scale_to_float(src, type, offset + (size_t)i);
+}
 
 static void fill_nan(int m, int n, float *c, int ldc) {
     uint32_t nan_bits = 0x7fc00000u;
@@ -218,7 +289,7 @@ static void quantized_product(int trans_a, int trans_b, int m, int n, int k, con
             xsum[(size_t)i * groups + g] = s;
         }
     }
-    const dot_fn *dots = DOTS[w.bits == 8 ? 0 : w.bits == 4 ? 1 : 2];
+    const dot_fn *dots = DOTS[format_of(&w)];
     size_t row_bytes = (size_t)k * w.bits / 8;
     int threads = openblas_get_num_threads();
     if (threads < 1) threads = 1;
