@@ -15,14 +15,7 @@ import time
 
 import httpx
 
-from bench.common import ROOT, free_port, percentile, server, write_result
-
-
-def rss_bytes(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from bench.common import ROOT, free_port, percentile, rss_bytes, server, write_result
 
 
 def probe_health(base: str, seconds: float, out) -> None:

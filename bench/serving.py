@@ -24,7 +24,7 @@ import sys
 from contextlib import ExitStack
 
 from bench.baselines import BaselineProcess
-from bench.common import PROMPT, ROOT, ensure_model, free_port, load_run, server, write_result
+from bench.common import PROMPT, ROOT, ensure_model, free_port, load_run, rss_bytes, server, write_result
 from models.platform.blas import _find_optimized
 
 
@@ -81,16 +81,16 @@ def body(model_id: str, max_tokens: int, temperature: float = 0.0, top_p: float 
 
 
 def start_peer(stack: ExitStack, peer: str, folder, dtype: str, blas: str, batch: int,
-               gguf_type: str = "F32", llama_cpp_args: tuple[str, ...] = ()) -> tuple[str, str]:
-    """Start one server; its /v1/completions URL and the model id it answers to."""
+               gguf_type: str = "F32", llama_cpp_args: tuple[str, ...] = ()) -> tuple[str, str, int]:
+    """Start one server; its /v1/completions URL, the model id it answers to and its process id."""
     port = free_port()
     if peer == "llama_cpp":
         ctx, model_id = llama_cpp_server(folder, port, gguf_type, batch, llama_cpp_args)
     else:
         ctx, model_id = ours(folder, dtype, port, blas, batch) if peer == "ours" else \
             mlx_lm_server(folder, port, blas) if peer == "mlx_lm" else vllm_mlx_server(folder, port, blas, batch)
-    stack.enter_context(ctx)
-    return f"http://127.0.0.1:{port}/v1/completions", model_id
+    proc = stack.enter_context(ctx)
+    return f"http://127.0.0.1:{port}/v1/completions", model_id, proc.pid
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -137,15 +137,18 @@ def main(argv: list[str] | None = None) -> dict:
         baseline = stack.enter_context(BaselineProcess(str(folder), served, a.blas))
         baseline.direct(PROMPT, a.max_tokens)  # warm-up
         peers = {}  # peer: its /v1/completions URL and the request body it is sent
+        pids = {}
         for peer in a.peers:
-            url, model_id = start_peer(stack, peer, folder, served if peer == "ours" else a.dtype, a.blas, a.batch,
-                                       a.gguf, tuple(shlex.split(a.llama_cpp_args)))
+            url, model_id, pids[peer] = start_peer(stack, peer, folder, served if peer == "ours" else a.dtype,
+                                                   a.blas, a.batch, a.gguf, tuple(shlex.split(a.llama_cpp_args)))
             peers[peer] = url, body(model_id, a.max_tokens, a.temperature, a.top_p)
             if peer == "llama_cpp":
                 peers[peer][1]["prompt"] = prompt_ids(folder)
         for peer, (url, request) in peers.items():  # warm-up
             asyncio.run(load_run(url, request, 1, 2, a.distinct_prompts, seed=-1,
                                  fresh_connections=peer == "llama_cpp"))
+        # resident memory once loaded and warmed (one request each), and after the run
+        result["rss_after_load_bytes"] = {peer: rss_bytes(pid) for peer, pid in pids.items()}
         for trial in range(a.trials):
             for n in a.clients:
                 if n == 1 and not sampled:
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                     runs.setdefault((peer, n), []).append(asyncio.run(load_run(
                         url, request, n, a.requests_per_client, a.distinct_prompts, seed=trial * 1000 + n,
                         fresh_connections=peer == "llama_cpp")))
+        result["rss_end_bytes"] = {peer: rss_bytes(pid) for peer, pid in pids.items()}
     if direct:
         result["direct"] = {"tok_s": round(statistics.median(direct), 2), "runs_tok_s": [round(d, 1) for d in direct]}
     for peer in a.peers:

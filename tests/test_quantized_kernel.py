@@ -183,7 +183,7 @@ def test_the_products_agree_on_every_vector_path(tmp_path, target):
 
     flags = tuple(target if f == "-march=native" else f for f in blas_forward.COMPILE_FLAGS)
     library = blas_forward._build(wheel_library(), tmp_path / "libopenblas-forward-test.so", "test",
-                                  blas_forward._compiler(), flags)
+                                  blas_forward._compiler(), (flags,))
     out = subprocess.run([sys.executable, "-c", _CHILD, str(library)], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parent.parent)
     assert out.returncode == 0 and "products agree" in out.stdout, out.stderr[-2000:]

@@ -39,7 +39,9 @@ MAX_IN_DIMS = 65536  # a quantized weight's widest input (the kernel's per-threa
 
 
 # -march=native: built on the machine that runs it, keyed by its CPU (a shared cache serves each CPU its own build)
-COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC")
+# tried where the compiler refuses -march=native: its generic vectors
+FALLBACK_FLAGS = (("-O3", "-pthread", "-shared", "-fPIC"),)
 
 
 def _defines() -> list[str]:
@@ -90,7 +92,8 @@ def forwarding_library() -> str | None:
         return None
 
 
-def _build(source: Path, target: Path, tag: str, compiler: str, flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
+def _build(source: Path, target: Path, tag: str, compiler: str,
+           flag_sets: tuple[tuple[str, ...], ...] = (COMPILE_FLAGS, *FALLBACK_FLAGS)) -> Path:
     """The wheel copied with MLX's names (its sgemm as SGEMM_IMPL), and the forwarding library linked to it
     by an rpath of its own folder; both renamed into place once complete."""
     patchelf = patchelf_path()
@@ -107,8 +110,15 @@ def _build(source: Path, target: Path, tag: str, compiler: str, flags: tuple[str
         with tempfile.TemporaryDirectory() as work:
             c_file = Path(work) / "forward.c"
             c_file.write_text(SOURCE.read_text())
-            subprocess.run([compiler, *flags, *_defines(), str(c_file), "-o", str(staged), str(wheel_copy),
-                            "-Wl,-rpath,$ORIGIN"], check=True, capture_output=True, timeout=120)
+            for i, flags in enumerate(flag_sets):
+                try:
+                    subprocess.run([compiler, *flags, *_defines(), str(c_file), "-o", str(staged), str(wheel_copy),
+                                    "-Wl,-rpath,$ORIGIN"], check=True, capture_output=True, timeout=120)
+                    break
+                except subprocess.CalledProcessError:
+                    if i == len(flag_sets) - 1:
+                        raise
+                    log.info("the compiler refused %s; building the BLAS forwarding without", flags)
         probe = (f"import ctypes; lib = ctypes.CDLL({str(staged)!r}, mode=ctypes.RTLD_GLOBAL); "
                  f"[getattr(lib, n) for n in {RENAMED!r}]")
         subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, timeout=120)

@@ -47,6 +47,10 @@ class KernelWeight:
         self.arrays = (packed, scales, biases)
         self._kernel, self._registration = kernel, registration
         self.out_dims, self.in_dims = out_dims, in_dims
+        # B of the product: a view of the packed bytes with the product's (in, out) shape; only its address and
+        # shape reach the BLAS (module docstring). Made once: a step then adds one operation per layer.
+        self._named = mx.as_strided(packed.view(mx.float32), shape=(in_dims, out_dims), strides=(1, in_dims))
+        mx.eval(self._named)
 
     def holds(self, packed: mx.array, scales: mx.array, biases: mx.array | None) -> bool:
         """Whether these are the arrays registered (a layer whose arrays were replaced registers anew)."""
@@ -54,13 +58,10 @@ class KernelWeight:
 
     def matmul(self, x: mx.array) -> mx.array:
         """x @ dequantize(weight).T, computed in float32 by the library; the result in x's dtype."""
-        lead = x.shape[:-1]
-        x32 = x.reshape(-1, self.in_dims).astype(mx.float32)
-        # only its address and shape reach the BLAS (module docstring)
-        named = mx.as_strided(self.arrays[0].view(mx.float32), shape=(self.in_dims, self.out_dims),
-                              strides=(1, self.in_dims))
-        y = mx.addmm(_ZERO, x32, named, alpha=QUANTIZED_ALPHA, beta=0.0)
-        return y.astype(x.dtype).reshape(*lead, self.out_dims)
+        if x.dtype == mx.float32:  # addmm folds leading dimensions itself
+            return mx.addmm(_ZERO, x, self._named, alpha=QUANTIZED_ALPHA, beta=0.0)
+        y = mx.addmm(_ZERO, x.astype(mx.float32), self._named, alpha=QUANTIZED_ALPHA, beta=0.0)
+        return y.astype(x.dtype)
 
     def __del__(self) -> None:
         # runs before the arrays are released, so the address is still this weight's

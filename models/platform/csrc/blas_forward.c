@@ -5,9 +5,12 @@
  * 2. Up to MAX_ROWS rows: one sgemv per row (OpenBLAS's sgemm packs the whole weight first).
  * 3. The rest: the wheel's own sgemm, SGEMM_IMPL. */
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -263,6 +266,121 @@ static void fill_nan(int m, int n, float *c, int ldc) {
         for (int j = 0; j < n; j++) c[(size_t)i * ldc + j] = nan;
 }
 
+/* ---- helper threads that share a product's columns, never waited for unless they took work ----
+ * A product is cut into chunks of output columns. The calling thread takes chunks until none is left, then waits
+ * only for chunks that helpers took and have not finished. A helper that is not running (another process's or
+ * OpenBLAS's spinning thread has its core) is never waited for, so a busy machine costs parallelism, not stalls. */
+typedef struct {
+    const qweight *w;
+    int m, groups, chunk, chunks;
+    const float *xp, *xsum;
+    float *c;
+    int ldc;
+} job_t;
+
+static void run_chunk(const job_t *job, int chunk) {
+    const qweight *w = job->w;
+    float scales[MAX_IN_DIMS / 16], biases[MAX_IN_DIMS / 16];
+    const dot_fn *dots = DOTS[format_of(w)];
+    size_t row_bytes = (size_t)w->in_dims * w->bits / 8, k = (size_t)w->in_dims;
+    int end = (chunk + 1) * job->chunk < w->out_dims ? (chunk + 1) * job->chunk : w->out_dims;
+    for (int col = chunk * job->chunk; col < end; col++) {
+        row_as_floats(w->scales, w->scale_type, (size_t)col * job->groups, job->groups, scales);
+        if (w->biases) row_as_floats(w->biases, w->scale_type, (size_t)col * job->groups, job->groups, biases);
+        const uint8_t *q = (const uint8_t *)w->packed + (size_t)col * row_bytes;
+        for (int i = 0; i < job->m; i += ROW_BLOCK) {
+            int rows = job->m - i < ROW_BLOCK ? job->m - i : ROW_BLOCK;
+            dots[rows - 1](q, scales, w->biases ? biases : NULL, job->groups, w->group, job->xp + (size_t)i * k,
+                           job->xsum + (size_t)i * job->groups, k, job->c + (size_t)i * job->ldc + col,
+                           (size_t)job->ldc);
+        }
+    }
+}
+
+#define MAX_HELPERS 63
+/* how long a helper keeps looking for the next product before it sleeps: a decode step's products come a few
+ * hundred microseconds apart; it yields the core to other threads while it looks */
+#define AWAKE_NS 2000000L
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;   /* one product at a time uses the helpers */
+static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static int helpers_started, helpers_wanted;
+static job_t current;
+/* (generation << 32) | next chunk: a helper takes a chunk only of the job whose generation it read */
+static _Atomic uint64_t ticket;
+static _Atomic int finished;
+
+static int take(uint32_t generation, int chunks) {
+    uint64_t t = atomic_load(&ticket);
+    while ((uint32_t)(t >> 32) == generation && (int)(uint32_t)t < chunks)
+        if (atomic_compare_exchange_weak(&ticket, &t, t + 1)) return (int)(uint32_t)t;
+    return -1;
+}
+
+static void *helper(void *arg) {
+    int index = (int)(intptr_t)arg;
+    uint32_t seen = 0;
+    for (;;) {
+        uint32_t generation = (uint32_t)(atomic_load(&ticket) >> 32);
+        struct timespec start, now;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        while (generation == seen) {
+            sched_yield();
+            generation = (uint32_t)(atomic_load(&ticket) >> 32);
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if ((now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec) > AWAKE_NS) break;
+        }
+        if (generation == seen) {
+            pthread_mutex_lock(&sleep_lock);
+            while ((uint32_t)(atomic_load(&ticket) >> 32) == seen) pthread_cond_wait(&wake, &sleep_lock);
+            pthread_mutex_unlock(&sleep_lock);
+            continue;
+        }
+        seen = generation;
+        if (index >= helpers_wanted) continue;
+        job_t job = current; /* published before the generation (release), read after it (acquire) */
+        for (int chunk; (chunk = take(generation, job.chunks)) >= 0;) {
+            run_chunk(&job, chunk);
+            atomic_fetch_add(&finished, 1);
+        }
+    }
+    return NULL;
+}
+
+static void run_job(job_t *job, int threads) {
+    if (threads <= 1 || pthread_mutex_trylock(&pool_lock) != 0) { /* alone, or the helpers are busy */
+        for (int chunk = 0; chunk < job->chunks; chunk++) run_chunk(job, chunk);
+        return;
+    }
+    int wanted = threads - 1 < MAX_HELPERS ? threads - 1 : MAX_HELPERS;
+    for (; helpers_started < wanted; helpers_started++) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 1 << 20);
+        int failed = pthread_create(&thread, &attr, helper, (void *)(intptr_t)helpers_started);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+    }
+    helpers_wanted = wanted;
+    current = *job;
+    atomic_store(&finished, 0);
+    uint32_t generation = (uint32_t)(atomic_load(&ticket) >> 32) + 1;
+    pthread_mutex_lock(&sleep_lock);
+    atomic_store(&ticket, (uint64_t)generation << 32);
+    pthread_cond_broadcast(&wake);
+    pthread_mutex_unlock(&sleep_lock);
+    int mine = 0;
+    for (int chunk; (chunk = take(generation, job->chunks)) >= 0; mine++) run_chunk(job, chunk);
+    while (atomic_load(&finished) < job->chunks - mine) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+    }
+    pthread_mutex_unlock(&pool_lock);
+}
+
 /* C (m x n) = op(A) (m x k) @ dequantize(w).T, w being out_dims x in_dims = n x k; B only names w. */
 static void quantized_product(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda,
                               const void *b, float *c, int ldc) {
@@ -289,26 +407,12 @@ static void quantized_product(int trans_a, int trans_b, int m, int n, int k, con
             xsum[(size_t)i * groups + g] = s;
         }
     }
-    const dot_fn *dots = DOTS[format_of(&w)];
-    size_t row_bytes = (size_t)k * w.bits / 8;
     int threads = openblas_get_num_threads();
-    if (threads < 1) threads = 1;
-    if ((size_t)n * row_bytes * m < 4096 * 64) threads = 1; /* a tiny product is not worth waking threads */
-#pragma omp parallel num_threads(threads)
-    {
-        float scales[MAX_IN_DIMS / 16], biases[MAX_IN_DIMS / 16];
-#pragma omp for schedule(static)
-        for (int col = 0; col < n; col++) {
-            row_as_floats(w.scales, w.scale_type, (size_t)col * groups, groups, scales);
-            if (w.biases) row_as_floats(w.biases, w.scale_type, (size_t)col * groups, groups, biases);
-            const uint8_t *q = (const uint8_t *)w.packed + (size_t)col * row_bytes;
-            for (int i = 0; i < m; i += ROW_BLOCK) {
-                int rows = m - i < ROW_BLOCK ? m - i : ROW_BLOCK;
-                dots[rows - 1](q, scales, w.biases ? biases : NULL, groups, w.group, xp + (size_t)i * k,
-                               xsum + (size_t)i * groups, (size_t)k, c + (size_t)i * ldc + col, (size_t)ldc);
-            }
-        }
-    }
+    if ((size_t)n * k * w.bits / 8 * m < (1u << 18)) threads = 1; /* a tiny product is not worth sharing */
+    int chunk = n / (threads * 8 > 0 ? threads * 8 : 1); /* several chunks a thread: the fast ones take more */
+    chunk = chunk < 16 ? 16 : chunk;
+    job_t job = {&w, m, groups, chunk, (n + chunk - 1) / chunk, xp, xsum, c, ldc};
+    run_job(&job, threads);
     free(xp);
 }
 
