@@ -170,14 +170,14 @@ def test_without_a_compiler_the_plain_wheel_is_used(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel's OpenBLAS serves Linux only")
-def test_a_compiler_without_openmp_still_builds_the_forwarding(tmp_path, monkeypatch):
+def test_a_compiler_that_refuses_march_native_still_builds_the_forwarding(tmp_path, monkeypatch):
     from models.platform import blas_forward
 
     real = blas_forward._compiler()
     if real is None:
         pytest.skip("no C compiler on this machine")
-    refusing = tmp_path / "cc-without-openmp"  # as clang without libomp: -fopenmp fails, the rest compiles
-    refusing.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    refusing = tmp_path / "cc-without-native"  # as a compiler that does not know this CPU: generic vectors then
+    refusing.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec {real} "$@"\n')
     refusing.chmod(0o755)
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(refusing))
