@@ -12,6 +12,12 @@ if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u
   (apt-get update -qq && apt-get install -y -qq --no-install-recommends libopenblas0-pthread) >/dev/null 2>&1 \
     || echo "note: could not install libopenblas0-pthread; float32 stays on the reference BLAS"
 fi
+# A C compiler builds, once, the BLAS forwarding and the CPU's quantized kernel (models/platform/blas_forward.py).
+if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && ! command -v cc >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev) >/dev/null 2>&1 \
+    || echo "note: could not install gcc; quantized layers on the CPU take the slower unpack path"
+fi
 # The console's browser test (tests/test_console.py) drives Debian's Chromium through Playwright.
 case ",$EXTRAS," in *,test,*)
   if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
