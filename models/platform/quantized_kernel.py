@@ -85,7 +85,7 @@ class QuantizedKernel:
             raise OSError("the forwarding library was built with another QUANTIZED_ALPHA")
         # packed address -> the registrations of the live KernelWeights under it (the library keeps the last)
         self._holders: dict[int, list[tuple]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # release() runs from __del__, which a collection inside weight() may call
 
     def supports(self, mode: str, bits: int, group_size: int, in_dims: int) -> bool:
         """Whether the library multiplies weights of this quantization mode, bits, group size and input width."""
