@@ -197,7 +197,8 @@ def test_the_products_agree_on_every_vector_path(tmp_path, target, kernel):
     _products_agree(str(library))
 
 
-def test_a_compiler_that_refuses_march_native_builds_generic_vectors_that_agree(tmp_path, monkeypatch, kernel):
+def test_after_a_failed_compiler_one_that_refuses_march_native_builds_generic_vectors_that_agree(
+        tmp_path, monkeypatch, kernel):
     from models.platform import blas_forward
 
     real = blas_forward._compiler()
@@ -205,7 +206,9 @@ def test_a_compiler_that_refuses_march_native_builds_generic_vectors_that_agree(
     refusing.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec {real} "$@"\n')
     refusing.chmod(0o755)
     monkeypatch.setenv("DTYPE_SERVE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CC", str(refusing))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails: remembered for it ...
+    assert blas_forward.forwarding_library() is None and blas_forward.forwarding_library() is None
+    monkeypatch.setenv("CC", str(refusing))  # ... not for another one
     library = blas_forward.forwarding_library()
     assert library is not None
     _products_agree(library)

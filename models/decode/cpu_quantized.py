@@ -6,15 +6,16 @@ MLX's CPU `quantized_matmul` dequantizes its weight once per row: its time grows
 
 Up to `KERNEL_MAX_ROWS` rows, the forwarding BLAS's kernel (models/platform/quantized_kernel.py) multiplies in
 float32 straight from the packed bytes: affine 8/4/2 bits and mxfp4, nvfp4, mxfp8. Each byte is read once per 8
-rows, with no copy, so a quantized step reads a fraction of float32's bytes (one 2048x2048 layer, 1 thread: 1.5-1.7x
-float32's speed at 1 row, 1.7-1.9x at 8; bench/quantized_cpu.py, BENCHMARKS.md). Beyond those rows, or where the
-kernel could not be built (no C compiler), the paths below.
+rows, with no copy, so a quantized step reads a fraction of float32's bytes (one 2048x2048 q8 layer at 1 row: 0.5 ms
+against float32's 0.7 and MLX's 3.2; bench/results/quantized-cpu-kernel.json). From 32-48 rows the float32 copy
+below overtakes it on 1024- and 2048-wide layers. Beyond those rows, or where the kernel could not be built (no C
+compiler), the paths below.
 
 From `MIN_ROWS[bits]` rows, an affine layer's weight is unpacked into float32 (a few vectorized MLX ops) and
 multiplied with the BLAS in one GEMM; fewer rows keep `quantized_matmul`, computed in float32 (MLX's
 bfloat16/float16 CPU kernel is ~10x slower). The float32 copy costs about as much as 1.4-1.7 rows of
 `quantized_matmul` at 8 bits and 2-2.5 rows at 4 bits (bench/results/quantized-cpu-quiet.json). The floating-point
-modes take MLX's dequantize (exact in bfloat16) for their copy, from the same rows.
+modes take MLX's dequantize (exact in bfloat16) for their copy, from the same rows (not measured for them).
 
 MLX runs a stream's operations on one thread, so the unpack of a layer from `TWO_STREAMS_FROM` weights on
 (2M: 1024 x 2816, 2816 x 1024) is split in two halves of its output rows, each on a CPU stream of its own, and

@@ -59,6 +59,14 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(lines)))
 
 
+def _compiler_identity(compiler: str) -> str:
+    path = shutil.which(compiler) or compiler
+    try:
+        return f"{os.path.realpath(path)}:{os.stat(path).st_mtime_ns}"
+    except OSError:
+        return path
+
+
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
@@ -73,7 +81,9 @@ def forwarding_library() -> str | None:
     if source is None or compiler is None:
         return None
     stat = source.stat()
-    key = f"{source}:{stat.st_size}:{stat.st_mtime_ns}:{_defines()}:{SOURCE.read_text()}:{_cpu_signature()}"
+    # the compiler too: a failed build is remembered per compiler, so installing or upgrading one tries again
+    key = (f"{source}:{stat.st_size}:{stat.st_mtime_ns}:{_defines()}:{SOURCE.read_text()}:{_cpu_signature()}:"
+           f"{_compiler_identity(compiler)}")
     tag = hashlib.sha256(key.encode()).hexdigest()[:12]
     target = cache_dir() / f"libopenblas-forward-{tag}.so"
     if target.exists():
@@ -84,7 +94,8 @@ def forwarding_library() -> str | None:
     try:
         return str(_build(source, target, tag, compiler))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("could not build the one-row BLAS forwarding (%s); using the plain OpenBLAS wheel", e)
+        log.warning("could not build the BLAS forwarding (few-row products, the CPU's quantized kernel) (%s); "
+                    "using the plain OpenBLAS wheel", e)
         try:
             failed.write_text(f"{type(e).__name__}: {e}\n")
         except OSError:
