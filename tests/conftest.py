@@ -57,6 +57,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports_from(count: int) -> int:
+    """A port from which `count` consecutive ports are free now (mlx.launch's --starting-port gives rank i the
+    port start + i: a free first port alone let a rank find its own taken)."""
+    for _ in range(100):
+        start = free_port()
+        sockets = []
+        try:
+            for port in range(start, start + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def start_server(*args: str, env: dict | None = None, timeout: float = 120, preexec_fn=None):
     """A real `dtype-serve` process on a free port; returns (process, base URL) once ready.
     `preexec_fn` runs in the child before it starts (e.g. to lower its resource limits)."""

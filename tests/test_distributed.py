@@ -19,7 +19,7 @@ import pytest
 from models.distributed.watchdog import STEP_TIMEOUTS
 from models.testing.synthetic import llama_config, make_llama_checkpoint
 from models.weights.estimate import estimate_variant
-from tests.conftest import BUNDLED, ROOT, free_port
+from tests.conftest import BUNDLED, ROOT, free_port, free_ports_from
 
 LLAMA = "tiny-llama"
 DTYPES = ("float32", "bfloat16")
@@ -192,7 +192,7 @@ def test_dtype_serve_launch_serves_and_stops_cleanly_on_sigterm():
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "launch", "-n", "2", "--backend", "ring",
-         f"--launcher-arg=--starting-port={free_port()}", "--", "--port", str(port), *COMMON],
+         f"--launcher-arg=--starting-port={free_ports_from(4)}", "--", "--port", str(port), *COMMON],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
