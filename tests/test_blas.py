@@ -31,10 +31,11 @@ def test_float32_matmul_matches_numpy(m, k, n):
     np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 16, 17])
 @pytest.mark.parametrize("layout", ["a @ b", "a @ bt.T", "at.T @ b", "at.T @ bt.T"])
 def test_few_row_products_match_numpy_in_every_layout(rows, layout):
-    # one- and two-row products take sgemv under the forwarding library (models/platform/blas_forward.py)
+    # under the forwarding library (models/platform/blas_forward.py) "@ bt.T" up to FEW_ROWS rows is its own
+    # product (blocks of 8 rows, k = 300 not a whole number of vectors); one or two rows otherwise take sgemv
     rng = np.random.default_rng(rows)
     a = rng.standard_normal((rows, 300), dtype=np.float32)
     b = rng.standard_normal((300, 1000), dtype=np.float32)
@@ -54,13 +55,17 @@ def test_few_row_products_with_an_addend_scale_both_terms(rows):
     np.testing.assert_allclose(got, 0.5 * (a @ b) + 2.0 * c, rtol=1e-4, atol=1e-3)
 
 
-def test_a_one_row_product_never_reads_its_output_memory():
+@pytest.mark.parametrize("weight", ["(k, n)", "(n, k) transposed"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_few_row_product_never_reads_its_output_memory(weight, rows):
     # MLX hands BLAS uninitialized (recycled) memory with beta 0: NaNs left there must not leak into the result
+    b = mx.ones((512, 4096)) if weight == "(k, n)" else mx.ones((4096, 512)).T
+    mx.eval(b)
     for _ in range(3):
-        junk = mx.full((1, 4096), float("nan"))
+        junk = mx.full((rows, 4096), float("nan"))
         mx.eval(junk)
         del junk
-        out = mx.ones((1, 512)) @ mx.ones((512, 4096))
+        out = mx.ones((rows, 512)) @ b
         assert mx.all(out == 512).item()
 
 

@@ -1,5 +1,6 @@
-"""Column-major float32 Linear weights on the CPU (models.decode.cpu_layout): applied while loading and deriving,
-only to float32, with mlx-lm's tokens and its logits within float32 rounding."""
+"""float32 Linear weights on the CPU (models.decode.cpu_layout): row-major under the forwarding BLAS, else
+column-major, applied while loading and deriving, only to float32, with mlx-lm's tokens and its logits within
+float32 rounding either way."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
+import models.decode.cpu_layout as cpu_layout
 from models.decode.cpu_layout import laid_out, linear_weight_paths
+from models.platform.quantized_kernel import quantized_kernel
 from models.weights.loader import derive_variant, load_variant
 from tests.conftest import BUNDLED
 
@@ -40,12 +43,26 @@ def test_laid_out_gives_float32_column_major_and_16_bit_row_major(source):
     assert mx.array_equal(half, weight.astype(mx.float16)).item()
 
 
+@pytest.fixture
+def without_forwarding(monkeypatch):
+    """As where the forwarding BLAS is not MLX's (no C compiler, another BLAS): column-major float32 weights."""
+    monkeypatch.setattr(cpu_layout, "quantized_kernel", lambda: None)
+
+
+def test_float32_weights_stay_row_major_exactly_under_the_forwarding_blas():
+    fp32 = load_variant("tiny", BUNDLED, "float32")
+    weights = linear_weights(fp32.model)
+    forwarding = quantized_kernel() is not None  # a C compiler built it here (CI: yes)
+    assert all(row_major(w) if forwarding else column_major(w) for w in weights)
+    assert (linear_weight_paths(fp32.model) == frozenset()) == forwarding
+
+
 def linear_weights(model: nn.Module) -> list[mx.array]:
     """Linear weights, and the embedding: the bundled model's output layer is its embedding (tied)."""
     return [m.weight for _, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)]
 
 
-def test_loaded_and_derived_variants_lay_out_their_linear_weights_by_dtype():
+def test_loaded_and_derived_variants_lay_out_their_linear_weights_by_dtype(without_forwarding):
     fp32 = load_variant("tiny", BUNDLED, "float32")
     weights = linear_weights(fp32.model)
     assert weights and len(weights) == len(linear_weight_paths(fp32.model))
@@ -59,7 +76,7 @@ def test_loaded_and_derived_variants_lay_out_their_linear_weights_by_dtype():
         assert mx.array_equal(a, b).item()
 
 
-def test_an_untied_models_embedding_keeps_its_layout():
+def test_an_untied_models_embedding_keeps_its_layout(without_forwarding):
     from mlx_lm.models import llama
 
     args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=128,
@@ -71,9 +88,13 @@ def test_an_untied_models_embedding_keeps_its_layout():
     assert "model.embed_tokens.weight" in tied
 
 
-def test_a_column_major_model_computes_mlx_lms_tokens_and_logits_within_rounding():
+@pytest.mark.parametrize("layout", ["column-major", "as loaded here"])
+def test_a_model_computes_mlx_lms_tokens_and_logits_within_rounding(layout, monkeypatch):
     # BLAS kernels may sum the two layouts' products in another order (OpenBLAS's AVX-512 ones do:
-    # ~5e-6 on logits of ~14), so equality holds only on some CPUs; a few float32 ulps hold on all.
+    # ~5e-6 on logits of ~14), and the forwarding BLAS's few-row product sums in its own order, so equality
+    # holds only on some CPUs; a few float32 ulps hold on all.
+    if layout == "column-major":
+        monkeypatch.setattr(cpu_layout, "quantized_kernel", lambda: None)
     ours = load_variant("tiny", BUNDLED, "float32")
     theirs, tokenizer = load(str(BUNDLED))
     theirs.set_dtype(mx.float32)

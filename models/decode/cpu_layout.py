@@ -1,4 +1,10 @@
-"""On the CPU, float32 Linear weights are stored column-major (the transpose of the checkpoint's layout).
+"""On the CPU, float32 Linear weights are stored column-major (the transpose of the checkpoint's layout) unless
+the forwarding BLAS multiplies them.
+
+Under the forwarding BLAS (models/platform/blas_forward.py, csrc/blas_forward.c) they keep the checkpoint's
+row-major layout: its few-row product streams each weight row once per 8 rows of a decode step, which beats
+both OpenBLAS kernels on column-major weights (llama-25m's step 1.1x faster at 1 row, 1.2x at 8; weights read
+from memory, not cache: BENCHMARKS.md, "Few-row float32 products"). Without it (no C compiler, another BLAS):
 
 A Linear computes `x @ weight.T`. With the checkpoint's row-major weight, OpenBLAS spends most of a
 decode step's matrix products packing the weight (perf: `sgemm_incopy` took more time than the
@@ -23,11 +29,14 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.platform.quantized_kernel import quantized_kernel
+
 
 def linear_weight_paths(model: nn.Module) -> frozenset[str]:
     """The parameter paths of `model`'s plain Linear weights, and of its embeddings when they are also its
-    output layer, when MLX runs on the CPU (else none)."""
-    if mx.default_device().type != mx.cpu:
+    output layer, when MLX runs on the CPU without the forwarding BLAS (else none)."""
+    # the forwarding library is MLX's BLAS exactly where its quantized product passed its probe
+    if mx.default_device().type != mx.cpu or quantized_kernel() is not None:
         return frozenset()
     modules = model.named_modules()
     tied = not any(name.rsplit(".", 1)[-1] == "lm_head" for name, _ in modules)

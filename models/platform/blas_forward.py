@@ -8,8 +8,10 @@ weight once (two threads; two-row products 1.1-2x faster as two sgemv calls, fou
 decoding: `python -m bench.blas --against <the plain renamed wheel>` (BENCHMARKS.md, "One-row products").
 A small C library (csrc/blas_forward.c), compiled once into the user's cache for this machine's CPU, defines the
 `cblas_sgemm` MLX binds: a product whose alpha is `QUANTIZED_ALPHA` multiplies by a registered quantized weight
-(quantized_kernel.py); up to `MAX_ROWS` rows it calls sgemv per row; otherwise the wheel's own sgemm, renamed in
-a copy of the wheel. Results are the same sums in another order: equal within float32 rounding, not bitwise.
+(quantized_kernel.py); up to `FEW_ROWS` rows times a row-major float32 weight, its own product streams the
+weight once per 8 rows (so float32 weights stay row-major under it: models/decode/cpu_layout.py); other products
+of up to `MAX_ROWS` rows take sgemv per row; the rest the wheel's own sgemm, renamed in a copy of the wheel.
+Results are the same sums in another order: equal within float32 rounding, not bitwise.
 
 Where no C compiler is found (or the build fails, remembered per wheel) the plain renamed wheel is used.
 """
@@ -30,6 +32,10 @@ from models.platform.openblas_wheel import PREFIX, RENAMED, cache_dir, make_rena
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 2
+# up to this many rows times a row-major weight, the library's own float32 product (from 24 rows OpenBLAS's sgemm
+# was faster on llama-25m's shapes); B of at least FEW_MIN_SIZE elements (smaller: attention's products)
+FEW_ROWS = 16
+FEW_MIN_SIZE = 1 << 16
 SGEMM_IMPL = "dtype_serve_wheel_sgemm"  # the wheel's sgemm, under a name MLX does not bind
 
 SOURCE = Path(__file__).with_name("csrc") / "blas_forward.c"
@@ -46,7 +52,7 @@ FALLBACK_FLAGS = (("-O3", "-pthread", "-shared", "-fPIC"),)
 
 def _defines() -> list[str]:
     return [f"-DSGEMM_IMPL={SGEMM_IMPL}", f"-DMAX_ROWS={MAX_ROWS}", f"-DQUANTIZED_ALPHA={QUANTIZED_ALPHA!r}f",
-            f"-DMAX_IN_DIMS={MAX_IN_DIMS}"]
+            f"-DMAX_IN_DIMS={MAX_IN_DIMS}", f"-DFEW_ROWS={FEW_ROWS}", f"-DFEW_MIN_SIZE={FEW_MIN_SIZE}"]
 
 
 def _cpu_signature() -> str:

@@ -2,8 +2,11 @@
  * 1. A product whose alpha is QUANTIZED_ALPHA multiplies by a registered quantized weight, read here from
  *    its packed bytes (models/decode/cpu_quantized.py): B's pointer names the weight, its bytes are never
  *    read as floats.
- * 2. Up to MAX_ROWS rows: one sgemv per row (OpenBLAS's sgemm packs the whole weight first).
- * 3. The rest: the wheel's own sgemm, SGEMM_IMPL. */
+ * 2. Up to FEW_ROWS rows times a row-major weight (B transposed, at least FEW_MIN_SIZE elements), alpha 1 and
+ *    beta 0: a product of our own that streams the weight once per block of rows (OpenBLAS's sgemm packs all
+ *    of it first, and its sgemv reads it once per row).
+ * 3. Other products up to MAX_ROWS rows: one sgemv per row.
+ * 4. The rest: the wheel's own sgemm, SGEMM_IMPL. */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -102,7 +105,25 @@ typedef int32_t vi __attribute__((vector_size(64)));
 
 static inline vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline vb load_b(const uint8_t *p) { vb v; memcpy(&v, p, sizeof v); return v; }
+/* every lane v ((vf){0} + v would add 0.0 in a scalar register first: a sign rule of -0.0) */
+static inline vf splat(float v) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_set1_ps(v);
+#elif defined(__AVX2__)
+    __m256 half = _mm256_set1_ps(v), halves[2] = {half, half};
+    vf r;
+    memcpy(&r, halves, sizeof r);
+    return r;
+#else
+    vf r;
+    for (int i = 0; i < 16; i++) r[i] = v;
+    return r;
+#endif
+}
 static inline float sum_lanes(vf v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#endif
     float s = 0.0f;
     for (int i = 0; i < 16; i++) s += v[i];
     return s;
@@ -163,7 +184,7 @@ static inline vf e4m3(vi b) {
         for (int m = 0; m < ROWS; m++) { acc[m] = (vf){0}; bias_acc[m] = 0.0f; }                                \
         size_t j = 0;                                                                                           \
         for (int g = 0; g < groups; g += SPLIT ? 2 : 1) {                                                       \
-            vf s = (vf){0} + scales[g];                                                                         \
+            vf s = splat(scales[g]);                                                                         \
             if (SPLIT)                                                                                          \
                 for (int l = 8; l < 16; l++) s[l] = scales[g + 1];                                              \
             for (size_t end = SPLIT ? j + 16 * PLANES : (size_t)(g + 1) * group; j < end;                       \
@@ -271,14 +292,21 @@ static void fill_nan(int m, int n, float *c, int ldc) {
  * only for chunks that helpers took and have not finished. A helper that is not running (another process's or
  * OpenBLAS's spinning thread has its core) is never waited for, so a busy machine costs parallelism, not stalls. */
 typedef struct {
+    void (*run)(const void *ctx, int chunk);
+    const void *ctx;
+    int chunks;
+} job_t;
+
+typedef struct {
     const qweight *w;
-    int m, groups, chunk, chunks;
+    int m, groups, chunk;
     const float *xp, *xsum;
     float *c;
     int ldc;
-} job_t;
+} quantized_job;
 
-static void run_chunk(const job_t *job, int chunk) {
+static void run_quantized_chunk(const void *ctx, int chunk) {
+    const quantized_job *job = ctx;
     const qweight *w = job->w;
     float scales[MAX_IN_DIMS / 16], biases[MAX_IN_DIMS / 16];
     const dot_fn *dots = DOTS[format_of(w)];
@@ -341,7 +369,7 @@ static void *helper(void *arg) {
         if (index >= helpers_wanted) continue;
         job_t job = current; /* published before the generation (release), read after it (acquire) */
         for (int chunk; (chunk = take(generation, job.chunks)) >= 0;) {
-            run_chunk(&job, chunk);
+            job.run(job.ctx, chunk);
             atomic_fetch_add(&finished, 1);
         }
     }
@@ -350,7 +378,7 @@ static void *helper(void *arg) {
 
 static void run_job(job_t *job, int threads) {
     if (threads <= 1 || pthread_mutex_trylock(&pool_lock) != 0) { /* alone, or the helpers are busy */
-        for (int chunk = 0; chunk < job->chunks; chunk++) run_chunk(job, chunk);
+        for (int chunk = 0; chunk < job->chunks; chunk++) job->run(job->ctx, chunk);
         return;
     }
     int wanted = threads - 1 < MAX_HELPERS ? threads - 1 : MAX_HELPERS;
@@ -373,7 +401,7 @@ static void run_job(job_t *job, int threads) {
     pthread_cond_broadcast(&wake);
     pthread_mutex_unlock(&sleep_lock);
     int mine = 0;
-    for (int chunk; (chunk = take(generation, job->chunks)) >= 0; mine++) run_chunk(job, chunk);
+    for (int chunk; (chunk = take(generation, job->chunks)) >= 0; mine++) job->run(job->ctx, chunk);
     while (atomic_load(&finished) < job->chunks - mine) {
 #if defined(__x86_64__)
         __builtin_ia32_pause();
@@ -412,9 +440,93 @@ static void quantized_product(int trans_a, int trans_b, int m, int n, int k, con
     if ((size_t)n * k * w.bits / 8 * m < (1u << 18)) threads = 1; /* a tiny product is not worth sharing */
     int chunk = n / (threads * 8 > 0 ? threads * 8 : 1); /* several chunks a thread: the fast ones take more */
     chunk = chunk < 16 ? 16 : chunk;
-    job_t job = {&w, m, groups, chunk, (n + chunk - 1) / chunk, xp, xsum, c, ldc};
+    quantized_job ctx = {&w, m, groups, chunk, xp, xsum, c, ldc};
+    job_t job = {run_quantized_chunk, &ctx, (n + chunk - 1) / chunk};
     run_job(&job, threads);
     free(xp);
+}
+
+
+/* ---- few rows times a float32 weight ----
+ * C (m x n) = op(A) @ B.T for B an n x k row-major weight (TRANS: MLX's x @ w.T with w as stored). Each output
+ * column is one contiguous row of B, read from memory once per ROW_BLOCK rows of A and streamed in order; OpenBLAS's
+ * sgemm packs all of B first, and sgemv reads it once per row. */
+#define DEFINE_DOT_FLOAT(ROWS)                                                                                 \
+    static void dot_float_##ROWS(const float *a, size_t lda, const float *b, int k, float *c, size_t ldc) {  \
+        vf acc[ROWS];                                                                                         \
+        for (int r = 0; r < ROWS; r++) acc[r] = (vf){0};                                                      \
+        int j = 0;                                                                                            \
+        for (; j + 16 <= k; j += 16) {                                                                        \
+            vf w = load_f(b + j);                                                                             \
+            for (int r = 0; r < ROWS; r++) acc[r] += w * load_f(a + r * lda + j);                             \
+        }                                                                                                     \
+        for (int r = 0; r < ROWS; r++) {                                                                      \
+            float s = sum_lanes(acc[r]);                                                                      \
+            for (int t = j; t < k; t++) s += b[t] * a[r * lda + t];                                           \
+            c[r * ldc] = s;                                                                                   \
+        }                                                                                                     \
+    }
+/* one row: four accumulators, so that the additions of one column do not wait on each other */
+static void dot_float_1(const float *a, size_t lda, const float *b, int k, float *c, size_t ldc) {
+    (void)lda, (void)ldc;
+    vf acc[4] = {{0}, {0}, {0}, {0}};
+    int j = 0;
+    for (; j + 64 <= k; j += 64)
+        for (int u = 0; u < 4; u++) acc[u] += load_f(b + j + 16 * u) * load_f(a + j + 16 * u);
+    for (; j + 16 <= k; j += 16) acc[0] += load_f(b + j) * load_f(a + j);
+    float s = sum_lanes((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (int t = j; t < k; t++) s += b[t] * a[t];
+    c[0] = s;
+}
+DEFINE_DOT_FLOAT(2) DEFINE_DOT_FLOAT(3) DEFINE_DOT_FLOAT(4)
+DEFINE_DOT_FLOAT(5) DEFINE_DOT_FLOAT(6) DEFINE_DOT_FLOAT(7) DEFINE_DOT_FLOAT(8)
+typedef void (*dot_float_fn)(const float *, size_t, const float *, int, float *, size_t);
+static const dot_float_fn DOTS_FLOAT[8] = {dot_float_1, dot_float_2, dot_float_3, dot_float_4,
+                                           dot_float_5, dot_float_6, dot_float_7, dot_float_8};
+
+#define CHUNKS 8 /* chunks of columns a thread: the fast ones take more */
+typedef struct {
+    int m, n, k, chunk;
+    const float *a; /* m rows of k floats, lda apart */
+    size_t lda;
+    const float *b;
+    size_t ldb;
+    float *c;
+    size_t ldc;
+} float_job;
+
+static void run_float_chunk(const void *ctx, int chunk) {
+    const float_job *job = ctx;
+    int start = chunk * job->chunk, end = start + job->chunk < job->n ? start + job->chunk : job->n;
+    for (int col = start; col < end; col++)
+        for (int i = 0; i < job->m; i += ROW_BLOCK) {
+            int rows = job->m - i < ROW_BLOCK ? job->m - i : ROW_BLOCK;
+            DOTS_FLOAT[rows - 1](job->a + (size_t)i * job->lda, job->lda, job->b + (size_t)col * job->ldb, job->k,
+                                 job->c + (size_t)i * job->ldc + col, job->ldc);
+        }
+}
+
+/* C = op(A) @ B.T (alpha 1, beta 0); 0 where it could not allocate (the caller falls back) */
+static int few_row_product(int trans_a, int m, int n, int k, const float *a, int lda, const float *b, int ldb,
+                           float *c, int ldc) {
+    float *rows = NULL;
+    size_t row_step = (size_t)lda;
+    if (trans_a != NO_TRANS) { /* A is k x m: gather its columns into rows */
+        if (!(rows = malloc(sizeof(float) * (size_t)m * k))) return 0;
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < k; j++) rows[(size_t)i * k + j] = a[(size_t)j * lda + i];
+        a = rows;
+        row_step = (size_t)k;
+    }
+    int threads = openblas_get_num_threads();
+    if ((size_t)n * k < (1u << 18)) threads = 1; /* a product under 1 MB is not worth sharing */
+    int chunk = (n + threads * CHUNKS - 1) / (threads * CHUNKS);
+    chunk = chunk < 16 ? 16 : chunk;
+    float_job ctx = {m, n, k, chunk, a, row_step, b, (size_t)ldb, c, (size_t)ldc};
+    job_t job = {run_float_chunk, &ctx, (n + chunk - 1) / chunk};
+    run_job(&job, threads);
+    free(rows);
+    return 1;
 }
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
@@ -423,6 +535,9 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         quantized_product(trans_a, trans_b, m, n, k, a, lda, b, c, ldc);
         return;
     }
+    if (order == ROW_MAJOR && trans_b == TRANS && m >= 1 && m <= FEW_ROWS && alpha == 1.0f && beta == 0.0f
+        && (size_t)n * k >= FEW_MIN_SIZE && few_row_product(trans_a, m, n, k, a, lda, b, ldb, c, ldc))
+        return;
     if (order != ROW_MAJOR || m < 1 || m > MAX_ROWS || n < 1 || k < 1) {
         SGEMM_IMPL(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
