@@ -3,8 +3,8 @@ the forwarding BLAS multiplies them.
 
 Under the forwarding BLAS (models/platform/blas_forward.py, csrc/blas_forward.c) they keep the checkpoint's
 row-major layout: its few-row product streams each weight row once per 8 rows of a decode step, which beats
-both OpenBLAS kernels on column-major weights (llama-25m's step 1.1x faster at 1 row, 1.2x at 8; weights read
-from memory, not cache: BENCHMARKS.md, "Few-row float32 products"). Without it (no C compiler, another BLAS):
+OpenBLAS's sgemm on column-major weights from 2 rows (llama-25m's step 1.14-1.26x faster at 8 rows, 0.87-1.01x
+at 1: BENCHMARKS.md, "Few-row float32 products"). Without it (no C compiler, another BLAS):
 
 A Linear computes `x @ weight.T`. With the checkpoint's row-major weight, OpenBLAS spends most of a
 decode step's matrix products packing the weight (perf: `sgemm_incopy` took more time than the

@@ -123,10 +123,11 @@ static inline vf splat(float v) {
 static inline float sum_lanes(vf v) {
 #if defined(__AVX512F__)
     return _mm512_reduce_add_ps((__m512)v);
-#endif
+#else
     float s = 0.0f;
     for (int i = 0; i < 16; i++) s += v[i];
     return s;
+#endif
 }
 
 /* 16 bytes to 16 int32 lanes (GCC's generic widening goes through scalar registers) */
@@ -184,7 +185,7 @@ static inline vf e4m3(vi b) {
         for (int m = 0; m < ROWS; m++) { acc[m] = (vf){0}; bias_acc[m] = 0.0f; }                                \
         size_t j = 0;                                                                                           \
         for (int g = 0; g < groups; g += SPLIT ? 2 : 1) {                                                       \
-            vf s = splat(scales[g]);                                                                         \
+            vf s = splat(scales[g]);                                                                            \
             if (SPLIT)                                                                                          \
                 for (int l = 8; l < 16; l++) s[l] = scales[g + 1];                                              \
             for (size_t end = SPLIT ? j + 16 * PLANES : (size_t)(g + 1) * group; j < end;                       \
@@ -445,7 +446,6 @@ static void quantized_product(int trans_a, int trans_b, int m, int n, int k, con
     run_job(&job, threads);
     free(xp);
 }
-
 
 /* ---- few rows times a float32 weight ----
  * C (m x n) = op(A) @ B.T for B an n x k row-major weight (TRANS: MLX's x @ w.T with w as stored). Each output
