@@ -3,7 +3,7 @@ the forwarding BLAS multiplies them.
 
 Under the forwarding BLAS (models/platform/blas_forward.py, csrc/blas_forward.c) they keep the checkpoint's
 row-major layout: its few-row product streams each weight row once per 8 rows of a decode step, which beats
-OpenBLAS's sgemm on column-major weights from 2 rows (llama-25m's step 1.14-1.26x faster at 8 rows, 0.87-1.01x
+OpenBLAS's sgemm on column-major weights from 2 rows (llama-25m's step 1.6-1.85x faster at 8 rows, 0.94-0.98x
 at 1: BENCHMARKS.md, "Few-row float32 products"). Without it (no C compiler, another BLAS):
 
 A Linear computes `x @ weight.T`. With the checkpoint's row-major weight, OpenBLAS spends most of a
