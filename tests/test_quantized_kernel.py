@@ -176,6 +176,12 @@ for bits, group_size in ((8, 64), (4, 32), (2, 64)):
         expected = mx.quantized_matmul(x, packed, scales.astype(mx.float32), biases.astype(mx.float32),
                                        transpose=True, group_size=group_size, bits=bits)
         assert mx.allclose(weight.matmul(x), expected, rtol=1e-5, atol=1e-4).item(), (bits, rows)
+import numpy as np  # the few-row float32 product, against float64 sums: rows past the vector paths' row blocks
+w = np.random.default_rng(0).standard_normal((1003, 300), dtype=np.float32)
+for rows in (1, 3, 5, 9, 16):
+    x = np.random.default_rng(rows).standard_normal((rows, 300), dtype=np.float32)
+    got = np.array(mx.array(x) @ mx.array(w).T)
+    assert np.allclose(got, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3), ("float", rows)
 print("products agree")
 """
 
