@@ -429,6 +429,18 @@ static void run_job(job_t *job, int threads) {
     pthread_mutex_unlock(&pool_lock);
 }
 
+/* How a product of n output columns is shared: its threads (one where it is too small to wake helpers for) and
+ * its chunk of columns, a whole number of `align` columns, several chunks a thread so that the fast ones take more. */
+static int product_threads(int worth_sharing) {
+    int threads = worth_sharing ? openblas_get_num_threads() : 1;
+    return threads < 1 ? 1 : threads;
+}
+static int column_chunk(int n, int threads, int align) {
+    int chunk = (n + threads * 8 - 1) / (threads * 8);
+    chunk = chunk < 16 ? 16 : chunk;
+    return (chunk + align - 1) / align * align;
+}
+
 /* C (m x n) = op(A) (m x k) @ dequantize(w).T, w being out_dims x in_dims = n x k; B only names w. */
 static void quantized_product(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda,
                               const void *b, float *c, int ldc) {
@@ -455,10 +467,7 @@ static void quantized_product(int trans_a, int trans_b, int m, int n, int k, con
             xsum[(size_t)i * groups + g] = s;
         }
     }
-    int threads = openblas_get_num_threads();
-    if ((size_t)n * k * w.bits / 8 * m < (1u << 18)) threads = 1; /* a tiny product is not worth sharing */
-    int chunk = n / (threads * 8 > 0 ? threads * 8 : 1); /* several chunks a thread: the fast ones take more */
-    chunk = chunk < 16 ? 16 : chunk;
+    int threads = product_threads((size_t)n * k * w.bits / 8 * m >= (1u << 18)), chunk = column_chunk(n, threads, 1);
     quantized_job ctx = {&w, m, groups, chunk, xp, xsum, c, ldc};
     job_t job = {run_quantized_chunk, &ctx, (n + chunk - 1) / chunk};
     run_job(&job, threads);
@@ -471,7 +480,6 @@ static void quantized_product(int trans_a, int trans_b, int m, int n, int k, con
  * side by side (more reads in flight), each prefetched PREFETCH_AHEAD floats ahead (8 rows: 1.5x faster with it
  * on llama-25m's weights read from memory). OpenBLAS's sgemm packs all of B first; sgemv reads it once per row. */
 #define PREFETCH_AHEAD 512
-#define CHUNKS 8 /* chunks of columns a thread: the fast ones take more */
 #define DEFINE_DOT_FLOAT(ROWS, COLS)                                                                           \
     static void dot_float_##ROWS##_##COLS(const float *a, size_t lda, const float *b, size_t ldb, int k,      \
                                           float *c, size_t ldc) {                                              \
@@ -497,15 +505,19 @@ static void quantized_product(int trans_a, int trans_b, int m, int n, int k, con
                 c[r * ldc + q] = s;                                                                           \
             }                                                                                                 \
     }
+#define DEFINE_DOTS_FLOAT_TO_4(COLS)                                                                           \
+    DEFINE_DOT_FLOAT(1, COLS) DEFINE_DOT_FLOAT(2, COLS) DEFINE_DOT_FLOAT(3, COLS) DEFINE_DOT_FLOAT(4, COLS)
 #define DEFINE_DOTS_FLOAT(COLS)                                                                                \
-    DEFINE_DOT_FLOAT(1, COLS) DEFINE_DOT_FLOAT(2, COLS) DEFINE_DOT_FLOAT(3, COLS) DEFINE_DOT_FLOAT(4, COLS)    \
-    DEFINE_DOT_FLOAT(5, COLS) DEFINE_DOT_FLOAT(6, COLS) DEFINE_DOT_FLOAT(7, COLS) DEFINE_DOT_FLOAT(8, COLS)
-DEFINE_DOTS_FLOAT(1) DEFINE_DOTS_FLOAT(2) DEFINE_DOTS_FLOAT(4)
+    DEFINE_DOTS_FLOAT_TO_4(COLS) DEFINE_DOT_FLOAT(5, COLS) DEFINE_DOT_FLOAT(6, COLS) DEFINE_DOT_FLOAT(7, COLS) \
+    DEFINE_DOT_FLOAT(8, COLS)
+DEFINE_DOTS_FLOAT(1) DEFINE_DOTS_FLOAT(2) DEFINE_DOTS_FLOAT_TO_4(4)
 typedef void (*dot_float_fn)(const float *, size_t, const float *, size_t, int, float *, size_t);
-#define DOT_FLOAT_ROW(COLS) {dot_float_1_##COLS, dot_float_2_##COLS, dot_float_3_##COLS, dot_float_4_##COLS,          \
-                             dot_float_5_##COLS, dot_float_6_##COLS, dot_float_7_##COLS, dot_float_8_##COLS}
+#define DOT_FLOAT_TO_4(COLS) dot_float_1_##COLS, dot_float_2_##COLS, dot_float_3_##COLS, dot_float_4_##COLS
 /* by columns at once (1, 2, 4), then rows; 4 columns need 4 accumulators a row: up to 4 rows (32 registers) */
-static const dot_float_fn DOTS_FLOAT[3][8] = {DOT_FLOAT_ROW(1), DOT_FLOAT_ROW(2), DOT_FLOAT_ROW(4)};
+static const dot_float_fn DOTS_FLOAT[3][8] = {
+    {DOT_FLOAT_TO_4(1), dot_float_5_1, dot_float_6_1, dot_float_7_1, dot_float_8_1},
+    {DOT_FLOAT_TO_4(2), dot_float_5_2, dot_float_6_2, dot_float_7_2, dot_float_8_2},
+    {DOT_FLOAT_TO_4(4)}};
 
 typedef struct {
     int m, n, k, chunk;
@@ -544,10 +556,8 @@ static int few_row_product(int trans_a, int m, int n, int k, const float *a, int
         a = rows;
         row_step = (size_t)k;
     }
-    int threads = openblas_get_num_threads();
-    if ((size_t)n * k < (1u << 18)) threads = 1; /* a product under 1 MB is not worth sharing */
-    int chunk = (n + threads * CHUNKS - 1) / (threads * CHUNKS);
-    chunk = chunk < 16 ? 16 : (chunk + 3) / 4 * 4; /* whole groups of 4 columns */
+    /* from a weight of 1 MB; groups of 4 columns, the widest a few rows take at once */
+    int threads = product_threads((size_t)n * k >= (1u << 18)), chunk = column_chunk(n, threads, 4);
     float_job ctx = {m, n, k, chunk, a, row_step, b, (size_t)ldb, c, (size_t)ldc};
     job_t job = {run_float_chunk, &ctx, (n + chunk - 1) / chunk};
     run_job(&job, threads);
