@@ -211,18 +211,24 @@ def test_a_rank_that_dies_turns_rank_0_unhealthy_and_fails_its_requests(servers)
     """Last: it ends the group."""
     base, procs, _ = servers
     assert httpx.get(f"{base}/health").status_code == 200
-    outcome: dict = {}
+    outcome: dict = {"events": []}
+    decoding = threading.Event()
 
     def long_request() -> None:
+        body = {"prompt": "1+1=", "max_tokens": 200, "ignore_eos": True, "stream": True}
         try:
-            outcome["response"] = httpx.post(f"{base}/generate", timeout=60, json={
-                "prompt": "1+1=", "max_tokens": 200, "ignore_eos": True})
+            with httpx.stream("POST", f"{base}/generate", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith(("event: ", "data: ")):
+                        outcome["events"].append(line)
+                        decoding.set()
         except httpx.HTTPError as e:  # a stream cut short is a clean failure too
             outcome["error"] = e
+        decoding.set()
 
     request = threading.Thread(target=long_request)
     request.start()
-    time.sleep(0.5)
+    assert decoding.wait(30)  # killed while it decodes (200 tokens of this model take well under a second)
     os.killpg(procs[1].pid, signal.SIGKILL)
     killed_at = time.monotonic()
     # within the watchdog's bound (docs/distributed.md): a command's wait of 3 s, or, when the kill lands inside
@@ -235,8 +241,10 @@ def test_a_rank_that_dies_turns_rank_0_unhealthy_and_fails_its_requests(servers)
     assert health["status"] == "failed" and "distributed group lost" in health["error"]
     request.join(timeout=15)
     assert not request.is_alive(), "the in-flight request hangs"
-    response = outcome.get("response")
-    assert response is None or response.status_code == 503 or response.json()["usage"]["completion_tokens"] < 200
+    # the stream ends with an error event, or is cut: it never finishes its 200 tokens as if all were well
+    events = outcome["events"]
+    assert "error" in outcome or "event: error" in events, events[-3:]
+    assert not any('"finish_reason"' in line for line in events)
     assert httpx.post(f"{base}/generate", json={"prompt": "1+1=", "max_tokens": 2}, timeout=10).status_code == 503
 
 

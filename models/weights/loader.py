@@ -26,6 +26,7 @@ from models.decode.cpu_layout import laid_out, linear_weight_paths
 from models.decode.cpu_quantized import batch_quantized_on_cpu
 from models.decode.gpu_quantized import prefill_quantized_on_gpu
 from models.errors import EngineError, ModelLoadError
+from models.mlx_lm_ext.lean_llama import lean_decode_on_cpu
 from models.weights.checkpoint import VariantSpec, checkpoint_tensors, read_config, stored_floating_dtype, variant_spec
 from models.weights.dtypes import AUTO, Quantization, dtype_name, mx_dtype, will_cast
 from models.weights.memory import bytes_by_dtype, bytes_by_role, parameter_count
@@ -128,6 +129,14 @@ def context_length(config: dict) -> int:
     return 4096
 
 
+def _specialize_for_device(model: nn.Module) -> None:
+    """Give the converted model's modules their faster twins for this device (same parameters)."""
+    fuse_for_cpu(model)
+    lean_decode_on_cpu(model)
+    batch_quantized_on_cpu(model)
+    prefill_quantized_on_gpu(model)
+
+
 def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = False,
                  progress: Progress | None = None, shard_group: Any = None) -> LoadedModel:
     """Load `folder` at precision `dtype` (a canonical name): floating parameters cast and the
@@ -145,9 +154,7 @@ def load_variant(name: str, folder: Path, dtype: str, trust_remote_code: bool = 
         model, config = mlx_lm_load_model(folder, lazy=True, trust_remote_code=trust_remote_code)
     with _loading(name, f"{folder.name}/model*.safetensors"):
         largest, config = _convert(model, config, spec, progress or log_progress(name, spec.key), shard_group)
-        fuse_for_cpu(model)
-        batch_quantized_on_cpu(model)
-        prefill_quantized_on_gpu(model)
+        _specialize_for_device(model)
     with _loading(name, f"{folder.name}'s tokenizer files (tokenizer.json, tokenizer_config.json)"):
         tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
     stats = _load_stats(model, base, start, largest, source="checkpoint")
@@ -237,9 +244,7 @@ def derive_variant(source: LoadedModel, dtype: str, trust_remote_code: bool = Fa
     model, config = mlx_lm_load_model(source.path, lazy=True, trust_remote_code=trust_remote_code)
     model.update(source.model.parameters())
     largest, config = _convert(model, config, spec, progress or log_progress(source.name, spec.key))
-    fuse_for_cpu(model)
-    batch_quantized_on_cpu(model)
-    prefill_quantized_on_gpu(model)
+    _specialize_for_device(model)
     stats = _load_stats(model, base, start, largest, source=source.dtype)
     return LoadedModel(source.name, source.path, spec.key, model, source.tokenizer, config, stats,
                        source.context_length, spec.float_dtype, spec.quantization)

@@ -1,0 +1,182 @@
+"""On the CPU, mlx-lm's llama decode step (one token a row) built from half as many MLX graph nodes.
+
+Each node of a step costs MLX's CPU stream microseconds beyond its arithmetic: the host thread
+allocates and dispatches it, and every 10 dispatches the two threads hand work to each other (waking a
+sleeping one is a system call). In llama-25m's float32 step at one row (641 nodes) one more node of
+trivial arithmetic costs about 8 us (BENCHMARKS.md, "Fewer nodes in a decode step").
+
+The step computes what mlx-lm's llama computes, in the same order, with fewer nodes: activations stay
+(rows, hidden), so no Linear flattens and unflattens its input; a plain Linear multiplies by a transpose
+of its weight made once (a view); heads are one reshape; RoPE's cosines and sines are computed once a
+step for all layers (by MLX's RoPE itself, so they are its values) and applied by one fused kernel per
+projection. Prompts (more than one token a row), calls without a cache, sliding-window models and other
+RoPE kinds run mlx-lm's code. The modules' parameters are untouched; only the model's class changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+
+from models.decode.cpu_fusion import FusedRMSNorm, FusedRoPE, compiles_on_cpu, fused_rms_norm
+from models.decode.module_swap import swap_classes
+
+_PLAIN_ROPES = (nn.RoPE, FusedRoPE)
+
+
+def _rotate(x: mx.array, swapped: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.array:
+    return x * cos + swapped * signed_sin
+
+
+_fused_rotate = mx.compile(_rotate)
+
+
+def _tables(unit: mx.array, offset: mx.array, sign: mx.array, dims: int, traditional: bool, base: float | None,
+            scale: float) -> tuple[mx.array, mx.array]:
+    # MLX's RoPE of (1, 0) pairs is (cos, sin): its own values, whatever its formula
+    table = mx.fast.rope(mx.broadcast_to(unit, (offset.size, 1, 1, dims)), dims, traditional=traditional, base=base,
+                         scale=scale, offset=offset)
+    half = dims // 2
+    table = table.reshape((offset.size, 1, half, 2) if traditional else (offset.size, 1, 2, half))
+    cos, sin = (table[..., :1], table[..., 1:]) if traditional else (table[..., :1, :], table[..., 1:, :])
+    return cos, sin * sign
+
+
+_fused_tables = mx.compile(_tables)
+_units: dict[tuple, tuple[mx.array, mx.array]] = {}
+
+
+class RopeTables:
+    """One step's RoPE as a multiply-add: for a head viewed as (.., 2, dims/2) (pairs across halves) or
+    (.., dims/2, 2) (traditional: adjacent pairs), out = x * cos + swap(x) * (-sin, sin), which is
+    mx.fast.rope's (x1 cos - x2 sin, x1 sin + x2 cos). Computed once for all layers of a step."""
+
+    def __init__(self, rope: nn.RoPE, offset: int | mx.array, dtype: mx.Dtype) -> None:
+        self.dims, self.traditional = rope.dims, rope.traditional
+        key = (rope.dims, rope.traditional, dtype)
+        if key not in _units:
+            half = rope.dims // 2
+            pair = mx.array([1.0, 0.0], dtype=dtype)
+            signs = mx.array([-1.0, 1.0], dtype=dtype)
+            if rope.traditional:
+                _units[key] = mx.tile(pair, half).reshape(1, 1, 1, rope.dims), signs
+            else:
+                _units[key] = mx.repeat(pair, half).reshape(1, 1, 1, rope.dims), signs[:, None]
+        unit, sign = _units[key]
+        offset = offset if isinstance(offset, mx.array) else mx.array(offset, mx.int32)
+        self.cos, self.signed_sin = _fused_tables(unit, offset.reshape(-1), sign, rope.dims, rope.traditional,
+                                                  rope.base, rope.scale)
+
+    def apply(self, x: mx.array, heads: int) -> mx.array:
+        """`x`: (rows, heads * dims) projections -> (rows, heads, 1, dims) rotated heads."""
+        rows, half = x.shape[0], self.dims // 2
+        x = x.reshape((rows, heads, half, 2) if self.traditional else (rows, heads, 2, half))
+        swapped = x[..., ::-1] if self.traditional else x[..., ::-1, :]
+        return _fused_rotate(x, swapped, self.cos, self.signed_sin).reshape(rows, heads, 1, self.dims)
+
+
+class _Transposed:
+    """A weight's transpose, kept off the module's parameters: a view of the same memory."""
+
+    def __init__(self, weight: mx.array) -> None:
+        self.weight, self.value = weight, weight.T
+
+
+def _transposed(module: nn.Module) -> mx.array:
+    weight = module["weight"]
+    held = module.__dict__.get("_lean_transposed")
+    if held is None or held.weight is not weight:  # the weight was replaced (an update, a load)
+        held = _Transposed(weight)
+        object.__setattr__(module, "_lean_transposed", held)
+    return held.value
+
+
+def _linear(module: nn.Module, x: mx.array) -> mx.array:
+    """`module(x)`; a plain Linear without a node for its weight's transpose (evaluated with the first step)."""
+    if type(module) is nn.Linear and "bias" not in module:
+        return x @ _transposed(module)
+    return module(x)
+
+
+def _norm(module: nn.Module, x: mx.array) -> mx.array:
+    if isinstance(module, FusedRMSNorm):
+        return fused_rms_norm(x, module["weight"], module.eps)
+    return module(x)
+
+
+def _mlp(mlp: Any, x: mx.array) -> mx.array:
+    if type(mlp) is not llama.MLP:
+        return mlp(x)
+    return _linear(mlp.down_proj, swiglu(_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)))
+
+
+def _layer(layer: Any, h: mx.array, mask: Any, cache: Any, tables: RopeTables | None) -> mx.array:
+    attn = layer.self_attn
+    rows = h.shape[0]
+    x = _norm(layer.input_layernorm, h)
+    q, k, v = _linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)
+    v = v.reshape(rows, attn.n_kv_heads, 1, -1)
+    if tables is not None:
+        q, k = tables.apply(q, attn.n_heads), tables.apply(k, attn.n_kv_heads)
+    else:
+        q = attn.rope(q.reshape(rows, attn.n_heads, 1, -1), offset=cache.offset)
+        k = attn.rope(k.reshape(rows, attn.n_kv_heads, 1, -1), offset=cache.offset)
+    keys, values = cache.update_and_fetch(k, v)
+    out = scaled_dot_product_attention(q, keys, values, cache=cache, scale=attn.scale, mask=mask)
+    h = h + _linear(attn.o_proj, out.reshape(rows, -1))
+    return h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h))
+
+
+class LeanLlama(llama.Model):
+    """mlx-lm's llama Model whose one-token steps with a KV cache run in fewer graph nodes."""
+
+    def __call__(self, inputs: mx.array, cache: Any = None, input_embeddings: mx.array | None = None) -> mx.array:
+        inner = self.model
+        if cache is None or input_embeddings is not None or inputs.ndim != 2 or inputs.shape[1] != 1 \
+                or inner.swa_idx is not None:
+            return super().__call__(inputs, cache, input_embeddings)
+        rows = inputs.shape[0]
+        h = inner.embed_tokens(inputs.reshape(rows))
+        mask = create_attention_mask(inputs, cache[inner.fa_idx])
+        rope = inner.layers[0].self_attn.rope
+        tables = RopeTables(rope, cache[0].offset, h.dtype) if type(rope) in _PLAIN_ROPES and all(
+            type(layer.self_attn.rope) is type(rope) and layer.self_attn.rope.dims == layer.self_attn.head_dim
+            for layer in inner.layers) else None
+        for layer, layer_cache in zip(inner.layers, cache, strict=True):
+            h = _layer(layer, h, mask, layer_cache, tables)
+        h = _norm(inner.norm, h)
+        embed = inner.embed_tokens
+        if not self.args.tie_word_embeddings:
+            out = _linear(self.lm_head, h)
+        elif type(embed) is nn.Embedding:
+            out = h @ _transposed(embed)
+        else:
+            out = embed.as_linear(h)
+        return out.reshape(rows, 1, -1)
+
+
+_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "head_dim", "scale")
+
+
+def _has_llama_structure(model: Any) -> bool:
+    """The instance attributes the lean step reads (mlx-lm 0.32's llama), on every layer."""
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, name) for name in ("layers", "embed_tokens", "norm", "fa_idx", "swa_idx")):
+        return False
+    return all(all(hasattr(layer, part) for part in _LAYER_PARTS)
+               and all(hasattr(layer.self_attn, part) for part in _ATTENTION_PARTS) for layer in inner.layers)
+
+
+def lean_decode_on_cpu(model: Any) -> bool:
+    """Give a llama model (mlx-lm's llama.Model, exactly) the lean decode step when MLX runs on the CPU and
+    compiles fused kernels there; returns whether it did."""
+    if mx.default_device().type != mx.cpu or type(model) is not llama.Model or not compiles_on_cpu() \
+            or not _has_llama_structure(model):
+        return False
+    return swap_classes(model, {llama.Model: LeanLlama}) == 1
