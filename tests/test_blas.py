@@ -22,6 +22,19 @@ def test_the_optimized_blas_on_this_machine_is_in_use():
         assert info.library == "reference" and "no optimized BLAS" in info.note
 
 
+@pytest.mark.skipif(sys.platform == "darwin" or _find_optimized() is None, reason="OpenBLAS is loaded on Linux only")
+@pytest.mark.parametrize("given,expected", [(None, "18"), ("24", "24")])
+def test_openblas_threads_stop_spinning_soon_after_a_product_unless_the_operator_says(given, expected):
+    # OpenBLAS reads it once, when it is loaded: configure_blas sets it before (a process of its own)
+    probe = ("import os; from models.platform.blas import configure_blas; configure_blas(); "
+             "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, env=env).stdout
+    assert out.strip() == expected
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (64, 1024, 2048), (7, 333, 129)])
 def test_float32_matmul_matches_numpy(m, k, n):
     rng = np.random.default_rng(0)

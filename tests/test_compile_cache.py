@@ -17,7 +17,7 @@ import mlx.core as mx
 import pytest
 
 import models.platform.compile_cache as compile_cache
-from models.platform.compile_cache import is_complete_library, kernel_folders, sweep
+from models.platform.compile_cache import instruction_set, is_complete_library, kernel_folders, sweep
 from tests.conftest import ROOT, start_server, stop_server
 
 pytestmark = pytest.mark.skipif(mx.default_device().type != mx.cpu or shutil.which("g++") is None,
@@ -42,6 +42,11 @@ def probe(cache: Path, mode: str = "plain") -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def kernels_root(cache: Path) -> Path:
+    """Where MLX compiles under a DTYPE_SERVE_CACHE: a folder per instruction set."""
+    return cache / "mlx-compile" / instruction_set()[0]
+
+
 def libraries(root: Path) -> list[Path]:
     return sorted(p for folder in kernel_folders(root) for p in folder.glob("*.so"))
 
@@ -59,12 +64,12 @@ def populated(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("cache")
     result = probe(cache)
     assert result.stdout.split() == ["True", "fused"], result.stderr
-    assert libraries(cache / "mlx-compile")
+    assert libraries(kernels_root(cache))
     return cache
 
 
 def test_complete_libraries_pass_and_cut_off_ones_fail(populated, tmp_path):
-    library = libraries(populated / "mlx-compile")[0]
+    library = libraries(kernels_root(populated))[0]
     assert is_complete_library(library)
     data = library.read_bytes()
     for length in (0, 3, 64, len(data) // 2, len(data) - 1):
@@ -79,7 +84,7 @@ def test_complete_libraries_pass_and_cut_off_ones_fail(populated, tmp_path):
 def test_sweep_removes_only_cut_off_libraries(populated, tmp_path):
     folder = tmp_path / "mlx" / "0.0.1" / "cpu"
     folder.mkdir(parents=True)
-    whole = libraries(populated / "mlx-compile")[:3]
+    whole = libraries(kernels_root(populated))[:3]
     for library in whole:
         shutil.copy(library, folder / library.name)
     (folder / "libempty.so").write_bytes(b"")
@@ -92,11 +97,11 @@ def test_sweep_removes_only_cut_off_libraries(populated, tmp_path):
 def test_a_cache_poisoned_before_start_is_swept_and_decodes_fused(populated, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(populated, cache)
-    poison(cache / "mlx-compile")
+    poison(kernels_root(cache))
     result = probe(cache)
     assert result.stdout.split() == ["True", "fused"], result.stderr
     assert "truncated MLX kernel libraries" in result.stderr
-    assert all(is_complete_library(p) for p in libraries(cache / "mlx-compile"))
+    assert all(is_complete_library(p) for p in libraries(kernels_root(cache)))
 
 
 def test_a_library_poisoned_after_start_is_removed_and_built_again(populated, tmp_path):
@@ -105,7 +110,7 @@ def test_a_library_poisoned_after_start_is_removed_and_built_again(populated, tm
     result = probe(cache, "poison-after-start")
     assert result.stdout.split() == ["True", "fused"], result.stderr
     assert "failed to load" in result.stderr
-    assert all(is_complete_library(p) for p in libraries(cache / "mlx-compile"))
+    assert all(is_complete_library(p) for p in libraries(kernels_root(cache)))
 
 
 def test_a_compile_signalled_through_its_process_group_still_completes(tmp_path):
@@ -139,8 +144,8 @@ def test_a_failed_compile_leaves_no_library(tmp_path):
 def test_the_server_recovers_from_poisoned_caches_of_its_own_and_of_the_system(populated, tmp_path):
     cache, system_temp = tmp_path / "cache", tmp_path / "tmp"
     shutil.copytree(populated, cache)
-    shutil.copytree(populated / "mlx-compile" / "mlx", system_temp / "mlx")  # as MLX left it in /tmp
-    poison(cache / "mlx-compile")
+    shutil.copytree(kernels_root(populated) / "mlx", system_temp / "mlx")  # as MLX left it in /tmp
+    poison(kernels_root(cache))
     poison(system_temp)
     env = {"DTYPE_SERVE_CACHE": str(cache), "TMPDIR": str(system_temp),
            "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if "mlx-compile" not in p)}
@@ -151,4 +156,38 @@ def test_the_server_recovers_from_poisoned_caches_of_its_own_and_of_the_system(p
         assert answer["text"] == "42"
     finally:
         stop_server(proc)
-    assert all(is_complete_library(p) for p in libraries(cache / "mlx-compile"))
+    assert all(is_complete_library(p) for p in libraries(kernels_root(cache)))
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/cpuinfo")
+def test_kernels_are_built_for_avx2_and_fma_where_the_cpu_has_them_without_fused_roundings(tmp_path):
+    tag, flags = instruction_set()
+    has = {"avx2", "fma"} <= _cpu_flags() and os.uname().machine == "x86_64"
+    assert (tag == "x86-64-avx2-fma") == has and (tag == "baseline") == (not has)
+    wrapper = compile_cache.install_atomic_compiler(tmp_path / "bin", flags)
+    # what the wrapper's compiler defines: FMA where the CPU has it, and never a contraction MLX's own ops lack
+    macros = subprocess.run([str(wrapper), "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True, text=True,
+                            check=True).stdout
+    assert ("#define __FMA__ 1" in macros) == has and ("#define __AVX2__ 1" in macros) == has
+    if has:
+        assert "-ffp-contract=off" in flags.split()
+
+
+def test_each_instruction_set_has_a_kernel_folder_and_compiler_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_cache, "_folder", None)
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "kernels"))
+    monkeypatch.setenv("TMPDIR", os.environ.get("TMPDIR", "/tmp"))
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setattr(compile_cache, "instruction_set", lambda: ("baseline", ""))
+    baseline = compile_cache.use_private_compile_cache()
+    monkeypatch.setattr(compile_cache, "_folder", None)
+    monkeypatch.setattr(compile_cache, "instruction_set", lambda: ("x86-64-avx2-fma", "-mavx2 -mfma"))
+    wide = compile_cache.use_private_compile_cache()
+    assert baseline == tmp_path / "kernels" / "baseline" and wide == tmp_path / "kernels" / "x86-64-avx2-fma"
+    assert "-mfma" not in (baseline / "bin" / "g++").read_text() and "-mfma" in (wide / "bin" / "g++").read_text()
+    assert os.environ["TMPDIR"] == str(wide)
