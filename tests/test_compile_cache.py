@@ -168,7 +168,7 @@ def _cpu_flags() -> set[str]:
 def test_kernels_are_built_for_avx2_and_fma_where_the_cpu_has_them_without_fused_roundings(tmp_path):
     tag, flags = instruction_set()
     has = {"avx2", "fma"} <= _cpu_flags() and os.uname().machine == "x86_64"
-    assert (tag == "x86-64-avx2-fma") == has and (tag == "baseline") == (not has)
+    assert tag.startswith("x86-64-avx2-fma-") == has and (tag == "baseline") == (not has)
     wrapper = compile_cache.install_atomic_compiler(tmp_path / "bin", flags)
     # what the wrapper's compiler defines: FMA where the CPU has it, and never a contraction MLX's own ops lack
     macros = subprocess.run([str(wrapper), "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True, text=True,

@@ -13,6 +13,7 @@ removes incomplete libraries at start, and retries a kernel once after removing 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -66,9 +67,10 @@ def use_private_compile_cache() -> Path:
 
 def instruction_set() -> tuple[str, str]:
     """(folder tag, g++ flags) of the fused kernels' build. On an x86-64 CPU with AVX2 and FMA, those (as MLX's
-    own AVX2 builds ask): MLX's exp is 6 `fma` calls, which without -mfma are libm calls through the PLT, one
-    per call (perf: the SiLU kernel spent most of its time there). -ffp-contract=off: no product and sum
-    fused that the plain ops round apart, so fused kernels stay bitwise MLX's ops."""
+    own AVX2 builds ask), and MLX's exp inlined: it is 6 `fma` calls, which were libm calls through the PLT,
+    and the kernel's exp itself a call into libmlx's (perf: the SiLU kernel spent most of its time there).
+    -ffp-contract=off: no product and sum fused that the plain ops round apart, so fused kernels stay
+    bitwise MLX's ops. The tag names the flags: a change of them builds every kernel again."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return "baseline", ""
     try:
@@ -77,7 +79,8 @@ def instruction_set() -> tuple[str, str]:
     except OSError:
         flags = []
     if {"avx2", "fma"} <= set(flags):
-        return "x86-64-avx2-fma", "-mavx2 -mfma -ffp-contract=off"
+        wanted = "-mavx2 -mfma -ffp-contract=off -finline-limit=1000"
+        return f"x86-64-avx2-fma-{hashlib.sha1(wanted.encode()).hexdigest()[:8]}", wanted
     return "baseline", ""
 
 
