@@ -3,7 +3,7 @@
 Each node of a step costs MLX's CPU stream microseconds beyond its arithmetic: the host thread
 allocates and dispatches it, and every 10 dispatches the two threads hand work to each other (waking a
 sleeping one is a system call). In llama-25m's float32 step at one row (641 nodes) one more node of
-trivial arithmetic costs about 8 us (BENCHMARKS.md, "Fewer nodes in a decode step").
+trivial arithmetic costs about 8 us (BENCHMARKS.md, "Fewer graph nodes a decode step").
 
 The step computes what mlx-lm's llama computes, in the same order, with fewer nodes: activations stay
 (rows, hidden), so no Linear flattens and unflattens its input; a plain Linear multiplies by a transpose
