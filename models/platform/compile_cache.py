@@ -66,11 +66,11 @@ def use_private_compile_cache() -> Path:
 
 
 def instruction_set() -> tuple[str, str]:
-    """(folder tag, g++ flags) of the fused kernels' build. On an x86-64 CPU with AVX2 and FMA, those (as MLX's
-    own AVX2 builds ask), and MLX's exp inlined: it is 6 `fma` calls, which were libm calls through the PLT,
-    and the kernel's exp itself a call into libmlx's (perf: the SiLU kernel spent most of its time there).
-    -ffp-contract=off: no product and sum fused that the plain ops round apart, so fused kernels stay
-    bitwise MLX's ops. The tag names the flags: a change of them builds every kernel again."""
+    """(folder tag, g++ flags) of the fused kernels' build: on an x86-64 CPU with AVX2 and FMA, those (as MLX's
+    own AVX2 builds ask) and MLX's exp inlined, else none. The flags never fuse a product and a sum that MLX's
+    plain ops round apart (-ffp-contract=off), so fused kernels stay bitwise MLX's ops; the tag names them, so
+    a change of flags builds every kernel again."""
+    # without them MLX's exp (6 fma calls) called libm's fmaf through the PLT, and libmlx's exp, not its copy
     if platform.machine() not in ("x86_64", "AMD64"):
         return "baseline", ""
     try:
