@@ -86,3 +86,30 @@ def test_cached_prompts_decode_to_mlx_lms_tokens(bundled):
         return [out[uid] for uid in uids]
 
     assert run(LeanBatchGenerator) == run(BatchGenerator)
+
+
+def test_merged_buffers_hold_room_for_what_the_rows_can_write(bundled):
+    """Cached prompts joining with few tokens to generate get buffers for those (not a whole step of 256
+    positions), never regrow, and decode to mlx-lm's tokens."""
+    model, tokenizer = bundled
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    longest = max(len(p) for p in prompts) - 1
+    limits = [5, 9, 7]
+
+    def run(cls):
+        caches = [prefilled(model, p[:-1]) for p in prompts]
+        gen = cls(model, completion_batch_size=8, prefill_batch_size=8)
+        uids = gen.insert([p[-1:] for p in prompts], max_tokens=limits, caches=caches,
+                          all_tokens=[p[:-1] for p in prompts])
+        out, rooms = {uid: [] for uid in uids}, []
+        while sum(map(len, out.values())) < sum(limits):
+            for r in gen.next_generated():
+                out[r.uid].append(r.token)
+            if gen._generation_batch.prompt_cache:
+                rooms.append(gen._generation_batch.prompt_cache[0].keys.shape[2])
+        return [out[uid] for uid in uids], rooms
+
+    ours, rooms = run(LeanBatchGenerator)
+    assert rooms[0] == longest + 1 + max(limits) < BatchKVCache.step  # the last prompt token, then up to 9
+    assert max(rooms) == rooms[0]  # never regrown
+    assert ours == run(BatchGenerator)[0]

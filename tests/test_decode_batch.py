@@ -213,3 +213,44 @@ def test_the_lone_stream_checks_on_the_same_schedule(bundled):
     assert flags(Poisoned(model, 1), 1) == [False] * 10
     # checked: the first token, every 4th, and the last; unchecked tokens say finite
     assert [not f for f in flags(Poisoned(model, 1), 4)] == [i % 4 == 0 or i == 9 for i in range(10)]
+
+
+def finished_rows(model, prompts, max_tokens):
+    """Run a batch to its end: each finished response, and whether the step that returned it queued another."""
+    gen = LeanBatchGenerator(model, max_tokens=max(max_tokens), completion_batch_size=8, prefill_batch_size=8,
+                             reads_logprobs=lambda uid: False)
+    gen.insert(prompts, max_tokens=max_tokens)
+    finished = []
+    while len(finished) < len(prompts):
+        for r in gen.next_generated():
+            if r.finish_reason is not None:
+                finished.append((r, gen._generation_batch.queued_next))
+    return finished
+
+
+def keys_of(model, tokens):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array([tokens]), cache=cache)
+    return [c.keys[..., : c.offset, :] for c in cache]
+
+
+def test_no_step_follows_the_one_where_every_row_ends_by_length(bundled):
+    """A step nobody reads is not queued; a finished row's cache (for the prefix cache) holds the keys of
+    exactly the tokens it is stored with, whether or not a step followed."""
+    model, tokenizer = bundled
+    model.set_dtype(mx.float32)
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    together = finished_rows(model, prompts, [7, 7, 7])
+    assert [queued for _, queued in together] == [False] * 3
+    apart = finished_rows(model, prompts, [5, 7, 7])  # the first row ends while the others go on
+    assert [queued for _, queued in apart] == [True, False, False]
+    for (r, queued), prompt in zip(together + apart, prompts + prompts, strict=True):
+        generated = 5 if queued else 7
+        # the prompt and the tokens whose keys were computed: all generated but the last, unless a step followed
+        assert len(r.all_tokens) == len(prompt) + generated - (0 if queued else 1)
+        assert r.all_tokens[: len(prompt)] == prompt
+        for ours, fresh in zip([c.keys for c in r.prompt_cache], keys_of(model, r.all_tokens), strict=True):
+            assert ours.shape == fresh.shape
+            assert mx.allclose(ours, fresh, atol=1e-4).item()

@@ -21,16 +21,19 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from models.mlx_lm_ext.quantized_batch_cache import quantize_layers
 
 
-def merge_with_room(caches: list[KVCache]) -> BatchKVCache:
-    """BatchKVCache.merge (left-padded to the longest), in buffers with room for BatchKVCache.step
-    more tokens."""
+def merge_with_room(caches: list[KVCache], writes: int | None = None) -> BatchKVCache:
+    """BatchKVCache.merge (left-padded to the longest), in buffers with room up to the next whole
+    BatchKVCache.step, or for `writes` more positions (what the rows can still write) if fewer."""
     lengths = [c.size() for c in caches]
     longest = max(lengths)
     if longest == 0:
         return BatchKVCache([0] * len(caches))
     sample = next(c for c in caches if c.keys is not None)
     rows, heads = len(caches), sample.keys.shape[1]
+    # buffers are new memory, zeroed: each position not written costs its bytes twice (page faults, zeros)
     capacity = (longest // BatchKVCache.step + 1) * BatchKVCache.step
+    if writes is not None:
+        capacity = min(capacity, longest + max(writes, 1))
     keys = mx.zeros((rows, heads, capacity, sample.keys.shape[3]), dtype=sample.keys.dtype)
     values = mx.zeros((rows, heads, capacity, sample.values.shape[3]), dtype=sample.values.dtype)
     for i, (length, c) in enumerate(zip(lengths, caches, strict=True)):
@@ -44,12 +47,12 @@ def merge_with_room(caches: list[KVCache]) -> BatchKVCache:
     return merged
 
 
-def merge_caches(caches: list[list[Any]]) -> list[Any] | None:
-    """Each layer's merge with room, if every sequence's every layer is a plain KVCache (else None:
-    mlx-lm's own merge for rotating, quantized or state-space caches)."""
+def merge_caches(caches: list[list[Any]], writes: int | None = None) -> list[Any] | None:
+    """Each layer's merge with room (for `writes` more positions at most), if every sequence's every layer
+    is a plain KVCache (else None: mlx-lm's own merge for rotating, quantized or state-space caches)."""
     if not caches or not all(type(c) is KVCache for layers in caches for c in layers):
         return None
-    return [merge_with_room([layers[i] for layers in caches]) for i in range(len(caches[0]))]
+    return [merge_with_room([layers[i] for layers in caches], writes) for i in range(len(caches[0]))]
 
 
 class MovingPromptBatch(PromptProcessingBatch):

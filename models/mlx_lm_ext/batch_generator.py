@@ -55,6 +55,7 @@ class LeanGenerationBatch(GenerationBatch):
     unmasked_steps = 0  # steps whose attention had no mask (models.mlx_lm_ext.decode_mask: no row padded)
     _next_finite: mx.array | None = None  # (rows, 1) bool for the queued step, None if unchecked
     _current_finite: list[bool] | None = None
+    queued_next = True  # whether the last step queued the one after it (not when every row ended by length)
 
     def _step(self) -> tuple[list[int], list[mx.array]]:
         # The contract of GenerationBatch._step (mlx-lm 0.32): queue the next step, then return the
@@ -62,6 +63,19 @@ class LeanGenerationBatch(GenerationBatch):
         self._current_tokens, self._current_logprobs = self._next_tokens, self._next_logprobs
         current_finite = self._next_finite
         inputs = self._current_tokens
+        self.queued_next = not self._all_end_by_length()
+        if self.queued_next:
+            self._queue(inputs)
+        else:  # a step nobody reads would hold the device (and the next requests) for a whole step
+            self._next_tokens, self._next_logprobs, self._next_finite = None, [], None
+        tokens = inputs.tolist()
+        self._current_finite = None if current_finite is None else [f[0] for f in current_finite.tolist()]
+        for sequence, token in zip(self.tokens, tokens, strict=True):
+            sequence.append(token)
+        return tokens, self._current_logprobs
+
+    def _queue(self, inputs: mx.array) -> None:
+        """Build the step that takes `inputs` and start it on the device."""
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
         self.unmasked_steps += getattr(self.prompt_cache[0], "last_unmasked", False)
         logits, contexts = self._apply_processors(inputs, logits)
@@ -73,11 +87,10 @@ class LeanGenerationBatch(GenerationBatch):
         self._next_finite = picked_finite(logits, self._next_tokens) if self._checks_next() else None
         self._next_logprobs = list(logits)  # views of `logits`: evaluated only if someone reads them
         mx.async_eval(self._next_tokens, logits, contexts, *[f for f in (self._next_finite,) if f is not None])
-        tokens = inputs.tolist()
-        self._current_finite = None if current_finite is None else [f[0] for f in current_finite.tolist()]
-        for sequence, token in zip(self.tokens, tokens, strict=True):
-            sequence.append(token)
-        return tokens, self._current_logprobs
+
+    def _all_end_by_length(self) -> bool:
+        """Whether every row ends by length with the token being returned (mlx-lm's next() counts it)."""
+        return all(n + 1 >= m for n, m in zip(self._num_tokens, self.max_tokens, strict=True))
 
     def _checks_next(self) -> bool:
         """Whether the step being queued is checked: every `check_every`-th, and the last of any row
@@ -90,6 +103,8 @@ class LeanGenerationBatch(GenerationBatch):
         flags = self._current_finite or [True] * len(responses)
         for response, finite in zip(responses, flags, strict=False):
             response.finite = finite
+            if not self.queued_next and response.prompt_cache:  # its cache lacks the last token's keys
+                response.all_tokens = response.all_tokens[:-1]
         return responses
 
     def extend(self, batch: GenerationBatch) -> None:
@@ -205,14 +220,17 @@ class LeanBatchGenerator(BatchGenerator):
 
     def _make_batch(self, n: int) -> PromptProcessingBatch:
         # mlx-lm's queued sequence: (uid, segments, max_tokens, caches, ...)
-        joining = [self._unprocessed_sequences[i][3] for i in range(n)] if self._moves else []
+        queued = [self._unprocessed_sequences[i] for i in range(n)]
+        joining = [q[3] for q in queued] if self._moves else []
+        # what the batch can write: its longest prompt rest, then its longest generation
+        writes = max((sum(map(len, q[1])) for q in queued), default=0) + max((q[2] for q in queued), default=0)
         merged = merge_quantized(joining, *self.kv) if self.kv is not None else None
         if merged is not None:  # mlx-lm cannot merge quantized caches: it merges empty ones, replaced below
             for i in range(n):
                 queued = self._unprocessed_sequences[i]
                 self._unprocessed_sequences[i] = (*queued[:3], [KVCache() for _ in queued[3]], *queued[4:])
         batch = super()._make_batch(n)
-        merged = merged or merge_caches(joining)
+        merged = merged or merge_caches(joining, writes)
         if merged is not None:
             batch.prompt_cache = merged  # replaces mlx-lm's merge before anything evaluates it
         return batch

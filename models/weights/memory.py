@@ -20,12 +20,17 @@ def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
-def unique_bytes(models) -> int:
-    """Bytes of the distinct arrays held by several models (shared arrays count once)."""
+def array_sizes(model: nn.Module) -> dict[int, int]:
+    """The bytes of each of `model`'s arrays, by identity (an array two models share is one key)."""
+    return {id(array): array.nbytes for _, array in tree_flatten(model.parameters())}
+
+
+def unique_bytes(sizes) -> int:
+    """Bytes of the distinct arrays of several models, given as their `array_sizes` (shared arrays
+    count once)."""
     seen: dict[int, int] = {}
-    for model in models:
-        for _, array in tree_flatten(model.parameters()):
-            seen[id(array)] = array.nbytes
+    for one in sizes:
+        seen.update(one)
     return sum(seen.values())
 
 

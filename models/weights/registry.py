@@ -42,7 +42,7 @@ from models.weights.dtypes import (
 )
 from models.weights.estimate import config_floor_bytes, estimate_variant, kv_cache_bytes, kv_group_size
 from models.weights.loader import LoadedModel, context_length, derive_variant, load_variant, log_progress
-from models.weights.memory import bits_per_weight, floating_dtypes, unique_bytes
+from models.weights.memory import array_sizes, bits_per_weight, floating_dtypes, unique_bytes
 from models.weights.quantize import check_runs
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,14 @@ class Variant:
     tokens_generated: int = 0
     kv: tuple[int, int] | None = None  # (group size, bits) of its quantized KV cache; None: float
     waiting: int = 0  # requests admitted to it that wait for KV room in the budget (models.engine.kv_admission)
+    _sizes: dict[int, int] | None = field(default=None, repr=False)
+
+    def array_sizes(self) -> dict[int, int]:
+        """Its arrays' bytes by identity (models.weights.memory.array_sizes), taken once: a registered
+        variant's parameters stay as loaded, and every admission asks (a walk of the model's tree)."""
+        if self._sizes is None:
+            self._sizes = array_sizes(self.loaded.model)
+        return self._sizes
 
     @property
     def key(self) -> Key:
@@ -200,7 +208,7 @@ class VariantRegistry:
 
     def weights_bytes(self, variants: list[Variant] | None = None) -> int:
         """Bytes of the distinct arrays of `variants` (default: all resident)."""
-        return unique_bytes(v.loaded.model for v in (self.variants.values() if variants is None else variants))
+        return unique_bytes(v.array_sizes() for v in (self.variants.values() if variants is None else variants))
 
     def prompt_cache_used(self) -> int:
         return sum(v.prefix.nbytes for v in self.variants.values())
