@@ -56,6 +56,7 @@ class SingleStream:
         self.tokens = list(prompt)  # prompt and generated tokens: the context of logits processors
         self.generated = 0
         self.check_every = check_every
+        self._held: tuple | None = None
         with mx.stream(generation_stream):
             rest = mx.array(prompt[cached:] if cache is not None else prompt)
             quantize = None if kv is None else lambda layers: quantize_layers(layers, *kv)
@@ -96,13 +97,22 @@ class SingleStream:
         if queue_next and not last:
             with mx.stream(generation_stream):
                 self._next = self._forward(token_array)
-            mx.async_eval(*self._next)
+            if self.generated == 1:  # held until the first token went out (as LeanGenerationBatch does)
+                self._held = self._next
+            else:
+                mx.async_eval(*self._next)
         token = checked.item()
         finite = token >= 0
         token = token if finite else -1 - token
         self.tokens.append(token)
         finish = "stop" if token in self.stop_tokens else "length" if last else None
         return TokenStep(self.uid, token, logprobs, finish, finite)
+
+    def start_held(self) -> None:
+        """Start the queued step if it was held (unstarted, it runs when its token is read)."""
+        held, self._held = self._held, None
+        if held is not None:
+            mx.async_eval(*held)
 
     def sync(self) -> None:
         """Wait for the step queued by the last `step()` (or the prefill), so that a caller timing one step

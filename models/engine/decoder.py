@@ -60,6 +60,12 @@ class MLXDecoder:
         self.stats.unmasked_steps += generator.unmasked_steps - unmasked
         return responses
 
+    def start_held(self) -> None:
+        if self.single is not None:
+            self.single.start_held()
+        if self.variant.generator is not None:
+            self.variant.generator.start_held()
+
     def hand_off(self) -> Any:
         single, self.single = self.single, None
         step, cache, context, left = single.handoff()

@@ -44,6 +44,9 @@ class Decoder(Protocol):
     def step_batch(self, beside_lone: bool) -> list:
         """One batch step: the responses of the sequences that decoded (those still prefilling give none)."""
 
+    def start_held(self) -> None:
+        """Start a decode step queued by the last step but held until its first tokens were sent."""
+
     def hand_off(self) -> Any:
         """Close the lone stream: its next token; its KV cache is kept for `rejoin`."""
 
@@ -130,6 +133,11 @@ class VariantScheduler:
             self.joining.clear()
             self.decoder.reset()
             return StepOutput([], error=e, failed=failed)
+
+    def start_held(self) -> None:
+        """Once the caller sent the last output's tokens: start the step queued after them, if held."""
+        if self.seqs:
+            self.decoder.start_held()
 
     def update_from_output(self, output: StepOutput) -> StepOutput | None:
         """After the caller handled `output`: the next output to handle (a hand-off), or None."""

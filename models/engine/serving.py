@@ -196,6 +196,12 @@ class Serving:
             variant.last_used = time.time()
             self.lap("emit")
 
+    def start_held(self) -> None:
+        """After the step's tokens went out: the decode steps held until then (first tokens) start."""
+        for variant in self.variants.values():
+            if variant.scheduler is not None:
+                variant.scheduler.start_held()
+
     def _run_outputs(self, variant: Variant, scheduler: VariantScheduler, output: StepOutput | None) -> None:
         """Hand each output's tokens to their sequences, then what the scheduler says follows (a hand-off)."""
         while output is not None:

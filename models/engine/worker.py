@@ -58,6 +58,7 @@ class Host(Protocol):
     def admit(self, seq: Sequence, burst: bool) -> None: ...
     def admit_waiting(self) -> None: ...  # requests that waited for memory and fit now
     def step_all(self) -> None: ...
+    def start_held(self) -> None: ...  # after a flush: steps held until their first tokens went out
     def step_report(self) -> None: ...
     def idle(self, now: float) -> None: ...
     def fail_all(self, error: EngineError) -> None: ...
@@ -172,6 +173,7 @@ class Worker:
                 self.host.step_report()
                 self.clock.lap("report")
                 self.outbox.flush(force=not busy)
+                self.host.start_held()
                 self.clock.lap("flush")
                 if not busy:
                     self.host.idle(time.time())
@@ -193,6 +195,7 @@ class Worker:
         self.host.step_all()
         self.stats.steps_during_loads += self.stats.decode_steps - steps
         self.outbox.flush()
+        self.host.start_held()
         self._load_step_at = time.perf_counter()
 
     def _score_together(self, commands: list[Command]) -> None:

@@ -56,6 +56,7 @@ class LeanGenerationBatch(GenerationBatch):
     _next_finite: mx.array | None = None  # (rows, 1) bool for the queued step, None if unchecked
     _current_finite: list[bool] | None = None
     queued_next = True  # whether the last step queued the one after it (not when every row ended by length)
+    held: list | None = None  # a queued step not started yet (start_held)
 
     def _step(self) -> tuple[list[int], list[mx.array]]:
         # The contract of GenerationBatch._step (mlx-lm 0.32): queue the next step, then return the
@@ -64,18 +65,29 @@ class LeanGenerationBatch(GenerationBatch):
         current_finite = self._next_finite
         inputs = self._current_tokens
         self.queued_next = not self._all_end_by_length()
-        if self.queued_next:
-            self._queue(inputs)
-        else:  # a step nobody reads would hold the device (and the next requests) for a whole step
+        pending = self._build(inputs) if self.queued_next else []
+        if not self.queued_next:  # a step nobody reads would hold the device (and the next requests) for a whole step
             self._next_tokens, self._next_logprobs, self._next_finite = None, [], None
+        # MLX's dispatch of a step returns only once the device nears its end: a step after rows' first tokens
+        # is held until the engine sent them (start_held), about half a step sooner than after its dispatch
+        if pending and any(n == 0 for n in self._num_tokens):
+            self.held = pending
+        elif pending:
+            mx.async_eval(*pending)
         tokens = inputs.tolist()
         self._current_finite = None if current_finite is None else [f[0] for f in current_finite.tolist()]
         for sequence, token in zip(self.tokens, tokens, strict=True):
             sequence.append(token)
         return tokens, self._current_logprobs
 
-    def _queue(self, inputs: mx.array) -> None:
-        """Build the step that takes `inputs` and start it on the device."""
+    def start_held(self) -> None:
+        """Start the queued step if it was held (unstarted, it runs when its tokens are read)."""
+        held, self.held = self.held, None
+        if held:
+            mx.async_eval(*held)
+
+    def _build(self, inputs: mx.array) -> list:
+        """Build the step that takes `inputs` (queued as the next one); the arrays that start it."""
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
         self.unmasked_steps += getattr(self.prompt_cache[0], "last_unmasked", False)
         logits, contexts = self._apply_processors(inputs, logits)
@@ -86,7 +98,7 @@ class LeanGenerationBatch(GenerationBatch):
         self._steps += 1
         self._next_finite = picked_finite(logits, self._next_tokens) if self._checks_next() else None
         self._next_logprobs = list(logits)  # views of `logits`: evaluated only if someone reads them
-        mx.async_eval(self._next_tokens, logits, contexts, *[f for f in (self._next_finite,) if f is not None])
+        return [self._next_tokens, logits, contexts, *[f for f in (self._next_finite,) if f is not None]]
 
     def _all_end_by_length(self) -> bool:
         """Whether every row ends by length with the token being returned (mlx-lm's next() counts it)."""
@@ -205,6 +217,12 @@ class LeanBatchGenerator(BatchGenerator):
                 break
             rows, tokens = rows + 1, tokens + need
         return max(rows, self._prefill_rows_min)
+
+    def start_held(self) -> None:
+        """Start the decode step the last `next()` queued but held back (rows' first tokens were read)."""
+        start = getattr(self._generation_batch, "start_held", None)
+        if start is not None:
+            start()
 
     def sync(self) -> None:
         """Wait for the decode step queued by the last `next()`, so that a caller timing one step at a time
