@@ -254,3 +254,54 @@ def test_no_step_follows_the_one_where_every_row_ends_by_length(bundled):
         for ours, fresh in zip([c.keys for c in r.prompt_cache], keys_of(model, r.all_tokens), strict=True):
             assert ours.shape == fresh.shape
             assert mx.allclose(ours, fresh, atol=1e-4).item()
+
+
+def held_run(model, prompts, start: bool):
+    """Tokens per row, and after each call whether a queued step was held back (started when `start`)."""
+    gen = LeanBatchGenerator(model, max_tokens=6, completion_batch_size=8, prefill_batch_size=8,
+                             reads_logprobs=lambda uid: False)
+    uids = gen.insert(prompts, max_tokens=[6] * len(prompts))
+    out, held = {uid: [] for uid in uids}, []
+    while sum(map(len, out.values())) < 6 * len(prompts):
+        responses = gen.next_generated()
+        for r in responses:
+            out[r.uid].append(r.token)
+        if responses:
+            held.append(gen._generation_batch.held is not None)
+        if start:
+            gen.start_held()
+            assert gen._generation_batch.held is None
+    return [out[uid] for uid in uids], held
+
+
+def test_the_step_after_first_tokens_is_held_until_the_owner_starts_it(bundled):
+    """Only the step queued behind rows' first tokens waits for start_held; started or not (then it runs when
+    its tokens are read), the tokens are mlx-lm's."""
+    model, tokenizer = bundled
+    model.set_dtype(mx.float32)
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    reference = [tokens for tokens, _ in decode(BatchGenerator, model, prompts, tokens=6)]
+    for start in (True, False):
+        tokens, held = held_run(model, prompts, start)
+        assert tokens == reference
+        assert held == [True] + [False] * 5  # the last call queues nothing: every row ended
+
+
+def test_the_lone_stream_holds_the_step_after_its_first_token(bundled):
+    from models.decode.single_stream import SingleStream
+
+    model, tokenizer = bundled
+    model.set_dtype(mx.float32)
+    prompt = tokenizer.encode(PROMPTS[0])
+    runs = []
+    for start in (True, False):
+        stream = SingleStream(model, prompt, 6, None, [], set(), uid=-1)
+        tokens, held = [], []
+        for _ in range(6):
+            tokens.append(stream.step().token)
+            held.append(stream._held is not None)
+            if start:
+                stream.start_held()
+        runs.append((tokens, held))
+    assert runs[0][0] == runs[1][0]
+    assert runs[1][1] == [True] + [False] * 5

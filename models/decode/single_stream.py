@@ -92,6 +92,7 @@ class SingleStream:
     def step(self, queue_next: bool = True) -> TokenStep:
         """The next token; the step after it is already queued on the device (unless told not to)."""
         token_array, logprobs, checked = self._next
+        self._held = None  # unstarted, it runs as its token is read
         self.generated += 1
         last = self.generated >= self.max_tokens
         if queue_next and not last:

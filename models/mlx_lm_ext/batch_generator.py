@@ -64,6 +64,7 @@ class LeanGenerationBatch(GenerationBatch):
         self._current_tokens, self._current_logprobs = self._next_tokens, self._next_logprobs
         current_finite = self._next_finite
         inputs = self._current_tokens
+        self.held = None  # unstarted, it runs with the step queued now (or as its tokens are read)
         self.queued_next = not self._all_end_by_length()
         pending = self._build(inputs) if self.queued_next else []
         if not self.queued_next:  # a step nobody reads would hold the device (and the next requests) for a whole step
