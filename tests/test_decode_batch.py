@@ -267,10 +267,10 @@ def held_run(model, prompts, start: bool):
         for r in responses:
             out[r.uid].append(r.token)
         if responses:
-            held.append(gen._generation_batch.held is not None)
+            held.append(gen.holding)
         if start:
             gen.start_held()
-            assert gen._generation_batch.held is None
+            assert not gen.holding
     return [out[uid] for uid in uids], held
 
 
@@ -299,7 +299,7 @@ def test_the_lone_stream_holds_the_step_after_its_first_token(bundled):
         tokens, held = [], []
         for _ in range(6):
             tokens.append(stream.step().token)
-            held.append(stream._held is not None)
+            held.append(stream.holding)
             if start:
                 stream.start_held()
         runs.append((tokens, held))

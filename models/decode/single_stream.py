@@ -109,6 +109,10 @@ class SingleStream:
         finish = "stop" if token in self.stop_tokens else "length" if last else None
         return TokenStep(self.uid, token, logprobs, finish, finite)
 
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
     def start_held(self) -> None:
         """Start the queued step if it was held (unstarted, it runs when its token is read)."""
         held, self._held = self._held, None

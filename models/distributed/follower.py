@@ -129,6 +129,8 @@ class Follower:
             for response in decoder.step_batch(command["beside_lone"]):
                 if response.finish_reason is not None:
                     jobs.pop(response.uid, None)
+        elif call == "start_held":
+            decoder.start_held()
         elif call == "hand_off":
             jobs.pop(self.lone[key].uid, None)
             decoder.hand_off()

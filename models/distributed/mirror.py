@@ -90,6 +90,14 @@ class MirroredDecoder(MLXDecoder):
             self._tell("step_batch", beside_lone=beside_lone)
             return super().step_batch(beside_lone)
 
+    def start_held(self) -> None:
+        # the followers hold the same step (same calls on the same state): started in the same order of
+        # collectives as here, or rank 0's would meet the next command's
+        if self.holding:
+            with self.channel.stepping():
+                self._tell("start_held")
+                super().start_held()
+
     def hand_off(self) -> Any:
         with self.channel.stepping():
             self._tell("hand_off")

@@ -60,6 +60,12 @@ class MLXDecoder:
         self.stats.unmasked_steps += generator.unmasked_steps - unmasked
         return responses
 
+    @property
+    def holding(self) -> bool:
+        """Whether a queued step waits for start_held (the one after first tokens)."""
+        generator = self.variant.generator
+        return (self.single is not None and self.single.holding) or (generator is not None and generator.holding)
+
     def start_held(self) -> None:
         if self.single is not None:
             self.single.start_held()

@@ -219,6 +219,10 @@ class LeanBatchGenerator(BatchGenerator):
             rows, tokens = rows + 1, tokens + need
         return max(rows, self._prefill_rows_min)
 
+    @property
+    def holding(self) -> bool:
+        return getattr(self._generation_batch, "held", None) is not None
+
     def start_held(self) -> None:
         """Start the decode step the last `next()` queued but held back (rows' first tokens were read)."""
         start = getattr(self._generation_batch, "start_held", None)
