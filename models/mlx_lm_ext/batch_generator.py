@@ -19,6 +19,13 @@ The step also does that check itself, on the batch's scores as they are (one gat
 `check_every`-th step and each row's first and last-by-length steps): read with the tokens, it
 costs no extra round trip, where stacking the rows' scores afterwards cost a copy of them all.
 Each response carries `finite` (True where unchecked).
+
+Two steps are not started as mlx-lm starts them. When every row ends by length with the tokens being
+returned, no step follows (it would hold the device, and the next requests' admission, for a step nobody
+reads); the finished rows' caches then hold all their tokens but the last, and their `all_tokens` say so.
+The step after rows' first tokens is held until the owner calls `start_held`, once it has sent them:
+MLX's dispatch of a step returns only when the device nears its end, so dispatched at once it would hold
+those tokens back by about half a step (their time to first token).
 """
 
 from __future__ import annotations
@@ -67,10 +74,8 @@ class LeanGenerationBatch(GenerationBatch):
         self.held = None  # unstarted, it runs with the step queued now (or as its tokens are read)
         self.queued_next = not self._all_end_by_length()
         pending = self._build(inputs) if self.queued_next else []
-        if not self.queued_next:  # a step nobody reads would hold the device (and the next requests) for a whole step
+        if not self.queued_next:
             self._next_tokens, self._next_logprobs, self._next_finite = None, [], None
-        # MLX's dispatch of a step returns only once the device nears its end: a step after rows' first tokens
-        # is held until the engine sent them (start_held), about half a step sooner than after its dispatch
         if pending and any(n == 0 for n in self._num_tokens):
             self.held = pending
         elif pending:
