@@ -95,3 +95,28 @@ def test_device_sampler_keeps_to_the_nucleus_and_its_seed():
     assert tokens.shape == (2000,) and set(tokens.tolist()) <= {0, 1, 2}
     seeded = [_device_sampler(1.0, 0.85, mx.random.key(5))(lp).tolist() for _ in range(2)]
     assert seeded[0] == seeded[1]
+
+
+def test_temperature_alone_draws_in_the_graph_from_logits_as_from_logprobs():
+    """Without top-p the CPU draws with MLX's categorical (the next step can be queued before the draw is
+    read): softmax(scores / temperature) frequencies, the same for raw and shifted scores, reproducible
+    per seed, and the argmax for a temperature below float32's range."""
+    from models.decode.sampling import CategoricalSampler
+    from models.decode.step_rules import accepts_logits
+
+    assert isinstance(make_request_sampler(0.8, 1.0, None), CategoricalSampler)
+    assert isinstance(make_request_sampler(0.8, 1.0, 7), CategoricalSampler)
+    assert isinstance(make_request_sampler(0.8, 0.9, None), HostSampler)  # top-p stays in numpy
+    assert accepts_logits(make_request_sampler(0.8, 1.0, None))
+    probs = np.array([0.5, 0.25, 0.15, 0.06, 0.04])
+    logits = mx.array(np.log(np.tile(probs, (4000, 1))).astype(np.float32) + 3.0)  # not normalized
+    for temperature in (1.0, 0.5):
+        expected = probs ** (1 / temperature) / (probs ** (1 / temperature)).sum()
+        for scores in (logits, logits - mx.logsumexp(logits, axis=-1, keepdims=True)):
+            tokens = np.array(make_request_sampler(temperature, 1.0, None)(scores))
+            assert np.allclose(np.bincount(tokens, minlength=5) / len(tokens), expected, atol=0.025)
+    draws = [make_request_sampler(0.8, 1.0, seed)(logits[:50]).tolist() for seed in (3, 3, 4)]
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+    tiny = mx.array([[0.5, 3.0, -1.0, 2.9], [7.0, 1.0, 6.5, 0.0]])
+    for temperature in (1e-30, 1e-46, 1e-300):
+        assert make_request_sampler(temperature, 1.0, 1)(tiny).tolist() == [1, 0]

@@ -17,18 +17,21 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
 from models.decode.prefill import BUCKETS
+from models.decode.sampling import make_request_sampler
 from models.decode.single_stream import SingleStream
 
 
 def warm_variant(model: Any, context: int, max_batch: int, pad_prefill: bool,
                  between: Callable[[], None] | None = None) -> None:
     """Warm a variant loaded at run time: every shape where shapes cost set-up time, else one short
-    prefill and decode step of a lone request and one decode step of a batch of two. `between` runs
+    prefill and sampled decode step of a lone request and one decode step of a batch of two. `between` runs
     after each of them (the engine decodes for the variants already serving)."""
     if pad_prefill:
         warm_shapes(model, context, max_batch)
         return
-    SingleStream(model, [0] * min(9, max(context - 2, 2)), 1, None, [], set(), 0).step()
+    # drawn with temperature: its fused kernel is built now, not in a request (the argmax needs none)
+    sampler = make_request_sampler(1.0, 1.0, 0)
+    SingleStream(model, [0] * min(9, max(context - 2, 2)), 1, sampler, [], set(), 0).step()
     if between is not None:
         between()
     with mx.stream(generation_stream):
