@@ -56,3 +56,36 @@ async def test_the_warm_up_overlap_does_not_make_the_first_request_wait():
         assert engine.stats.gather_waits == waits
     finally:
         await engine.stop()
+
+
+def test_sampled_draws_build_no_kernel_after_the_warm_up(tmp_path):
+    """With a fresh kernel cache: warm_sampling builds the fused kernels of temperature draws, and draws of one
+    row and of 8 rows of a 32,000-token vocabulary then build none (the first sampled batch of a new machine
+    waited ~1 s for them)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, sys
+from pathlib import Path
+from models.platform.compile_cache import use_private_compile_cache
+folder = use_private_compile_cache()
+import mlx.core as mx
+from models.decode.sampling import make_request_sampler
+from models.decode.warmup import warm_sampling
+count = lambda: len(list(folder.rglob('*.so')))
+warm_sampling()
+warmed = count()
+for rows in (1, 8):
+    scores = mx.random.normal((rows, 1, 32000))[:, -1, :]
+    mx.eval(make_request_sampler(0.7, 1.0, None)(scores), make_request_sampler(0.7, 1.0, 3)(scores))
+print(json.dumps([warmed, count()]))
+"""
+    env = {**os.environ, "DTYPE_SERVE_COMPILE_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    warmed, after = json.loads(out.stdout.strip().splitlines()[-1])
+    if shutil.which("g++"):
+        assert warmed > 0
+    assert after == warmed

@@ -24,30 +24,35 @@ def make_request_sampler(temperature: float, top_p: float, seed: int | None) -> 
     """None means greedy (the batch's shared argmax sampler)."""
     if temperature <= 0:
         return None
-    on_host = mx.default_device() == mx.cpu and 0 < top_p < 1
+    if not 0 < top_p < 1:  # temperature alone: drawn in the step's graph, on any device
+        if seed is None:
+            return _shared_sampler(False, float(temperature), 1.0)
+        return CategoricalSampler(temperature, np.random.default_rng(seed))
+    on_cpu = mx.default_device() == mx.cpu
     if seed is None:
-        return _shared_sampler(on_host, float(temperature), float(top_p))
-    if on_host:
+        return _shared_sampler(on_cpu, float(temperature), float(top_p))
+    if on_cpu:
         return HostSampler(temperature, top_p, np.random.default_rng(seed))
     return _device_sampler(temperature, top_p, mx.random.key(seed))
 
 
 @lru_cache(maxsize=64)
-def _shared_sampler(on_host: bool, temperature: float, top_p: float) -> Sampler:
+def _shared_sampler(on_cpu: bool, temperature: float, top_p: float) -> Sampler:
     """One sampler object per setting: rows of a batch that all hold it are drawn in one call."""
-    if on_host:
+    if not 0 < top_p < 1:
+        return CategoricalSampler(temperature, np.random.default_rng())
+    if on_cpu:
         return HostSampler(temperature, top_p, np.random.default_rng())
     return _device_sampler(temperature, top_p, None)
 
 
 def _device_sampler(temperature: float, top_p: float, key: mx.array | None) -> Sampler:
     """mlx-lm's top-p and MLX's categorical; `key` None draws from MLX's global random state."""
-    if not 0 < top_p < 1:
-        return CategoricalSampler(temperature, key)
     state = [key]
 
     def sample(logprobs: mx.array) -> mx.array:
-        logprobs = apply_top_p(logprobs, top_p)
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
         draw = None
         if state[0] is not None:
             state[0], draw = mx.random.split(state[0])
@@ -57,32 +62,35 @@ def _device_sampler(temperature: float, top_p: float, key: mx.array | None) -> S
 
 
 class CategoricalSampler:
-    """Temperature sampling in the step's graph, by inverse CDF as HostSampler draws (one uniform number
-    per row; MLX's categorical draws one per token, ~2x the time on a CPU); `key` None draws from MLX's
-    global random state. Each row is shifted to a maximum of 0 first, so raw logits draw as log-probabilities."""
+    """Temperature sampling in the step's graph, by inverse CDF as HostSampler draws: one uniform number
+    per row, from `rng` on the host (MLX's categorical makes one per token: ~2x the time on a CPU), so the
+    step is queued before anything is read. Each row is shifted to a maximum of 0 first, so raw logits draw
+    as log-probabilities do."""
 
     accepts_logits = True
 
-    def __init__(self, temperature: float, key: mx.array | None) -> None:
+    def __init__(self, temperature: float, rng: np.random.Generator) -> None:
         # finite however small the temperature: 0 x inf would make the row's best score NaN
         self.scale = mx.array(min(1.0 / temperature, 1e30), dtype=mx.float32)
-        self.key = key
+        self.rng = rng
 
     def __call__(self, scores: mx.array) -> mx.array:
-        draw = None
-        if self.key is not None:
-            self.key, draw = mx.random.split(self.key)
         rows = scores.reshape(-1, scores.shape[-1]).astype(mx.float32)
         mass = mx.cumsum(_weights(rows, rows.max(axis=-1, keepdims=True), self.scale), axis=-1)
-        # u in (0, total]: the first token whose cumulative mass reaches it has a weight above 0
-        u = (1.0 - mx.random.uniform(shape=(rows.shape[0], 1), key=draw)) * mass[:, -1:]
-        return (mass < u).sum(axis=-1).astype(mx.uint32).reshape(scores.shape[:-1])
+        # in (0, 1]: scaled to the row's total, the first token whose cumulative mass reaches it has a weight above 0
+        u = mx.array((1.0 - self.rng.random((rows.shape[0], 1))).astype(np.float32))
+        return _first_reaching(mass, u).astype(mx.uint32).reshape(scores.shape[:-1])
 
 
 @mx.compile
 def _weights(rows: mx.array, peak: mx.array, scale: mx.array) -> mx.array:
     # one fused kernel: MLX's own exp on the CPU takes ~4x as long (models.platform.compile_cache)
     return mx.exp((rows - peak) * scale)
+
+
+@mx.compile
+def _first_reaching(mass: mx.array, u: mx.array) -> mx.array:
+    return (mass < u * mass[:, -1:]).sum(axis=-1)
 
 
 class HostSampler:

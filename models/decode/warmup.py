@@ -24,14 +24,13 @@ from models.decode.single_stream import SingleStream
 def warm_variant(model: Any, context: int, max_batch: int, pad_prefill: bool,
                  between: Callable[[], None] | None = None) -> None:
     """Warm a variant loaded at run time: every shape where shapes cost set-up time, else one short
-    prefill and sampled decode step of a lone request and one decode step of a batch of two. `between` runs
-    after each of them (the engine decodes for the variants already serving)."""
+    prefill and decode step of a lone request, one decode step of a batch of two, and the kernels of
+    sampled draws. `between` runs after each of them (the engine decodes for the variants already serving)."""
     if pad_prefill:
         warm_shapes(model, context, max_batch)
         return
-    # drawn with temperature: its fused kernel is built now, not in a request (the argmax needs none)
-    sampler = make_request_sampler(1.0, 1.0, 0)
-    SingleStream(model, [0] * min(9, max(context - 2, 2)), 1, sampler, [], set(), 0).step()
+    SingleStream(model, [0] * min(9, max(context - 2, 2)), 1, None, [], set(), 0).step()
+    warm_sampling()
     if between is not None:
         between()
     with mx.stream(generation_stream):
@@ -52,3 +51,11 @@ def warm_shapes(model: Any, context: int, max_batch: int) -> int:
             mx.eval(model(mx.zeros((batch, 1), mx.int32), cache=cache))
             shapes += 1
     return shapes
+
+
+def warm_sampling() -> None:
+    """Build the fused kernels of a temperature draw (models.decode.sampling) for one row and for a batch's
+    rows drawn together (their own kernels: rows broadcast against their totals); any vocabulary size."""
+    sampler = make_request_sampler(1.0, 1.0, 0)
+    for rows in (1, 2):
+        mx.eval(sampler(mx.zeros((rows, 8))))

@@ -31,7 +31,7 @@ from models.api import (
 from models.decode.constraints import compile_constraint
 from models.decode.cpu_fusion import fused_kernels_state
 from models.decode.prefill import shapes_cost
-from models.decode.warmup import warm_shapes, warm_variant
+from models.decode.warmup import warm_sampling, warm_shapes, warm_variant
 from models.engine.config import EngineConfig
 from models.engine.nonfinite import NonFinitePolicy
 from models.engine.outbox import Outbox
@@ -167,6 +167,7 @@ class MLXEngine:
         await run(text, 8)
         await run(text, 4, chat=True)  # the chat template compiles on first use
         await asyncio.gather(run(text, 16), run("1+1=", 8), run(text[:40], 8))
+        await self._call(warm_sampling)
         self.traffic.forget()  # the warm-up's overlap says nothing about the traffic to come
         if self.pad_prefill and self.mirror is None:  # distributed: the shapes compile on first use
             shapes = await self._call(self._warm_shapes)
