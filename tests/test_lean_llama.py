@@ -1,5 +1,5 @@
-"""The lean llama decode step on the CPU (models.mlx_lm_ext.lean_llama): mlx-lm's tokens and logits within
-float rounding, in half as many graph nodes, with the model's parameters untouched."""
+"""The lean llama and qwen2 decode step on the CPU (models.mlx_lm_ext.lean_llama): mlx-lm's tokens and logits
+within float rounding, in half as many graph nodes, with the model's parameters untouched."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.models import llama
+from mlx_lm.models import llama, qwen2
 from mlx_lm.models.cache import make_prompt_cache
 
 from models.decode.cpu_fusion import FusedRoPE
 from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
-from models.mlx_lm_ext.lean_llama import LeanLlama, RopeTables, lean_decode_on_cpu
+from models.mlx_lm_ext.lean_llama import LEAN_CLASSES, LeanLlama, LeanQwen2, RopeTables, lean_decode_on_cpu
 from models.testing.synthetic import llama_config, make_llama_checkpoint
 from models.testing.synthetic_archs import make_checkpoint
 from models.weights.loader import load_variant
@@ -70,17 +70,24 @@ def folders(tmp_path_factory):
     gqa = make_checkpoint(root / "gqa", "llama")  # 4 heads, 2 KV heads, untied head
     traditional = make_llama_checkpoint(root / "traditional", llama_config(hidden=128, layers=2, vocab=100, heads=2),
                                         extra_config={"rope_traditional": True})
-    return {"bundled": BUNDLED, "gqa": gqa, "traditional": traditional}
+    qwen = make_checkpoint(root / "qwen2", "qwen2")  # biased query, key and value projections; tied head
+    return {"bundled": BUNDLED, "gqa": gqa, "traditional": traditional, "qwen2": qwen}
+
+
+def _plain(model) -> None:
+    """Back to mlx-lm's own class."""
+    model.__class__ = next(plain for plain, lean in LEAN_CLASSES.items() if lean is type(model))
 
 
 @pytest.mark.parametrize("name,precision", [("bundled", "float32"), ("bundled", "bfloat16"), ("gqa", "float32"),
-                                            ("gqa", "q4"), ("gqa", "q8:float32"), ("traditional", "float32")])
+                                            ("gqa", "q4"), ("gqa", "q8:float32"), ("traditional", "float32"),
+                                            ("qwen2", "float32"), ("qwen2", "bfloat16"), ("qwen2", "q4")])
 def test_the_lean_step_decodes_mlx_lms_tokens_and_logits(folders, name, precision):
     model = load_variant("m", folders[name], precision).model
-    assert type(model) is LeanLlama
+    assert type(model) is (LeanQwen2 if name == "qwen2" else LeanLlama)
     lean_logits, lean_tokens = _logits_and_tokens(model, [5, 17, 33, 8], 12)
     lean_batch = _batch_tokens(model)
-    model.__class__ = llama.Model
+    _plain(model)
     logits, tokens = _logits_and_tokens(model, [5, 17, 33, 8], 12)
     assert lean_tokens == tokens
     assert _batch_tokens(model) == lean_batch
@@ -115,11 +122,12 @@ def _graph_nodes(model, tmp_path) -> int:
     return len(re.findall(r'label ="', (tmp_path / "step.dot").read_text()))
 
 
-def test_a_lean_step_has_at_most_two_thirds_of_mlx_lms_graph_nodes(folders, tmp_path):
+@pytest.mark.parametrize("name", ["gqa", "qwen2"])
+def test_a_lean_step_has_at_most_two_thirds_of_mlx_lms_graph_nodes(folders, tmp_path, name):
     # 2 layers: a step's fixed nodes (RoPE's tables, the head) weigh more than in llama-25m (313 of 641)
-    model = load_variant("m", folders["gqa"], "float32").model
+    model = load_variant("m", folders[name], "float32").model
     lean = _graph_nodes(model, tmp_path)
-    model.__class__ = llama.Model
+    _plain(model)
     plain = _graph_nodes(model, tmp_path)
     assert lean <= 2 / 3 * plain, (lean, plain)
 
@@ -138,11 +146,16 @@ def test_the_model_keeps_its_parameters_and_a_replaced_weight_is_used(folders):
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
 
 
-def test_only_mlx_lms_llama_on_the_cpu_gets_the_lean_step(folders, tmp_path):
+def test_only_mlx_lms_llama_and_qwen2_on_the_cpu_get_the_lean_step(folders, tmp_path):
     model = load_variant("m", folders["bundled"], "float32").model
     assert type(model) is LeanLlama and not lean_decode_on_cpu(model)  # once only
     qwen = load_variant("m", make_checkpoint(tmp_path / "qwen3", "qwen3"), "float32").model
-    assert not isinstance(qwen, LeanLlama)
+    assert not isinstance(qwen, (LeanLlama, LeanQwen2))
+    qwen = load_variant("m", folders["qwen2"], "float32").model
+    assert type(qwen) is LeanQwen2
+    qwen.__class__ = qwen2.Model
+    del qwen.model.pipeline_size  # another mlx-lm's qwen2: its step is left alone
+    assert not lean_decode_on_cpu(qwen) and type(qwen) is qwen2.Model
     model.__class__ = llama.Model
     del model.model.layers[1].self_attn.n_kv_heads  # another mlx-lm's llama: its step is left alone
     assert not lean_decode_on_cpu(model) and type(model) is llama.Model

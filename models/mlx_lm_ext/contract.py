@@ -30,8 +30,9 @@ NAMES = (
     "mlx_lm.models.cache:KVCache.to_quantized", "mlx_lm.generate:PromptProcessingBatch.prompt",
     "mlx_lm.generate:PromptProcessingBatch.extend", "mlx_lm.generate:PromptProcessingBatch._copy",
     "mlx_lm.utils:_get_classes",
-    # the lean llama decode step on the CPU (lean_llama): the class it extends, what its step calls
+    # the lean llama and qwen2 decode step on the CPU (lean_llama): the class it extends, what its step calls
     "mlx_lm.models.llama:Model", "mlx_lm.models.llama:MLP", "mlx_lm.models.activations:swiglu",
+    "mlx_lm.models.qwen2:Model", "mlx_lm.models.qwen2:MLP",
     "mlx_lm.models.base:create_attention_mask", "mlx_lm.models.base:scaled_dot_product_attention",
     # replaced on CUDA (quantized_attention)
     "mlx_lm.models.base:quantized_scaled_dot_product_attention",

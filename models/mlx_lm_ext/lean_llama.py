@@ -1,4 +1,4 @@
-"""On the CPU, mlx-lm's llama decode step (one token a row) built from half as many MLX graph nodes.
+"""On the CPU, mlx-lm's llama and qwen2 decode steps (one token a row) built from half as many MLX graph nodes.
 
 Each node of a step costs MLX's CPU stream microseconds beyond its arithmetic: the host thread
 allocates and dispatches it, and every 10 dispatches the two threads hand work to each other (waking a
@@ -9,8 +9,9 @@ The step computes what mlx-lm's llama computes, in the same order, with fewer no
 (rows, hidden), so no Linear flattens and unflattens its input; a plain Linear multiplies by a transpose
 of its weight made once (a view); heads are one reshape; RoPE's cosines and sines are computed once a
 step for all layers (by MLX's RoPE itself, so they are its values) and applied by one fused kernel per
-projection. Prompts (more than one token a row), calls without a cache, sliding-window models and other
-RoPE kinds run mlx-lm's code. The modules' parameters are untouched; only the model's class changes.
+projection. Prompts (more than one token a row), calls without a cache, sliding-window models, pipelined
+ones and other RoPE kinds run mlx-lm's code. The modules' parameters are untouched; only the model's class
+changes. qwen2 is llama with biases on the query, key and value projections (and its heads' size implied).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
+from mlx_lm.models import llama, qwen2
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
@@ -27,6 +28,7 @@ from models.decode.cpu_fusion import FusedRMSNorm, FusedRoPE, compiles_on_cpu, f
 from models.decode.module_swap import swap_classes
 
 _PLAIN_ROPES = (nn.RoPE, FusedRoPE)
+_PLAIN_MLPS = (llama.MLP, qwen2.MLP)
 
 
 def _rotate(x: mx.array, swapped: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.array:
@@ -98,9 +100,11 @@ def _transposed(module: nn.Module) -> mx.array:
 
 def _linear(module: nn.Module, x: mx.array) -> mx.array:
     """`module(x)`; a plain Linear without a node for its weight's transpose (evaluated with the first step)."""
-    if type(module) is nn.Linear and "bias" not in module:
-        return x @ _transposed(module)
-    return module(x)
+    if type(module) is not nn.Linear:
+        return module(x)
+    if "bias" in module:
+        return mx.addmm(module["bias"], x, _transposed(module))  # nn.Linear's own op
+    return x @ _transposed(module)
 
 
 def _norm(module: nn.Module, x: mx.array) -> mx.array:
@@ -110,7 +114,7 @@ def _norm(module: nn.Module, x: mx.array) -> mx.array:
 
 
 def _mlp(mlp: Any, x: mx.array) -> mx.array:
-    if type(mlp) is not llama.MLP:
+    if type(mlp) not in _PLAIN_MLPS:
         return mlp(x)
     return _linear(mlp.down_proj, swiglu(_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)))
 
@@ -132,51 +136,78 @@ def _layer(layer: Any, h: mx.array, mask: Any, cache: Any, tables: RopeTables | 
     return h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h))
 
 
+def _lean_step(model: Any, inputs: mx.array, cache: list[Any], mask_cache: Any) -> mx.array:
+    """The one-token step of a llama-like `model` (mlx-lm's Model: .model.layers, .embed_tokens, .norm)."""
+    inner = model.model
+    rows = inputs.shape[0]
+    h = inner.embed_tokens(inputs.reshape(rows))
+    mask = create_attention_mask(inputs, mask_cache)
+    rope = inner.layers[0].self_attn.rope
+    tables = RopeTables(rope, cache[0].offset, h.dtype) if type(rope) in _PLAIN_ROPES and all(
+        type(layer.self_attn.rope) is type(rope) and layer.self_attn.rope.dims == _head_dim(model, layer.self_attn)
+        for layer in inner.layers) else None
+    for layer, layer_cache in zip(inner.layers, cache, strict=True):
+        h = _layer(layer, h, mask, layer_cache, tables)
+    h = _norm(inner.norm, h)
+    embed = inner.embed_tokens
+    if not model.args.tie_word_embeddings:
+        out = _linear(model.lm_head, h)
+    elif type(embed) is nn.Embedding:
+        out = h @ _transposed(embed)
+    else:
+        out = embed.as_linear(h)
+    return out.reshape(rows, 1, -1)
+
+
+def _head_dim(model: Any, attn: Any) -> int:
+    # llama's attention says it; qwen2's heads split the hidden size
+    return getattr(attn, "head_dim", None) or model.args.hidden_size // attn.n_heads
+
+
+def _one_token_with_cache(inputs: mx.array, cache: Any, input_embeddings: mx.array | None) -> bool:
+    return cache is not None and input_embeddings is None and inputs.ndim == 2 and inputs.shape[1] == 1
+
+
 class LeanLlama(llama.Model):
     """mlx-lm's llama Model whose one-token steps with a KV cache run in fewer graph nodes."""
 
     def __call__(self, inputs: mx.array, cache: Any = None, input_embeddings: mx.array | None = None) -> mx.array:
         inner = self.model
-        if cache is None or input_embeddings is not None or inputs.ndim != 2 or inputs.shape[1] != 1 \
-                or inner.swa_idx is not None:
+        if not _one_token_with_cache(inputs, cache, input_embeddings) or inner.swa_idx is not None:
             return super().__call__(inputs, cache, input_embeddings)
-        rows = inputs.shape[0]
-        h = inner.embed_tokens(inputs.reshape(rows))
-        mask = create_attention_mask(inputs, cache[inner.fa_idx])
-        rope = inner.layers[0].self_attn.rope
-        tables = RopeTables(rope, cache[0].offset, h.dtype) if type(rope) in _PLAIN_ROPES and all(
-            type(layer.self_attn.rope) is type(rope) and layer.self_attn.rope.dims == layer.self_attn.head_dim
-            for layer in inner.layers) else None
-        for layer, layer_cache in zip(inner.layers, cache, strict=True):
-            h = _layer(layer, h, mask, layer_cache, tables)
-        h = _norm(inner.norm, h)
-        embed = inner.embed_tokens
-        if not self.args.tie_word_embeddings:
-            out = _linear(self.lm_head, h)
-        elif type(embed) is nn.Embedding:
-            out = h @ _transposed(embed)
-        else:
-            out = embed.as_linear(h)
-        return out.reshape(rows, 1, -1)
+        return _lean_step(self, inputs, cache, cache[inner.fa_idx])
 
 
+class LeanQwen2(qwen2.Model):
+    """mlx-lm's qwen2 Model whose one-token steps with a KV cache run in fewer graph nodes."""
+
+    def __call__(self, inputs: mx.array, cache: Any = None, input_embeddings: mx.array | None = None) -> mx.array:
+        if not _one_token_with_cache(inputs, cache, input_embeddings) or self.model.pipeline_size > 1:
+            return super().__call__(inputs, cache, input_embeddings)
+        return _lean_step(self, inputs, cache, cache[0])
+
+
+LEAN_CLASSES = {llama.Model: LeanLlama, qwen2.Model: LeanQwen2}
+# the attributes the lean step reads, past those every layer has (_LAYER_PARTS, _ATTENTION_PARTS)
+_INNER_PARTS = {llama.Model: ("fa_idx", "swa_idx"), qwen2.Model: ("pipeline_size",)}
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
-_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "head_dim", "scale")
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale")
 
 
-def _has_llama_structure(model: Any) -> bool:
-    """The instance attributes the lean step reads (mlx-lm 0.32's llama), on every layer."""
+def _has_structure(model: Any) -> bool:
+    """The instance attributes the lean step reads (mlx-lm 0.32's llama or qwen2), on every layer."""
     inner = getattr(model, "model", None)
-    if not all(hasattr(inner, name) for name in ("layers", "embed_tokens", "norm", "fa_idx", "swa_idx")):
+    needed = ("layers", "embed_tokens", "norm", *_INNER_PARTS[type(model)])
+    if not all(hasattr(inner, name) for name in needed) or not hasattr(model, "args"):
         return False
     return all(all(hasattr(layer, part) for part in _LAYER_PARTS)
                and all(hasattr(layer.self_attn, part) for part in _ATTENTION_PARTS) for layer in inner.layers)
 
 
 def lean_decode_on_cpu(model: Any) -> bool:
-    """Give a llama model (mlx-lm's llama.Model, exactly) the lean decode step when MLX runs on the CPU and
-    compiles fused kernels there; returns whether it did."""
-    if mx.default_device().type != mx.cpu or type(model) is not llama.Model or not compiles_on_cpu() \
-            or not _has_llama_structure(model):
+    """Give a llama or qwen2 model (mlx-lm's llama.Model or qwen2.Model, exactly) the lean decode step when MLX
+    runs on the CPU and compiles fused kernels there; returns whether it did."""
+    lean = LEAN_CLASSES.get(type(model))
+    if mx.default_device().type != mx.cpu or lean is None or not compiles_on_cpu() or not _has_structure(model):
         return False
-    return swap_classes(model, {llama.Model: LeanLlama}) == 1
+    return swap_classes(model, {type(model): lean}) == 1
