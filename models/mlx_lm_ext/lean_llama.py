@@ -160,8 +160,8 @@ def _lean_step(model: Any, inputs: mx.array, cache: list[Any], mask_cache: Any) 
 
 
 def _head_dim(model: Any, attn: Any) -> int:
-    # llama's attention says it; qwen2's heads split the hidden size
-    return getattr(attn, "head_dim", None) or model.args.hidden_size // attn.n_heads
+    # llama's attention says it; qwen2's heads split the hidden size (the model's heads: a shard holds fewer)
+    return getattr(attn, "head_dim", None) or model.args.hidden_size // model.args.num_attention_heads
 
 
 def _one_token_with_cache(inputs: mx.array, cache: Any, input_embeddings: mx.array | None) -> bool:
