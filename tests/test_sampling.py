@@ -106,6 +106,9 @@ def test_temperature_alone_draws_in_the_graph_from_logits_as_from_logprobs():
 
     assert isinstance(make_request_sampler(0.8, 1.0, None), CategoricalSampler)
     assert isinstance(make_request_sampler(0.8, 1.0, 7), CategoricalSampler)
+    # unseeded rows of one temperature share a sampler: the batch draws them in one call
+    assert make_request_sampler(0.8, 1.0, None) is make_request_sampler(0.8, 1.0, None)
+    assert make_request_sampler(0.8, 1.0, None) is not make_request_sampler(0.9, 1.0, None)
     assert isinstance(make_request_sampler(0.8, 0.9, None), HostSampler)  # top-p stays in numpy
     assert accepts_logits(make_request_sampler(0.8, 1.0, None))
     probs = np.array([0.5, 0.25, 0.15, 0.06, 0.04])

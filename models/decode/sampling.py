@@ -26,7 +26,7 @@ def make_request_sampler(temperature: float, top_p: float, seed: int | None) -> 
         return None
     if not 0 < top_p < 1:  # temperature alone: drawn in the step's graph, on any device
         if seed is None:
-            return _shared_sampler(False, float(temperature), 1.0)
+            return _shared_categorical(float(temperature))
         return CategoricalSampler(temperature, np.random.default_rng(seed))
     on_cpu = mx.default_device() == mx.cpu
     if seed is None:
@@ -37,10 +37,14 @@ def make_request_sampler(temperature: float, top_p: float, seed: int | None) -> 
 
 
 @lru_cache(maxsize=64)
+def _shared_categorical(temperature: float) -> Sampler:
+    """One sampler object per temperature: rows of a batch that all hold it are drawn in one call."""
+    return CategoricalSampler(temperature, np.random.default_rng())
+
+
+@lru_cache(maxsize=64)
 def _shared_sampler(on_cpu: bool, temperature: float, top_p: float) -> Sampler:
     """One sampler object per setting: rows of a batch that all hold it are drawn in one call."""
-    if not 0 < top_p < 1:
-        return CategoricalSampler(temperature, np.random.default_rng())
     if on_cpu:
         return HostSampler(temperature, top_p, np.random.default_rng())
     return _device_sampler(temperature, top_p, None)
