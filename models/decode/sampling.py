@@ -51,12 +51,12 @@ def _shared_sampler(on_cpu: bool, temperature: float, top_p: float) -> Sampler:
 
 
 def _device_sampler(temperature: float, top_p: float, key: mx.array | None) -> Sampler:
-    """mlx-lm's top-p and MLX's categorical; `key` None draws from MLX's global random state."""
+    """mlx-lm's top-p (0 < top_p < 1: temperature alone is CategoricalSampler's) and MLX's categorical; `key`
+    None draws from MLX's global random state."""
     state = [key]
 
     def sample(logprobs: mx.array) -> mx.array:
-        if 0 < top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
+        logprobs = apply_top_p(logprobs, top_p)
         draw = None
         if state[0] is not None:
             state[0], draw = mx.random.split(state[0])

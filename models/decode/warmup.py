@@ -24,13 +24,12 @@ from models.decode.single_stream import SingleStream
 def warm_variant(model: Any, context: int, max_batch: int, pad_prefill: bool,
                  between: Callable[[], None] | None = None) -> None:
     """Warm a variant loaded at run time: every shape where shapes cost set-up time, else one short
-    prefill and decode step of a lone request, one decode step of a batch of two, and the kernels of
-    sampled draws. `between` runs after each of them (the engine decodes for the variants already serving)."""
+    prefill and decode step of a lone request and one decode step of a batch of two. `between` runs
+    after each of them (the engine decodes for the variants already serving)."""
     if pad_prefill:
         warm_shapes(model, context, max_batch)
         return
     SingleStream(model, [0] * min(9, max(context - 2, 2)), 1, None, [], set(), 0).step()
-    warm_sampling()
     if between is not None:
         between()
     with mx.stream(generation_stream):

@@ -172,8 +172,7 @@ class Worker:
                 self.host.step_all()
                 self.host.step_report()
                 self.clock.lap("report")
-                self.outbox.flush(force=not busy)
-                self.host.start_held()
+                self._send(force=not busy)
                 self.clock.lap("flush")
                 if not busy:
                     self.host.idle(time.time())
@@ -194,9 +193,13 @@ class Worker:
         steps = self.stats.decode_steps
         self.host.step_all()
         self.stats.steps_during_loads += self.stats.decode_steps - steps
-        self.outbox.flush()
-        self.host.start_held()
+        self._send()
         self._load_step_at = time.perf_counter()
+
+    def _send(self, force: bool = False) -> None:
+        """Hand the steps' events to their event loops, then start the decode steps held behind them."""
+        self.outbox.flush(force=force)
+        self.host.start_held()
 
     def _score_together(self, commands: list[Command]) -> None:
         """Run the scoring calls among the pulled `commands` as batches; those past this iteration's share go

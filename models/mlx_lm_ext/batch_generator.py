@@ -254,9 +254,8 @@ class LeanBatchGenerator(BatchGenerator):
         writes = max((sum(map(len, q[1])) for q in queued), default=0) + max((q[2] for q in queued), default=0)
         merged = merge_quantized(joining, *self.kv) if self.kv is not None else None
         if merged is not None:  # mlx-lm cannot merge quantized caches: it merges empty ones, replaced below
-            for i in range(n):
-                queued = self._unprocessed_sequences[i]
-                self._unprocessed_sequences[i] = (*queued[:3], [KVCache() for _ in queued[3]], *queued[4:])
+            for i, q in enumerate(queued):
+                self._unprocessed_sequences[i] = (*q[:3], [KVCache() for _ in q[3]], *q[4:])
         batch = super()._make_batch(n)
         merged = merged or merge_caches(joining, writes)
         if merged is not None:
