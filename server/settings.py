@@ -98,6 +98,9 @@ class Settings(BaseSettings):
         "any", description="MLX distributed backend the ranks join (any: the one mlx.launch set up)")
     distributed_timeout_s: float = Field(10.0, gt=0, description="a rank that waits this long for the others "
                                          "declares the group lost: rank 0's /health turns 503, a follower exits")
+    distributed_step_timeout_s: float | None = Field(
+        None, gt=0, description="a decoder step (a prefill included) that lasts this long means a rank is gone "
+        "(its collectives never complete); default: 10 times --distributed-timeout-s")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="debug, info, warning, error or critical")
     log_format: Literal["text", "json"] = Field(

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from models.distributed.watchdog import STEP_TIMEOUTS
 from models.testing.synthetic import llama_config, make_llama_checkpoint
 from models.weights.estimate import estimate_variant
 from tests.conftest import BUNDLED, ROOT, free_port, free_ports_from
@@ -24,6 +23,7 @@ from tests.conftest import BUNDLED, ROOT, free_port, free_ports_from
 LLAMA = "tiny-llama"
 DTYPES = ("float32", "bfloat16")
 PROMPTS = ("17+25=", "3+4=", "The cat", "12+30=")
+STEP_TIMEOUT_S = 15
 COMMON = ("--no-warmup", "--log-level", "warning", "--max-batch-size", "8")
 
 
@@ -72,7 +72,9 @@ def _start_ranks(hostfile, port: int, *args: str) -> list[subprocess.Popen]:
 @pytest.fixture(scope="module")
 def servers(model_dirs, tmp_path_factory):
     """(the 2-rank group's URL, its processes, one process's URL), started side by side."""
-    args = ("--model-dirs", str(model_dirs), "--distributed-timeout-s", "3", *COMMON)
+    # a step's bound above a step that builds kernels on a cold cache, below the default of 10 waits
+    args = ("--model-dirs", str(model_dirs), "--distributed-timeout-s", "3", "--distributed-step-timeout-s",
+            str(STEP_TIMEOUT_S), *COMMON)
     group_port, single_port = free_port(), free_port()
     ranks = _start_ranks(tmp_path_factory.mktemp("ring") / "hosts.json", group_port, *args)
     single_proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(single_port), *args], cwd=ROOT,
@@ -232,8 +234,8 @@ def test_a_rank_that_dies_turns_rank_0_unhealthy_and_fails_its_requests(servers)
     os.killpg(procs[1].pid, signal.SIGKILL)
     killed_at = time.monotonic()
     # within the watchdog's bound (docs/distributed.md): a command's wait of 3 s, or, when the kill lands inside
-    # a decoder step whose collectives never complete, STEP_TIMEOUTS of them
-    bound = 3 * STEP_TIMEOUTS + 5
+    # a decoder step whose collectives never complete, the step's bound
+    bound = STEP_TIMEOUT_S + 5
     while httpx.get(f"{base}/health", timeout=5).status_code != 503:
         assert time.monotonic() - killed_at < bound, "rank 0 still reports healthy"
         time.sleep(0.2)
@@ -270,3 +272,35 @@ def test_the_budget_is_per_rank():
     registry = VariantRegistry(catalog, "bfloat16", (share + whole) // 2, kv_sequences=0, fit_order=("bfloat16",))
     registry.shard_group = _TwoRanks()
     assert registry.fit("tiny-arith")["chosen"] == "bfloat16"
+
+
+def _watched(timeout_s: float, step_timeout_s: float | None) -> tuple:
+    """A channel of a group of one, its watchdog polling every 20 ms, and the reasons it reports."""
+    import mlx.core as mx
+
+    from models.distributed.channel import Channel
+    from models.distributed.watchdog import Watchdog
+
+    channel, reasons, lost = Channel(mx.distributed.init()), [], threading.Event()
+    Watchdog(channel, timeout_s, lambda reason: (reasons.append(reason), lost.set()), poll_s=0.02,
+             step_timeout_s=step_timeout_s).start()
+    return channel, reasons, lost
+
+
+def test_a_decoder_step_longer_than_its_own_bound_loses_the_group():
+    channel, reasons, lost = _watched(60, 0.2)
+    with channel.stepping():
+        assert lost.wait(10)
+    assert "decoder step" in reasons[0] and "0.2s" in reasons[0] and channel.lost == reasons[0]
+
+
+def test_without_a_bound_of_its_own_a_step_may_take_ten_waits():
+    from models.distributed.watchdog import STEP_TIMEOUTS
+
+    channel, reasons, lost = _watched(0.05, None)
+    with channel.stepping():
+        time.sleep(0.05 * STEP_TIMEOUTS / 2)  # longer than a wait's bound, shorter than a step's
+    assert not lost.is_set()
+    with channel.stepping():
+        assert lost.wait(10)
+    assert "decoder step" in reasons[0] and f"{0.05 * STEP_TIMEOUTS:g}s" in reasons[0]

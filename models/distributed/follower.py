@@ -173,5 +173,5 @@ def follow(catalog: ModelCatalog, config: EngineConfig) -> int:
         log.error("rank %d: leaving: %s", channel.rank, reason)
         os._exit(1)
 
-    Watchdog(channel, config.distributed_timeout_s, leave).start()
+    Watchdog(channel, config.distributed_timeout_s, leave, step_timeout_s=config.distributed_step_timeout_s).start()
     return Follower(channel, catalog, config).run()

@@ -37,6 +37,7 @@ class EngineConfig:
     distributed: str = "off"
     distributed_backend: str = "any"  # mx.distributed.init's backend: any, ring, nccl, jaccl, mpi
     distributed_timeout_s: float = 10.0  # a wait on the other ranks this long means one is gone
+    distributed_step_timeout_s: float | None = None  # a decoder step this long too (None: STEP_TIMEOUTS waits)
 
     # ---- tuning -----------------------------------------------------------------------------
     check_every: int = 4  # decode steps between non-finite checks under the `warn` policy

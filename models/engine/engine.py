@@ -130,7 +130,8 @@ class MLXEngine:
         if self.mirror is not None:
             from models.distributed.watchdog import Watchdog
 
-            Watchdog(self.channel, self.config.distributed_timeout_s, self._group_lost).start()
+            Watchdog(self.channel, self.config.distributed_timeout_s, self._group_lost,
+                     step_timeout_s=self.config.distributed_step_timeout_s).start()
         if self.mlx_lm.missing:
             log.warning("mlx-lm %s (dtype-serve expects %s) lacks %s: those paths fall back to mlx-lm's own",
                         self.mlx_lm.version, self.mlx_lm.pinned, ", ".join(self.mlx_lm.missing))
