@@ -35,6 +35,18 @@ def test_openblas_threads_stop_spinning_soon_after_a_product_unless_the_operator
     assert out.strip() == expected
 
 
+@pytest.mark.skipif(sys.platform == "darwin" or _find_optimized() is None, reason="OpenBLAS is loaded on Linux only")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_thread_count_given_is_the_one_the_products_use(threads):
+    # the forwarding library's products share their columns among openblas_get_num_threads() threads
+    probe = ("import ctypes; from models.platform.blas import configure_blas; "
+             f"info = configure_blas('auto', {threads}); "
+             "print(info.threads, ctypes.CDLL(info.library).openblas_get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, env=env).stdout
+    assert out.split() == [str(threads), str(threads)]
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (64, 1024, 2048), (7, 333, 129)])
 def test_float32_matmul_matches_numpy(m, k, n):
     rng = np.random.default_rng(0)

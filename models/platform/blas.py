@@ -136,6 +136,9 @@ def configure_blas(choice: str = "auto", threads: int | None = None) -> BlasInfo
     # OpenBLAS's threads spin 2^28 cycles (~0.1 s) after each product by default: after every prefill they took
     # a core from the decode steps (the 20 steps after one took 1.15x longer); 2^18 spans a prefill's products
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")
+    if threads and _vendor_of(path) == "openblas":
+        # read when loaded: openblas_set_num_threads does not reach the count of the renamed copy MLX calls
+        os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
     try:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError:
