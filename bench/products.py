@@ -1,0 +1,122 @@
+"""A decode step's float32 products against the BLAS read rate they could reach, and what each BLAS thread adds:
+
+    python -m bench.products --shape llama-25m --vocab 32000 --rows 1 8 --threads 1 2
+
+For each thread count (a process of its own: OpenBLAS reads its count when loaded), the weight shapes of the
+model's step (attention, MLP, output layer), each times `rows` rows of activations: through MLX with the
+forwarding library (models/platform/blas_forward.py) and through numpy's own OpenBLAS (sgemv at one row, sgemm
+above), side by side, on enough distinct weights (~250 MB a shape) that they are read from memory, not cache.
+The figure is the weight bytes read per second. Then the model's whole one-row decode step (bench.cpu_decode's
+loop, greedy, mlx-lm's KV cache) at that thread count: the products' share of it is what the threads can speed up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from bench.common import SHAPES, ensure_model, write_result
+
+WEIGHT_BYTES = 2.5e8  # distinct weights per shape: beyond what the caches keep between two reads
+
+
+def _median_s(fn, repeats: int = 7, inner: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+def _shapes(shape: str, vocab: int) -> dict[str, tuple[int, int]]:
+    hidden, inter = SHAPES[shape]["hidden"], SHAPES[shape]["intermediate"]
+    return {"attention": (hidden, hidden), "mlp_in": (inter, hidden), "mlp_out": (hidden, inter),
+            "output": (vocab, hidden)}
+
+
+def _rates(name: str, n: int, k: int, rows: list[int]) -> list[dict]:
+    """Weight bytes read per second by `rows`-row products with (n, k) weights: MLX (ours) and numpy's OpenBLAS."""
+    import mlx.core as mx
+    import numpy as np
+
+    count = max(2, int(WEIGHT_BYTES // (n * k * 4)))
+    weights = [mx.random.normal((n, k)) * 0.02 for _ in range(count)]
+    mx.eval(weights)
+    host = [np.array(w) for w in weights]
+    found = []
+    for m in rows:
+        x = mx.random.normal((m, k))
+        mx.eval(x)
+        xh = np.array(x)[0] if m == 1 else np.array(x)  # one row: numpy's sgemv
+        ours = _median_s(lambda: mx.eval([x @ w.T for w in weights])) / count  # noqa: B023
+        theirs = _median_s(lambda: [xh @ w.T for w in host]) / count  # noqa: B023
+        found.append({"weight": name, "shape": [n, k], "rows": m, "ours_gb_s": round(n * k * 4 / ours / 1e9, 2),
+                      "numpy_openblas_gb_s": round(n * k * 4 / theirs / 1e9, 2), "ratio": round(theirs / ours, 3)})
+        print(json.dumps(found[-1]), file=sys.stderr, flush=True)
+    return found
+
+
+def measure(shape: str, vocab: int, rows: list[int]) -> dict:
+    """This process's figures (its BLAS thread count came from the environment)."""
+    from models.platform.blas import configure_blas
+
+    info = configure_blas("auto")
+    from models.decode.single_stream import SingleStream
+    from models.weights.loader import load_variant
+
+    products = [rate for name, (n, k) in _shapes(shape, vocab).items() for rate in _rates(name, n, k, rows)]
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()  # the products' weights leave no buffers behind for the step
+    model = load_variant("m", ensure_model(shape, "float32", vocab), "float32").model
+    steps = []
+    for _ in range(5):
+        stream = SingleStream(model, list(range(5, 95)), 64, None, [], set(), 0)
+        times = []
+        for _ in range(63):
+            start = time.perf_counter()
+            stream.step()
+            times.append(time.perf_counter() - start)
+        steps.append(statistics.mean(times[3:]))
+    return {"blas_threads": info.threads, "products": products, "step_ms": round(min(steps) * 1e3, 3),
+            "step_ms_median": round(statistics.median(steps) * 1e3, 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-25m", choices=sorted(SHAPES))
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--name", default=None)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.shape, args.vocab, args.rows)))
+        return
+    ensure_model(args.shape, "float32", args.vocab)
+    runs = []
+    for threads in args.threads:
+        cmd = [sys.executable, "-m", "bench.products", "--child", "--shape", args.shape, "--vocab", str(args.vocab),
+               "--rows", *map(str, args.rows)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             env={**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}).stdout
+        runs.append({"threads_asked": threads, **json.loads(out.strip().splitlines()[-1])})
+        print(json.dumps(runs[-1], indent=1), flush=True)
+    name = args.name or f"products-{args.shape}-v{args.vocab}"
+    print("wrote", write_result(name, {"shape": args.shape, "vocab": args.vocab, "runs": runs}))
+
+
+if __name__ == "__main__":
+    main()
