@@ -102,8 +102,9 @@ async def served():
     try:
         r = await client.post("/generate", json={"prompt": "17+25=", "max_tokens": 8})
         assert r.status_code == 200, r.text
+        body = {"dtypes": ["bfloat16", "float16"], "prompts": ["17+25=", "The cat"]}  # its shape, not its numbers
         for _ in range(1200):
-            report = await client.get("/v1/dtypes/report", params={"dtypes": ["bfloat16", "float16"]})
+            report = await client.post("/v1/dtypes/report", json=body)
             if report.status_code != 202:
                 break
             await asyncio.sleep(0.05)
