@@ -1,12 +1,13 @@
 """A decode step's float32 products against the BLAS read rate they could reach, and what each BLAS thread adds:
 
-    python -m bench.products --shape llama-25m --vocab 32000 --rows 1 8 --threads 1 2
+    python -m bench.products --shape llama-25m --vocab 32000 --rows 1 8 --threads 1 2 --contexts 128 1024 4096
 
 For each thread count (a process of its own: OpenBLAS reads its count when loaded), the weight shapes of the
 model's step (attention, MLP, output layer), each times `rows` rows of activations: through MLX with the
 forwarding library (models/platform/blas_forward.py) and through numpy's own OpenBLAS (sgemv at one row, sgemm
 above), side by side, on enough distinct weights (~250 MB a shape) that they are read from memory, not cache.
-The figure is the weight bytes read per second. Then the model's whole one-row decode step (bench.cpu_decode's
+The figure is the weight bytes read per second. Then one-token attention over `contexts` positions (the keys'
+and values' bytes read per second), and the model's whole one-row decode step (bench.cpu_decode's
 loop, greedy, mlx-lm's KV cache) at that thread count: the products' share of it is what the threads can speed up.
 """
 
@@ -64,7 +65,32 @@ def _rates(name: str, n: int, k: int, rows: list[int]) -> list[dict]:
     return found
 
 
-def measure(shape: str, vocab: int, rows: list[int]) -> dict:
+def _attention(contexts: list[int], heads: int = 8, width: int = 64) -> list[dict]:
+    """One-token attention (mx.fast.scaled_dot_product_attention, float32) over `contexts` positions: time per
+    layer, as the extra time of 32 more in one evaluation, and the keys' and values' bytes read per second."""
+    import mlx.core as mx
+
+    keys, values = (mx.random.normal((1, heads, max(contexts), width)) for _ in range(2))
+    query = mx.random.normal((1, heads, 1, width))
+    mx.eval(keys, values, query)
+    found = []
+    for context in contexts:
+        k, v = keys[..., :context, :], values[..., :context, :]
+
+        def chain(layers: int, k=k, v=v) -> None:
+            q = query
+            for _ in range(layers):
+                q = mx.fast.scaled_dot_product_attention(q, k, v, scale=width ** -0.5)
+            mx.eval(q)
+
+        per = (_median_s(lambda: chain(40)) - _median_s(lambda: chain(8))) / 32  # noqa: B023
+        found.append({"context": context, "heads": heads, "width": width, "us_per_layer": round(per * 1e6, 1),
+                      "kv_gb_s": round(2 * heads * context * width * 4 / per / 1e9, 2)})
+        print(json.dumps(found[-1]), file=sys.stderr, flush=True)
+    return found
+
+
+def measure(shape: str, vocab: int, rows: list[int], contexts: list[int]) -> dict:
     """This process's figures (its BLAS thread count came from the environment)."""
     from models.platform.blas import configure_blas
 
@@ -73,6 +99,7 @@ def measure(shape: str, vocab: int, rows: list[int]) -> dict:
     from models.weights.loader import load_variant
 
     products = [rate for name, (n, k) in _shapes(shape, vocab).items() for rate in _rates(name, n, k, rows)]
+    attention = _attention(contexts)
     import gc
 
     import mlx.core as mx
@@ -89,8 +116,8 @@ def measure(shape: str, vocab: int, rows: list[int]) -> dict:
             stream.step()
             times.append(time.perf_counter() - start)
         steps.append(statistics.mean(times[3:]))
-    return {"blas_threads": info.threads, "products": products, "step_ms": round(min(steps) * 1e3, 3),
-            "step_ms_median": round(statistics.median(steps) * 1e3, 3)}
+    return {"blas_threads": info.threads, "products": products, "attention": attention,
+            "step_ms": round(min(steps) * 1e3, 3), "step_ms_median": round(statistics.median(steps) * 1e3, 3)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,17 +126,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096],
+                   help="positions of the one-token attention measured (8 heads of 64)")
     p.add_argument("--name", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.shape, args.vocab, args.rows)))
+        print(json.dumps(measure(args.shape, args.vocab, args.rows, args.contexts)))
         return
     ensure_model(args.shape, "float32", args.vocab)
     runs = []
     for threads in args.threads:
         cmd = [sys.executable, "-m", "bench.products", "--child", "--shape", args.shape, "--vocab", str(args.vocab),
-               "--rows", *map(str, args.rows)]
+               "--rows", *map(str, args.rows), "--contexts", *map(str, args.contexts)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                              env={**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}).stdout
         runs.append({"threads_asked": threads, **json.loads(out.strip().splitlines()[-1])})

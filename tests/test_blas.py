@@ -70,6 +70,30 @@ def test_few_row_products_match_numpy_in_every_layout(rows, layout):
     np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("rows,positions,width", [(1, 1024, 64), (4, 2500, 128), (8, 4096, 64), (3, 1100, 256)])
+def test_attention_value_products_match_float64_sums(rows, positions, width):
+    # (rows, positions) @ (positions, width), B untransposed: under the forwarding library from 256 KB the positions
+    # are cut into chunks the threads share (a last chunk partial here), their partial sums added in order
+    rng = np.random.default_rng(positions)
+    a = rng.standard_normal((rows, positions), dtype=np.float32)
+    b = rng.standard_normal((positions, width), dtype=np.float32)
+    got = np.array(mx.array(a) @ mx.array(b))
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b.astype(np.float64), rtol=1e-4, atol=1e-3)
+    batched = np.array(mx.array(np.stack([a, 2 * a])) @ mx.array(np.stack([b, b])))  # per head, as attention calls
+    np.testing.assert_allclose(batched[1], 2 * got, rtol=1e-6, atol=1e-5)
+
+
+def test_one_token_attention_over_a_long_context_matches_float64():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 8, 1, 64), dtype=np.float32)
+    k, v = (rng.standard_normal((1, 8, 3000, 64), dtype=np.float32) for _ in range(2))
+    got = np.array(mx.fast.scaled_dot_product_attention(mx.array(q), mx.array(k), mx.array(v), scale=0.125))
+    scores = (q.astype(np.float64) * 0.125) @ k.astype(np.float64).swapaxes(-1, -2)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = (weights / weights.sum(-1, keepdims=True)) @ v.astype(np.float64)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [1, 2])
 def test_few_row_products_with_an_addend_scale_both_terms(rows):
     # MLX's addmm hands BLAS alpha, beta and an output holding the addend: sgemv must honour all three

@@ -182,6 +182,11 @@ for rows in (1, 3, 5, 9, 16):
     x = np.random.default_rng(rows).standard_normal((rows, 300), dtype=np.float32)
     got = np.array(mx.array(x) @ mx.array(w).T)
     assert np.allclose(got, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3), ("float", rows)
+v = np.random.default_rng(1).standard_normal((2000, 64), dtype=np.float32)  # attention's values: positions x width
+for rows in (1, 3, 8):
+    s = np.random.default_rng(rows).standard_normal((rows, 2000), dtype=np.float32)
+    got = np.array(mx.array(s) @ mx.array(v))
+    assert np.allclose(got, s.astype(np.float64) @ v.astype(np.float64), rtol=1e-4, atol=1e-3), ("values", rows)
 print("products agree")
 """
 

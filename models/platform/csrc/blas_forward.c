@@ -5,8 +5,10 @@
  * 2. Up to FEW_ROWS rows times a row-major weight (B transposed, at least FEW_MIN_SIZE elements), alpha 1 and
  *    beta 0: a product of our own that streams the weight once per block of rows (OpenBLAS's sgemm packs all
  *    of it first, and its sgemv reads it once per row).
- * 3. Other products up to MAX_ROWS rows: one sgemv per row.
- * 4. The rest: the wheel's own sgemm, SGEMM_IMPL. */
+ * 3. Up to ROWS_MAX_M rows times a k x n row-major B of a head's width (attention's values), alpha 1 and beta 0:
+ *    B's positions cut into chunks that the threads share, their partial sums added in order.
+ * 4. Other products up to MAX_ROWS rows: one sgemv per row.
+ * 5. The rest: the wheel's own sgemm, SGEMM_IMPL. */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -556,12 +558,67 @@ static int few_row_product(int trans_a, int m, int n, int k, const float *a, int
         a = rows;
         row_step = (size_t)k;
     }
-    /* from a weight of 1 MB; groups of 4 columns, the widest a few rows take at once */
-    int threads = product_threads((size_t)n * k >= (1u << 18)), chunk = column_chunk(n, threads, 4);
+    /* from 256 KB (attention's keys at 1,024 positions of 64); groups of 4 columns, the widest a few rows take */
+    int threads = product_threads((size_t)n * k >= (1u << 16)), chunk = column_chunk(n, threads, 4);
     float_job ctx = {m, n, k, chunk, a, row_step, b, (size_t)ldb, c, (size_t)ldc};
     job_t job = {run_float_chunk, &ctx, (n + chunk - 1) / chunk};
     run_job(&job, threads);
     free(rows);
+    return 1;
+}
+
+/* ---- few rows times a k x n row-major B: attention's values (k positions, n a head's width) ----
+ * C (m x n) = A (m x k) @ B. B's rows are cut into chunks of POSITION_CHUNK, each summed into a partial of its own
+ * (shared among the threads), the partials then added in order: the sums depend on k only, not on the threads. */
+#define POSITION_CHUNK 256
+#define ROWS_MAX_M 8
+#define ROWS_MAX_N 256
+typedef struct {
+    int m, n, k;
+    const float *a;
+    size_t lda;
+    const float *b;
+    size_t ldb;
+    float *partials; /* a chunk's m x n sums, chunk after chunk */
+} rows_job;
+
+static void run_rows_chunk(const void *ctx, int chunk) {
+    const rows_job *job = ctx;
+    int start = chunk * POSITION_CHUNK, end = start + POSITION_CHUNK < job->k ? start + POSITION_CHUNK : job->k;
+    int vectors = job->n / 16;
+    vf acc[ROWS_MAX_M][ROWS_MAX_N / 16];
+    for (int r = 0; r < job->m; r++)
+        for (int v = 0; v < vectors; v++) acc[r][v] = (vf){0};
+    for (int t = start; t < end; t++) {
+        const float *row = job->b + (size_t)t * job->ldb;
+        vf weight[ROWS_MAX_M];
+        for (int r = 0; r < job->m; r++) weight[r] = splat(job->a[(size_t)r * job->lda + t]);
+        for (int v = 0; v < vectors; v++) {
+            vf x = load_f(row + 16 * v);
+            for (int r = 0; r < job->m; r++) acc[r][v] += weight[r] * x;
+        }
+    }
+    float *out = job->partials + (size_t)chunk * job->m * job->n;
+    for (int r = 0; r < job->m; r++) memcpy(out + (size_t)r * job->n, acc[r], sizeof(float) * (size_t)job->n);
+}
+
+/* 0 where it does not apply or could not allocate (the caller goes on) */
+static int rows_product(int m, int n, int k, const float *a, int lda, const float *b, int ldb, float *c, int ldc) {
+    /* below 256 KB, one thread: OpenBLAS's sgemv is as fast */
+    if (m > ROWS_MAX_M || n % 16 || n > ROWS_MAX_N || (size_t)n * k < (1u << 16) || product_threads(1) < 2) return 0;
+    int chunks = (k + POSITION_CHUNK - 1) / POSITION_CHUNK;
+    float *partials = malloc(sizeof(float) * (size_t)chunks * m * n);
+    if (!partials) return 0;
+    rows_job ctx = {m, n, k, a, (size_t)lda, b, (size_t)ldb, partials};
+    job_t job = {run_rows_chunk, &ctx, chunks};
+    run_job(&job, product_threads(1));
+    for (int r = 0; r < m; r++)
+        for (int j = 0; j < n; j++) {
+            float sum = 0.0f;
+            for (int q = 0; q < chunks; q++) sum += partials[((size_t)q * m + r) * n + j];
+            c[(size_t)r * ldc + j] = sum;
+        }
+    free(partials);
     return 1;
 }
 
@@ -573,6 +630,9 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     }
     if (order == ROW_MAJOR && trans_b == TRANS && m >= 1 && m <= FEW_ROWS && alpha == 1.0f && beta == 0.0f
         && (size_t)n * k >= FEW_MIN_SIZE && few_row_product(trans_a, m, n, k, a, lda, b, ldb, c, ldc))
+        return;
+    if (order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == NO_TRANS && m >= 1 && alpha == 1.0f && beta == 0.0f
+        && rows_product(m, n, k, a, lda, b, ldb, c, ldc))
         return;
     if (order != ROW_MAJOR || m < 1 || m > MAX_ROWS || n < 1 || k < 1) {
         SGEMM_IMPL(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
