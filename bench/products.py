@@ -1,14 +1,16 @@
 """A decode step's float32 products against the BLAS read rate they could reach, and what each BLAS thread adds:
 
-    python -m bench.products --shape llama-25m --vocab 32000 --rows 1 8 --threads 1 2 --contexts 128 1024 4096
+    python -m bench.products --shape llama-25m --vocab 32000 --rows 1 8 --threads 1 2 --contexts 128 1024 4096 \
+        --step-contexts 90 2048 4000
 
 For each thread count (a process of its own: OpenBLAS reads its count when loaded), the weight shapes of the
 model's step (attention, MLP, output layer), each times `rows` rows of activations: through MLX with the
 forwarding library (models/platform/blas_forward.py) and through numpy's own OpenBLAS (sgemv at one row, sgemm
 above), side by side, on enough distinct weights (~250 MB a shape) that they are read from memory, not cache.
 The figure is the weight bytes read per second. Then one-token attention over `contexts` positions (the keys'
-and values' bytes read per second), and the model's whole one-row decode step (bench.cpu_decode's
-loop, greedy, mlx-lm's KV cache) at that thread count: the products' share of it is what the threads can speed up.
+and values' bytes read per second), and the model's whole one-row decode step (a lone stream, greedy) after
+prompts of `step-contexts` tokens at that thread count; from models.mlx_lm_ext.lean_llama.LONG_ATTENTION positions
+also with MLX's own softmax in attention (the lean step's baseline), the two taking turns.
 """
 
 from __future__ import annotations
@@ -90,34 +92,63 @@ def _attention(contexts: list[int], heads: int = 8, width: int = 64) -> list[dic
     return found
 
 
-def measure(shape: str, vocab: int, rows: list[int], contexts: list[int]) -> dict:
+def _step_ms(model, prompt: list[int], trials: int) -> list[float]:
+    """Mean one-row step times (ms) of `trials` lone streams of 40 tokens after `prompt`."""
+    from models.decode.single_stream import SingleStream
+
+    means = []
+    for _ in range(trials):
+        stream = SingleStream(model, prompt, 40, None, [], set(), 0)
+        times = []
+        for _ in range(39):
+            start = time.perf_counter()
+            stream.step()
+            times.append(time.perf_counter() - start)
+        means.append(statistics.mean(times[3:]) * 1e3)
+    return means
+
+
+def _steps(model, vocab: int, contexts: list[int]) -> list[dict]:
+    """The model's one-row step after prompts of `contexts` tokens; from LONG_ATTENTION positions also with MLX's
+    own softmax (the baseline), the two taking turns."""
+    from models.mlx_lm_ext import lean_llama
+
+    fused_from, found = lean_llama.LONG_ATTENTION, []
+    for context in contexts:
+        prompt = [(7 * i) % (vocab - 5) + 5 for i in range(context)]
+        kinds = {"ours": fused_from, "mlx_softmax": 1 << 30} if context >= fused_from else {"ours": fused_from}
+        runs: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for _ in range(4):
+            for kind, threshold in kinds.items():
+                lean_llama.LONG_ATTENTION = threshold
+                runs[kind] += _step_ms(model, prompt, 1)
+        lean_llama.LONG_ATTENTION = fused_from
+        entry = {"context": context, **{f"{kind}_ms": round(statistics.median(v), 3) for kind, v in runs.items()}}
+        if "mlx_softmax" in runs:
+            entry["speedup"] = round(statistics.median(runs["mlx_softmax"]) / statistics.median(runs["ours"]), 3)
+        found.append(entry)
+        print(json.dumps(entry), file=sys.stderr, flush=True)
+    return found
+
+
+def measure(shape: str, vocab: int, rows: list[int], contexts: list[int], step_contexts: list[int]) -> dict:
     """This process's figures (its BLAS thread count came from the environment)."""
     from models.platform.blas import configure_blas
 
     info = configure_blas("auto")
-    from models.decode.single_stream import SingleStream
-    from models.weights.loader import load_variant
-
-    products = [rate for name, (n, k) in _shapes(shape, vocab).items() for rate in _rates(name, n, k, rows)]
-    attention = _attention(contexts)
     import gc
 
     import mlx.core as mx
 
+    from models.weights.loader import load_variant
+
+    products = [rate for name, (n, k) in _shapes(shape, vocab).items() for rate in _rates(name, n, k, rows)]
+    attention = _attention(contexts)
     gc.collect()
     mx.clear_cache()  # the products' weights leave no buffers behind for the step
     model = load_variant("m", ensure_model(shape, "float32", vocab), "float32").model
-    steps = []
-    for _ in range(5):
-        stream = SingleStream(model, list(range(5, 95)), 64, None, [], set(), 0)
-        times = []
-        for _ in range(63):
-            start = time.perf_counter()
-            stream.step()
-            times.append(time.perf_counter() - start)
-        steps.append(statistics.mean(times[3:]))
     return {"blas_threads": info.threads, "products": products, "attention": attention,
-            "step_ms": round(min(steps) * 1e3, 3), "step_ms_median": round(statistics.median(steps) * 1e3, 3)}
+            "steps": _steps(model, vocab, step_contexts)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,17 +159,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096],
                    help="positions of the one-token attention measured (8 heads of 64)")
+    p.add_argument("--step-contexts", type=int, nargs="+", default=[90, 2048, 4000],
+                   help="prompt lengths before the one-row steps measured")
     p.add_argument("--name", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.shape, args.vocab, args.rows, args.contexts)))
+        print(json.dumps(measure(args.shape, args.vocab, args.rows, args.contexts, args.step_contexts)))
         return
     ensure_model(args.shape, "float32", args.vocab)
     runs = []
     for threads in args.threads:
         cmd = [sys.executable, "-m", "bench.products", "--child", "--shape", args.shape, "--vocab", str(args.vocab),
-               "--rows", *map(str, args.rows), "--contexts", *map(str, args.contexts)]
+               "--rows", *map(str, args.rows), "--contexts", *map(str, args.contexts),
+               "--step-contexts", *map(str, args.step_contexts)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                              env={**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}).stdout
         runs.append({"threads_asked": threads, **json.loads(out.strip().splitlines()[-1])})

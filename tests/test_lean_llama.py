@@ -14,7 +14,14 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from models.decode.cpu_fusion import FusedRoPE
 from models.mlx_lm_ext.batch_generator import LeanBatchGenerator
-from models.mlx_lm_ext.lean_llama import LEAN_CLASSES, LeanLlama, LeanQwen2, RopeTables, lean_decode_on_cpu
+from models.mlx_lm_ext.lean_llama import (
+    LEAN_CLASSES,
+    LONG_ATTENTION,
+    LeanLlama,
+    LeanQwen2,
+    RopeTables,
+    lean_decode_on_cpu,
+)
 from models.testing.synthetic import llama_config, make_llama_checkpoint
 from models.testing.synthetic_archs import make_checkpoint
 from models.weights.loader import load_variant
@@ -53,9 +60,9 @@ def _logits_and_tokens(model, prompt: list[int], steps: int) -> tuple[list[mx.ar
     return out, tokens
 
 
-def _batch_tokens(model) -> dict[int, list[int]]:
-    gen = LeanBatchGenerator(model, max_tokens=10, completion_batch_size=4, prefill_batch_size=4)
-    uids = gen.insert(PROMPTS, max_tokens=[10] * len(PROMPTS))
+def _batch_tokens(model, prompts: list[list[int]] = PROMPTS, steps: int = 10) -> dict[int, list[int]]:
+    gen = LeanBatchGenerator(model, max_tokens=steps, completion_batch_size=4, prefill_batch_size=4)
+    uids = gen.insert(prompts, max_tokens=[steps] * len(prompts))
     out, done = {uid: [] for uid in uids}, 0
     while done < len(uids):
         for response in gen.next_generated():
@@ -95,6 +102,28 @@ def test_the_lean_step_decodes_mlx_lms_tokens_and_logits(folders, name, precisio
     for got, want in zip(lean_logits, logits, strict=True):
         scale = mx.abs(want).max().item()
         assert mx.abs(got - want).max().item() <= tolerance * scale
+
+
+def _long_prompts(count: int, vocab: int = 100) -> list[list[int]]:
+    """Prompts past LONG_ATTENTION positions, of different lengths (batched: padded rows and a mask)."""
+    return [[(7 * i + 3 * j) % (vocab - 5) + 5 for i in range(LONG_ATTENTION + 40 + 300 * j)] for j in range(count)]
+
+
+@pytest.mark.parametrize("name", ["bundled", "gqa"])
+def test_attention_over_a_long_context_decodes_mlx_lms_tokens_and_logits_in_fused_kernels(folders, tmp_path, name):
+    model = load_variant("m", folders[name], "float32").model
+    prompt = _long_prompts(1)[0]
+    lean_logits, lean_tokens = _logits_and_tokens(model, prompt, 6)
+    cache = make_prompt_cache(model)
+    model(mx.array([prompt]), cache=cache)
+    mx.export_to_dot(str(tmp_path / "long.dot"), model(mx.array([[9]]), cache=cache))
+    assert "Exp" in (tmp_path / "long.dot").read_text()  # the fused softmax (MLX's own is one Softmax node)
+    lean_batch = _batch_tokens(model, _long_prompts(2), 4)
+    _plain(model)
+    logits, tokens = _logits_and_tokens(model, prompt, 6)
+    assert lean_tokens == tokens and _batch_tokens(model, _long_prompts(2), 4) == lean_batch
+    for got, want in zip(lean_logits, logits, strict=True):
+        assert mx.abs(got - want).max().item() <= 1e-5 * mx.abs(want).max().item()
 
 
 def test_a_quantized_kv_cache_decodes_mlx_lms_tokens(folders):

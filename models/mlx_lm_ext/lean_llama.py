@@ -82,6 +82,48 @@ class RopeTables:
         return _fused_rotate(x, swapped, self.cos, self.signed_sin).reshape(rows, heads, 1, self.dims)
 
 
+# From this many positions a float32 one-token step normalizes attention's scores in fused kernels: MLX's CPU
+# softmax spends ~15 ns an element in its scalar exp, a third of attention's time at 2,048 positions.
+LONG_ATTENTION = 1024
+
+
+def _shifted_exp(scores: mx.array, top: mx.array) -> mx.array:
+    return mx.exp(scores - top)
+
+
+def _divided(weights: mx.array, total: mx.array) -> mx.array:
+    return weights / total
+
+
+_fused_shifted_exp, _fused_divided = mx.compile(_shifted_exp), mx.compile(_divided)
+
+
+def _attention(q: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float, mask: Any) -> mx.array:
+    """mlx-lm's attention; over LONG_ATTENTION positions or more in float32, the computation of MLX's CPU
+    fallback for scaled_dot_product_attention (its order of operations, its masking) with the softmax's exp and
+    division fused: the same sums, rounded alike within a unit or two in the last place."""
+    if hasattr(cache, "bits") or keys.shape[-2] < LONG_ATTENTION or isinstance(mask, str) \
+            or not q.dtype == keys.dtype == values.dtype == mx.float32:  # a quantized cache's keys are a tuple
+        return scaled_dot_product_attention(q, keys, values, cache=cache, scale=scale, mask=mask)
+    rows, heads, length, width = q.shape
+    kv_heads = keys.shape[1]
+    repeats = heads // kv_heads
+    q = q * mx.array(scale, q.dtype)
+    if repeats > 1:  # each key head serves `repeats` query heads
+        q = q.reshape(rows, kv_heads, repeats, length, width)
+        keys, values = mx.expand_dims(keys, 2), mx.expand_dims(values, 2)
+    scores = q @ keys.swapaxes(-1, -2)
+    if mask is not None:
+        if repeats > 1 and mask.ndim >= 3:
+            mask = mx.expand_dims(mask, -3) if mask.shape[-3] == 1 else \
+                mask.reshape(*mask.shape[:-3], kv_heads, repeats, *mask.shape[-2:])
+        scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype)) \
+            if mask.dtype == mx.bool_ else scores + mask.astype(scores.dtype)
+    weights = _fused_shifted_exp(scores, mx.max(scores, axis=-1, keepdims=True))
+    out = _fused_divided(weights, mx.sum(weights, axis=-1, keepdims=True)) @ values
+    return out.reshape(rows, heads, length, width) if repeats > 1 else out
+
+
 class _Transposed:
     """A weight's transpose, kept off the module's parameters: a view of the same memory."""
 
@@ -131,7 +173,7 @@ def _layer(layer: Any, h: mx.array, mask: Any, cache: Any, tables: RopeTables | 
         q = attn.rope(q.reshape(rows, attn.n_heads, 1, -1), offset=cache.offset)
         k = attn.rope(k.reshape(rows, attn.n_kv_heads, 1, -1), offset=cache.offset)
     keys, values = cache.update_and_fetch(k, v)
-    out = scaled_dot_product_attention(q, keys, values, cache=cache, scale=attn.scale, mask=mask)
+    out = _attention(q, keys, values, cache, attn.scale, mask)
     h = h + _linear(attn.o_proj, out.reshape(rows, -1))
     return h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h))
 
