@@ -9,9 +9,10 @@ The step computes what mlx-lm's llama computes, in the same order, with fewer no
 (rows, hidden), so no Linear flattens and unflattens its input; a plain Linear multiplies by a transpose
 of its weight made once (a view); heads are one reshape; RoPE's cosines and sines are computed once a
 step for all layers (by MLX's RoPE itself, so they are its values) and applied by one fused kernel per
-projection. Prompts (more than one token a row), calls without a cache, sliding-window models, pipelined
-ones and other RoPE kinds run mlx-lm's code. The modules' parameters are untouched; only the model's class
-changes. qwen2 is llama with biases on the query, key and value projections (and its heads' size implied).
+projection; from LONG_ATTENTION positions, attention's softmax runs in fused kernels. Prompts (more than one
+token a row), calls without a cache, sliding-window models, pipelined ones and other RoPE kinds run mlx-lm's code.
+The modules' parameters are untouched; only the model's class changes. qwen2 is llama with biases on the query,
+key and value projections (and its heads' size implied).
 """
 
 from __future__ import annotations
