@@ -591,11 +591,11 @@ static void run_rows_chunk(const void *ctx, int chunk) {
         for (int v = 0; v < vectors; v++) acc[r][v] = (vf){0};
     for (int t = start; t < end; t++) {
         const float *row = job->b + (size_t)t * job->ldb;
-        vf weight[ROWS_MAX_M];
+        vf weight[ROWS_MAX_M]; /* each row's weight of position t (attention's probabilities) */
         for (int r = 0; r < job->m; r++) weight[r] = splat(job->a[(size_t)r * job->lda + t]);
         for (int v = 0; v < vectors; v++) {
-            vf x = load_f(row + 16 * v);
-            for (int r = 0; r < job->m; r++) acc[r][v] += weight[r] * x;
+            vf value = load_f(row + 16 * v);
+            for (int r = 0; r < job->m; r++) acc[r][v] += weight[r] * value;
         }
     }
     float *out = job->partials + (size_t)chunk * job->m * job->n;
