@@ -136,7 +136,8 @@ def configure_blas(choice: str = "auto", threads: int | None = None) -> BlasInfo
     # OpenBLAS's threads spin 2^28 cycles (~0.1 s) after each product by default: after every prefill they took
     # a core from the decode steps (the 20 steps after one took 1.15x longer); 2^18 spans a prefill's products
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")
-    if threads and _vendor_of(path) == "openblas":
+    vendor = _vendor_of(path)
+    if threads and vendor == "openblas":
         # read when loaded: openblas_set_num_threads does not reach the count of the renamed copy MLX calls
         os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
     try:
@@ -145,7 +146,6 @@ def configure_blas(choice: str = "auto", threads: int | None = None) -> BlasInfo
         _state = BlasInfo("reference", "netlib", None, choice, f"could not load {os.path.basename(path)}")
         log.warning("BLAS %s could not be loaded; MLX stays on the reference BLAS", path)
         return _state
-    vendor = _vendor_of(path)
     _state = BlasInfo(path, vendor, _set_threads(lib, vendor, threads), choice)
     return _state
 
