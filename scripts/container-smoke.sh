@@ -59,6 +59,7 @@ import json, sys
 m = json.load(sys.stdin)
 d = m['device']
 assert m['variants'] and m['variants'][0]['total_bytes'] > 0, m
-print('memory:', d['backend'], d['blas']['vendor'], m['variants'][0]['model'], m['variants'][0]['dtype'],
-      m['variants'][0]['total_bytes'], 'bytes')"
+assert d['allocator']['library'].startswith('libtcmalloc'), d['allocator']  # the image installs it
+print('memory:', d['backend'], d['blas']['vendor'], d['allocator']['library'], m['variants'][0]['model'],
+      m['variants'][0]['dtype'], m['variants'][0]['total_bytes'], 'bytes')"
 echo "container-smoke: ok"

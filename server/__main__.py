@@ -9,7 +9,9 @@ import sys
 from pydantic import ValidationError
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, reexec: bool = False) -> int:
+    """The server (or a subcommand) on `argv`; with `reexec`, the process first executes itself again with a
+    thread-caching allocator preloaded where --allocator finds one (the `dtype-serve` command does)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:  # `dtype-serve compare ...`: the fidelity report on the command line
         from models.platform.blas import blas_choice
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigFileError as e:
         print(f"dtype-serve: {e}", file=sys.stderr)
         return 2
+    from models.platform.allocator import allocator_info, reexec_with_allocator
+
+    if reexec:
+        reexec_with_allocator(settings.allocator)
+    allocator_info(settings.allocator)  # before any child process: they get LD_PRELOAD as it was
     from server.log_format import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
@@ -91,7 +98,7 @@ def _exit_now(code: int) -> None:
 
 def run() -> None:
     """The `dtype-serve` command."""
-    _exit_now(main())
+    _exit_now(main(reexec=True))
 
 
 if __name__ == "__main__":

@@ -39,10 +39,13 @@ log = logging.getLogger("dtype_serve")
 
 def build_engine(settings: Settings) -> Engine:
     """The MLX engine for these settings. The BLAS is chosen before MLX is first imported."""
+    from models.platform.allocator import allocator_info
     from models.platform.compat import prepare_mlx
 
     blas = prepare_mlx(settings.blas, settings.blas_threads)
     log.info("BLAS: %s (%s, threads=%s) %s", blas.library, blas.vendor, blas.threads, blas.note)
+    allocator = allocator_info(settings.allocator)
+    log.info("allocator: %s %s", allocator.library, allocator.note)
     from models.engine.engine import MLXEngine
     from models.weights.catalog import ModelCatalog, resolve_startup_model
 

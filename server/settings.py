@@ -69,6 +69,8 @@ class Settings(BaseSettings):
                               "unloaded and loads again on demand (readiness stays 200)")
     blas: str = Field("auto", description="BLAS under MLX on Linux: auto | none | PATH to a CBLAS library")
     blas_threads: int | None = Field(None, ge=1, description="BLAS thread count (default: the library's)")
+    allocator: str = Field("auto", description="C allocator on Linux: auto (tcmalloc or jemalloc where "
+                           "installed, preloaded) | system (glibc's) | PATH of one to preload")
     api_key: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="API key(s) every route but /health needs (Bearer); several: comma-separated")
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field((), description="origins allowed by CORS (off if none)")
@@ -165,6 +167,18 @@ class Settings(BaseSettings):
         if value not in ("auto", "none") and not Path(value).expanduser().is_file():
             raise ValueError(f"must be auto, none or the path of a BLAS library; {value!r} is no file")
         return value
+
+    @field_validator("allocator")
+    @classmethod
+    def _allocator_choice(cls, value: str) -> str:
+        if value in ("auto", "system"):
+            return value
+        if not Path(value).expanduser().is_file():
+            raise ValueError(f"must be auto, system or the path of an allocator library; {value!r} is no file")
+        path = os.fspath(Path(value).expanduser().resolve())
+        if any(c in path for c in " :"):  # LD_PRELOAD separates its libraries by both
+            raise ValueError(f"an allocator's path cannot hold spaces or colons: {value!r}")
+        return path
 
     @field_validator("fit_order", mode="before")
     @classmethod

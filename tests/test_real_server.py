@@ -1,18 +1,39 @@
 """A real `dtype-serve` process on a free port, driven over TCP with httpx."""
 
+import os
 import signal
+import sys
 
 import httpx
 import pytest
 
 from tests.conftest import start_server, stop_server
+from tests.test_allocator import build_marker_library
+
+ON_LINUX = sys.platform.startswith("linux")
 
 
 @pytest.fixture(scope="module")
-def server():
-    proc, base = start_server(env={"DTYPE_SERVE_DTYPE": "float32"})
+def marker_library(tmp_path_factory):
+    return build_marker_library(tmp_path_factory.mktemp("allocator")) if ON_LINUX else None
+
+
+@pytest.fixture(scope="module")
+def server(marker_library):
+    # on Linux it preloads a library as it would a thread-caching allocator (executing itself again)
+    proc, base = start_server(*(["--allocator", marker_library] if ON_LINUX else []),
+                              env={"DTYPE_SERVE_DTYPE": "float32"})
     yield proc, base
     stop_server(proc)
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="LD_PRELOAD: Linux")
+def test_the_process_runs_on_the_allocator_it_was_given(server, marker_library):
+    proc, base = server
+    assert marker_library in open(f"/proc/{proc.pid}/maps").read()  # the same process, executed again
+    allocator = httpx.get(f"{base}/memory", timeout=30).json()["device"]["allocator"]
+    assert allocator == {"library": os.path.basename(marker_library), "choice": os.path.basename(marker_library),
+                         "note": ""}
 
 
 def test_serves_the_startup_dtype_from_the_environment(server):

@@ -93,6 +93,7 @@ def test_cli_rejects_bad_dtype_with_a_clear_message():
     (["--log-level", "loud"], {}, "log_level:"),
     (["--model-dirs", "/no/such/folder"], {}, "model_dirs: '/no/such/folder' is not a folder"),
     (["--blas", "/no/such/libblas.so"], {}, "blas: must be auto, none or the path"),
+    ([], {"DTYPE_SERVE_ALLOCATOR": "/no/such/libtcmalloc.so"}, "allocator: must be auto, system or the path"),
     (["--config", "/no/such/file.toml"], {}, "config file '/no/such/file.toml' is not a file"),
     (["--config", "BAD_TOML"], {}, "is not valid TOML"),
     ([], {"DTYPE_SERVE_MODEL_DIRS": "/no/such/folder"}, "model_dirs: '/no/such/folder' is not a folder"),

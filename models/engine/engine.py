@@ -48,6 +48,7 @@ from models.errors import (
     QueueFullError,
 )
 from models.mlx_lm_ext.contract import check_contract
+from models.platform.allocator import allocator_info
 from models.platform.blas import blas_info
 from models.report.fidelity import default_report_dtypes
 from models.text.prompt_encoding import encode_text, prompt_text
@@ -467,6 +468,7 @@ class MLXEngine:
             variants=[v.describe() for v in self.registry.variants.values()],
             process=process_memory(),
             device={**device_info(), "blas": blas_info().as_dict(paths=show_paths),
+                    "allocator": allocator_info().as_dict(paths=show_paths),
                     "cpu_kernels": fused_kernels_state(), "mlx_lm": self.mlx_lm.as_dict()},
             budget=self.registry.report(),
             worker=self.stats.snapshot())
