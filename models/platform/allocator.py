@@ -38,14 +38,23 @@ class AllocatorInfo:
         return {"library": shown(self.library), "choice": shown(self.choice), "note": self.note}
 
 
-def find_allocator() -> str | None:
-    """The first installed of CANDIDATES, as a path."""
+def installed_allocators() -> list[str]:
+    """The CANDIDATES installed in the usual library folders, as paths, the preferred first."""
     arch = platform.machine()
+    found = {}
     for name in CANDIDATES:
         for folder in _FOLDERS:
             path = os.path.join(folder.format(arch=arch), name)
             if os.path.isfile(path):
-                return path
+                found.setdefault(name, path)
+    return list(found.values())
+
+
+def find_allocator() -> str | None:
+    """The preferred installed allocator: a path, or a file name the loader finds elsewhere."""
+    installed = installed_allocators()
+    if installed:
+        return installed[0]
     for name in ("tcmalloc_minimal", "tcmalloc", "jemalloc"):
         found = ctypes.util.find_library(name)  # a bare file name: LD_PRELOAD searches like the loader
         if found:
