@@ -8,8 +8,9 @@ ARGS ?=
 serve: $(VENV)/.installed
 	$(VENV)/bin/dtype-serve $(ARGS)
 
+# the tests run on the allocator the server runs on (tcmalloc where installed: models/platform/allocator.py)
 test: $(VENV)/.installed-test
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m models.platform.allocator $(VENV)/bin/python -m pytest -q $(ARGS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,7 @@ import pytest
 
 from models.platform import allocator
 from models.platform.allocator import PRELOADED, PREVIOUS_PRELOAD, allocator_info, preload_env
+from tests.conftest import ROOT
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc: Linux")
 
@@ -33,6 +34,13 @@ def test_auto_takes_the_installed_one_and_does_nothing_without_one(on_linux, mon
     assert preload_env("auto", {})["LD_PRELOAD"] == "/usr/lib/libjemalloc.so.2"
     monkeypatch.setattr(allocator, "find_allocator", lambda: None)
     assert preload_env("auto", {}) is None
+
+
+def test_nothing_is_executed_again_where_the_environment_preloads_it_already(on_linux, monkeypatch):
+    monkeypatch.setattr(allocator, "find_allocator", lambda: "/usr/lib/libtcmalloc_minimal.so.4")
+    assert preload_env("auto", {"LD_PRELOAD": "/elsewhere/libjemalloc.so.2"}) is None  # any allocator will do
+    assert preload_env("/opt/libmine.so", {"LD_PRELOAD": "/x/libmine.so:/y/libz.so"}) is None
+    assert preload_env("/opt/libmine.so", {"LD_PRELOAD": "/x/libz.so"})["LD_PRELOAD"] == "/opt/libmine.so /x/libz.so"
 
 
 def test_nothing_is_executed_again_for_system_off_linux_or_a_second_time(on_linux, monkeypatch):
@@ -72,6 +80,29 @@ def test_a_library_the_loader_refused_is_reported_as_not_in_force(fresh_state, m
     info = allocator_info(str(refused))
     assert info.library == "glibc" and "could not preload libnot-an-elf.so" in info.note
     assert "LD_PRELOAD" not in os.environ
+
+
+@linux_only
+def test_a_library_the_environment_preloaded_is_reported_as_such(fresh_state, monkeypatch):
+    mapped = next(line.split()[-1] for line in open("/proc/self/maps") if "/libc.so" in line or "/libc-" in line)
+    monkeypatch.setenv("LD_PRELOAD", f"/x/libmine.so:{mapped}")
+    info = allocator_info(mapped)
+    assert (info.library, info.note) == (mapped, "preloaded by the environment's LD_PRELOAD")
+    assert os.environ["LD_PRELOAD"] == f"/x/libmine.so:{mapped}"  # the environment's own: left as it is
+
+
+@linux_only
+def test_the_launcher_runs_a_command_on_the_allocator_the_server_would_preload(tmp_path):
+    library = build_marker_library(tmp_path)
+    show = [sys.executable, "-m", "models.platform.allocator", sys.executable, "-c",
+            "import os; print(os.environ.get('LD_PRELOAD', '-'), os.environ.get('_DTYPE_SERVE_PRELOADED_ALLOCATOR'))"]
+    base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    shown = subprocess.run(show, env={**base, "DTYPE_SERVE_ALLOCATOR": library}, capture_output=True, text=True,
+                           check=True, cwd=ROOT).stdout.split()
+    assert shown == [library, "None"]  # servers it starts still choose their own
+    shown = subprocess.run(show, env={**base, "DTYPE_SERVE_ALLOCATOR": "system"}, capture_output=True, text=True,
+                           check=True, cwd=ROOT).stdout.split()
+    assert shown == ["-", "None"]
 
 
 @linux_only

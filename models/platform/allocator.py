@@ -62,13 +62,23 @@ def find_allocator() -> str | None:
     return None
 
 
+def _preloaded_by_environment(env: dict[str, str]) -> list[str]:
+    return env.get("LD_PRELOAD", "").replace(":", " ").split()
+
+
+def _is_allocator(library: str) -> bool:
+    return any(os.path.basename(library).startswith(name) for name in CANDIDATES)
+
+
 def preload_env(choice: str, env: dict[str, str]) -> dict[str, str] | None:
     """The environment to execute this process again with, or None where nothing is to preload (not Linux,
-    `system`, no allocator installed, or already done)."""
+    `system`, no allocator installed, or already done: by this module, or by the environment's LD_PRELOAD)."""
     if not sys.platform.startswith("linux") or choice == "system" or PRELOADED in env:
         return None
     library = find_allocator() if choice == "auto" else choice
-    if library is None:
+    preloaded = _preloaded_by_environment(env)
+    if library is None or (choice == "auto" and any(map(_is_allocator, preloaded))) \
+            or os.path.basename(library) in map(os.path.basename, preloaded):
         return None
     previous = env.get("LD_PRELOAD", "")
     # tcmalloc writes a warning for every allocation of 1 GiB or more by default (a large model's tensors)
@@ -79,7 +89,7 @@ def preload_env(choice: str, env: dict[str, str]) -> dict[str, str] | None:
 def reexec_with_allocator(choice: str) -> None:
     """Execute this process again with the allocator preloaded where `preload_env` says so; else return."""
     env = preload_env(choice, dict(os.environ))
-    if env is not None:
+    if env is not None and sys.executable:  # an embedded interpreter has no executable to run again
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
@@ -99,22 +109,53 @@ _state: AllocatorInfo | None = None
 
 
 def allocator_info(choice: str = "auto") -> AllocatorInfo:
-    """What this process runs on; in a re-executed one, whether the loader really preloaded the library. Its
-    children (compilers, peers) get LD_PRELOAD as it was before. The first call's answer is kept."""
+    """What this process runs on: the library this module or the environment's LD_PRELOAD preloaded, if the
+    loader really did; else glibc's. A re-executed process gives its children (compilers, peers) LD_PRELOAD as
+    it was before. The first call's answer is kept."""
     global _state
     if _state is None:
-        library = os.environ.get(PRELOADED)
-        if library is None:
-            note = "" if choice == "system" or not sys.platform.startswith("linux") else \
-                "no thread-caching allocator installed (libtcmalloc-minimal4 or libjemalloc2)"
-            _state = AllocatorInfo("glibc" if sys.platform.startswith("linux") else "system", choice, note)
-        else:
-            previous = os.environ.pop(PREVIOUS_PRELOAD, "")
-            os.environ.pop(PRELOADED)
-            if previous:
-                os.environ["LD_PRELOAD"] = previous
-            else:
-                os.environ.pop("LD_PRELOAD", None)
-            _state = AllocatorInfo(library, choice) if _mapped(library) else \
-                AllocatorInfo("glibc", choice, f"the loader could not preload {os.path.basename(library)}")
+        _state = _current(choice)
     return _state
+
+
+def _current(choice: str) -> AllocatorInfo:
+    on_linux = sys.platform.startswith("linux")
+    library = os.environ.pop(PRELOADED, None)
+    if library is not None:
+        previous = os.environ.pop(PREVIOUS_PRELOAD, "")
+        if previous:
+            os.environ["LD_PRELOAD"] = previous
+        else:
+            os.environ.pop("LD_PRELOAD", None)
+        if _mapped(library):
+            return AllocatorInfo(library, choice)
+        return AllocatorInfo("glibc", choice, f"the loader could not preload {os.path.basename(library)}")
+    wanted = (lambda lib: os.path.basename(lib) == os.path.basename(choice)) if choice not in ("auto", "system") \
+        else _is_allocator
+    inherited = [lib for lib in _preloaded_by_environment(dict(os.environ)) if wanted(lib) and _mapped(lib)]
+    if inherited and on_linux:
+        return AllocatorInfo(inherited[0], choice, "preloaded by the environment's LD_PRELOAD")
+    note = "" if choice == "system" or not on_linux else \
+        "no thread-caching allocator installed (libtcmalloc-minimal4 or libjemalloc2)"
+    return AllocatorInfo("glibc" if on_linux else "system", choice, note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m models.platform.allocator COMMAND...`: run COMMAND with the allocator the server would
+    preload (DTYPE_SERVE_ALLOCATOR, default auto) in LD_PRELOAD: `make test` runs the tests on it."""
+    command = sys.argv[1:] if argv is None else argv
+    if not command:
+        print("usage: python -m models.platform.allocator COMMAND...", file=sys.stderr)
+        return 2
+    choice = os.environ.get("DTYPE_SERVE_ALLOCATOR", "auto")
+    if choice not in ("auto", "system") and not os.path.isfile(choice):
+        choice = "system"  # the server refuses it with a clear message; here it only preloads nothing
+    env = preload_env(choice, dict(os.environ))
+    if env is not None:  # only LD_PRELOAD: servers the command starts still choose their own
+        env = {k: v for k, v in env.items() if k not in (PRELOADED, PREVIOUS_PRELOAD)}
+    os.execvpe(command[0], command, env if env is not None else dict(os.environ))
+    return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main())
