@@ -223,7 +223,8 @@ async def test_a_dead_worker_turns_health_to_503_and_no_request_hangs(client):
         if (await c.get("/health")).status_code == 503:
             break
         await asyncio.sleep(0.05)
-    assert (await c.get("/health")).status_code == 503
+    health = await c.get("/health")
+    assert health.status_code == 503 and health.json()["error"] == "the engine worker failed: SystemExit"
     assert (await c.get("/health/ready")).status_code == 503
     r = await asyncio.wait_for(c.post("/generate", json={"prompt": "1+1=", "max_tokens": 4}), 10)
     assert r.status_code == 503

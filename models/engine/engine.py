@@ -186,10 +186,13 @@ class MLXEngine:
         variant = self.registry.get(self.default_model, self.default_dtype)
         return warm_shapes(variant.loaded.model, variant.loaded.context_length, self.config.max_batch_size)
 
-    def _worker_died(self) -> None:
-        self._state = "failed"
-        if self.mirror is not None and self.channel.lost:
-            self._failure = f"distributed group lost: {self.channel.lost}"
+    def _worker_died(self, error: BaseException) -> None:
+        # distributed, a dead worker cannot drive the other ranks: the group is lost whether or not the
+        # watchdog saw it first (a collective that fails at once, e.g. a closed socket, ends the worker first)
+        cause = f"the engine worker failed: {type(error).__name__}"
+        if self.mirror is not None:
+            cause = f"distributed group lost: {self.channel.lost or cause}"
+        self._state, self._failure = "failed", self._failure or cause
 
     def _group_lost(self, reason: str) -> None:
         """On the watchdog's thread: a rank is gone. The worker may be blocked in a collective for good, so
