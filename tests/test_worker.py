@@ -56,7 +56,7 @@ def test_the_held_step_starts_after_the_tokens_went_out():
     stats = WorkerStats()
     outbox = Outbox(stream_interval_s=0.0, stream_events_per_s=0, running=lambda: 1)
     host = RecordingHost(outbox, steps=3)
-    worker = Worker(EngineConfig("m"), host, outbox, stats, PhaseClock(stats), Traffic(), on_death=lambda error: None)
+    worker = Worker(EngineConfig("m"), host, outbox, stats, PhaseClock(stats), Traffic(), on_death=lambda reason: None)
     worker.start()
     assert host.done.wait(5)
     worker.put(Stop())

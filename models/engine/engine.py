@@ -186,13 +186,12 @@ class MLXEngine:
         variant = self.registry.get(self.default_model, self.default_dtype)
         return warm_shapes(variant.loaded.model, variant.loaded.context_length, self.config.max_batch_size)
 
-    def _worker_died(self, error: BaseException) -> None:
+    def _worker_died(self, reason: str) -> None:
         # distributed, a dead worker cannot drive the other ranks: the group is lost whether or not the
         # watchdog saw it first (a collective that fails at once, e.g. a closed socket, ends the worker first)
-        cause = f"the engine worker failed: {type(error).__name__}"
         if self.mirror is not None:
-            cause = f"distributed group lost: {self.channel.lost or cause}"
-        self._state, self._failure = "failed", self._failure or cause
+            reason = f"distributed group lost: {self.channel.lost or reason}"
+        self._state, self._failure = "failed", self._failure or reason
 
     def _group_lost(self, reason: str) -> None:
         """On the watchdog's thread: a rank is gone. The worker may be blocked in a collective for good, so

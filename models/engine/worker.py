@@ -110,7 +110,7 @@ class Worker:
     arrived, runs one decode step per serving variant and a slice of a running report, then flushes."""
 
     def __init__(self, config: EngineConfig, host: Host, outbox: Outbox, stats: WorkerStats, clock: PhaseClock,
-                 traffic: Traffic, on_death: Callable[[BaseException], None]) -> None:
+                 traffic: Traffic, on_death: Callable[[str], None]) -> None:
         self.config = config
         self.host = host
         self.outbox = outbox
@@ -178,8 +178,9 @@ class Worker:
                     self.host.idle(time.time())
         except BaseException as e:  # the worker must never die silently: health turns 503
             log.exception("MLX worker died")
-            self.on_death(e)
-            self._fail_all(EngineUnavailableError(f"the engine worker failed: {type(e).__name__}"))
+            reason = f"the engine worker failed: {type(e).__name__}"
+            self.on_death(reason)
+            self._fail_all(EngineUnavailableError(reason))
         finally:
             self.outbox.flush(force=True)
 

@@ -608,13 +608,14 @@ static void run_rows_chunk(const void *ctx, int chunk) {
 /* 0 where it does not apply or could not allocate (the caller goes on) */
 static int rows_product(int m, int n, int k, const float *a, int lda, const float *b, int ldb, float *c, int ldc) {
     /* below 256 KB, one thread: OpenBLAS's sgemv is as fast */
-    if (m > ROWS_MAX_M || n % 16 || n > ROWS_MAX_N || (size_t)n * k < (1u << 16) || product_threads(1) < 2) return 0;
+    int threads = product_threads(1);
+    if (m > ROWS_MAX_M || n % 16 || n > ROWS_MAX_N || (size_t)n * k < (1u << 16) || threads < 2) return 0;
     int chunks = (k + POSITION_CHUNK - 1) / POSITION_CHUNK;
     float *partials = malloc(sizeof(float) * (size_t)chunks * m * n);
     if (!partials) return 0;
     rows_job ctx = {m, n, k, a, (size_t)lda, b, (size_t)ldb, partials};
     job_t job = {run_rows_chunk, &ctx, chunks};
-    run_job(&job, product_threads(1));
+    run_job(&job, threads);
     for (int r = 0; r < m; r++)
         for (int j = 0; j < n; j++) {
             float sum = 0.0f;
